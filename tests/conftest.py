@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from golden import REPO  # noqa: E402
+
+_SHARED_ASSETS = REPO.parent / "shared" / "assets"
+if _SHARED_ASSETS.is_dir() and "COSYSERVE_ASSETS_DIR" not in os.environ:
+    # Tests read the tokenizer vocabularies from ../shared/assets instead of downloading them.
+    os.environ["COSYSERVE_ASSETS_DIR"] = str(_SHARED_ASSETS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
