@@ -109,7 +109,7 @@ def _resolve_ref(expr: str, top: dict[str, Any], resolving: tuple[str, ...]) -> 
             raise ConfigError(f"!ref to unknown key '{key}'")
         if key in resolving:
             raise ConfigError(f"circular !ref through '{key}'")
-        top[key] = _resolve(top[key], top, resolving + (key,))
+        top[key] = _resolve(top[key], top, (*resolving, key))
         return top[key]
 
     if _REF_NAME.fullmatch(expr.strip()):
@@ -127,7 +127,7 @@ def _resolve_ref(expr: str, top: dict[str, Any], resolving: tuple[str, ...]) -> 
 def parse_yaml(text: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Parse HyperPyYAML text into plain values and :class:`Node` records, refs resolved."""
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no object construction
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid yaml: {exc}") from exc
     if not isinstance(raw, dict):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 import tempfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from cosyserve.errors import ModelLoadError
 
 
 class AssetError(RuntimeError):
@@ -111,3 +116,122 @@ def asset_path(name: str, local: str | Path | None = None, download: bool = True
     finally:
         tmp.unlink(missing_ok=True)
     return cached
+
+
+# --------------------------------------------------------------------------------------------
+# Model directories
+
+# The yaml present decides the family, checked in the official order.
+FAMILY_YAMLS: tuple[tuple[str, str], ...] = (
+    ("cosyvoice.yaml", "cosyvoice1"),
+    ("cosyvoice2.yaml", "cosyvoice2"),
+    ("cosyvoice3.yaml", "cosyvoice3"),
+)
+
+# Files no inference path reads; skipping them saves gigabytes (TensorRT/ONNX estimators, training
+# tokenizers, the BlankEN safetensors that llm.pt overrides, demo assets).
+_IGNORE_PATTERNS = [
+    "*.plan",
+    "flow.decoder.estimator.*.onnx",
+    "speech_tokenizer_v3.batch.onnx",
+    "CosyVoice-BlankEN/model.safetensors",
+    "asset/*",
+    "*.zip",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_HOSTS = {"modelscope": "https://www.modelscope.cn", "huggingface": "https://huggingface.co"}
+
+
+def detect_family(model_dir: Path) -> str:
+    """The family of an official model directory, from the yaml it holds."""
+    for yaml_name, family in FAMILY_YAMLS:
+        if (model_dir / yaml_name).is_file():
+            return family
+    names = ", ".join(y for y, _ in FAMILY_YAMLS)
+    raise ModelLoadError(f"{model_dir} is not a CosyVoice model directory: none of {names} is present")
+
+
+def _hub_for(model_id: str, hub: str) -> list[str]:
+    if hub in ("modelscope", "huggingface"):
+        return [hub]
+    if hub != "auto":
+        raise ModelLoadError(f"unknown hub '{hub}' (expected auto, modelscope or huggingface)")
+    # iic/* exists only on ModelScope; the FunAudioLLM/* ids exist on both, Hugging Face first.
+    return ["modelscope"] if model_id.startswith("iic/") else ["huggingface", "modelscope"]
+
+
+def _reachable(url: str, timeout: float) -> str | None:
+    """None when the host accepts a TCP connection, else the reason (hub clients retry for long)."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{parsed.hostname} is unreachable ({exc.strerror or exc})"
+
+
+def _download(model_id: str, hub: str, allow_download: bool, timeout: float) -> Path:
+    if hub == "huggingface":
+        import huggingface_hub
+
+        try:
+            return Path(huggingface_hub.snapshot_download(model_id, local_files_only=True))
+        except Exception:
+            pass
+        if not allow_download:
+            raise ModelLoadError(f"{model_id} is not in the Hugging Face cache and downloads are disabled")
+        endpoint = os.environ.get("HF_ENDPOINT", _HUB_HOSTS[hub])
+        if reason := _reachable(endpoint, timeout):
+            raise ModelLoadError(f"cannot download {model_id} from Hugging Face: {reason}")
+        try:
+            return Path(
+                huggingface_hub.snapshot_download(model_id, ignore_patterns=_IGNORE_PATTERNS, etag_timeout=timeout)
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"cannot download {model_id} from Hugging Face: {exc}") from exc
+
+    from modelscope import snapshot_download
+
+    try:
+        cached = Path(snapshot_download(model_id, local_files_only=True))
+        if any((cached / y).is_file() for y, _ in FAMILY_YAMLS):
+            return cached
+    except Exception:
+        pass
+    if not allow_download:
+        raise ModelLoadError(f"{model_id} is not in the ModelScope cache and downloads are disabled")
+    endpoint = os.environ.get("MODELSCOPE_DOMAIN", _HUB_HOSTS[hub])
+    if "://" not in endpoint:
+        endpoint = "https://" + endpoint
+    if reason := _reachable(endpoint, timeout):
+        raise ModelLoadError(f"cannot download {model_id} from ModelScope: {reason}")
+    try:
+        return Path(snapshot_download(model_id, ignore_patterns=_IGNORE_PATTERNS))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot download {model_id} from ModelScope: {exc}") from exc
+
+
+def resolve_model_dir(
+    model: str | Path, hub: str = "auto", allow_download: bool = True, timeout: float = 5.0
+) -> tuple[Path, str]:
+    """Return ``(directory, family)`` for a local model directory or a hub id.
+
+    A hub id is fetched into the hub's standard cache (``~/.cache/modelscope`` or
+    ``~/.cache/huggingface``) with its progress bar, or taken from that cache when present.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, detect_family(path)
+    text = str(model)
+    if path.exists() or not _HUB_ID.match(text):
+        raise ModelLoadError(f"model directory {text} does not exist and is not a hub id like iic/CosyVoice-300M")
+    errors = []
+    for name in _hub_for(text, hub):
+        try:
+            directory = _download(text, name, allow_download, timeout)
+            return directory, detect_family(directory)
+        except ModelLoadError as exc:
+            errors.append(str(exc))
+    raise ModelLoadError("; ".join(errors))

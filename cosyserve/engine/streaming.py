@@ -1,0 +1,259 @@
+"""Token -> waveform for one request, streaming or not (spec §14).
+
+Each request gets its own :class:`Synthesizer` holding every piece of streaming state (hop length,
+caches, offsets), so concurrent requests never share mutable state (the official model object keeps
+the doubled hop length on itself: spec §17.3). Tokens are pulled from the LLM iterator as the
+synthesizer needs them; nothing runs in a background thread, so closing the chunk iterator stops
+the LLM too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class Draws:
+    """The random numbers of one request.
+
+    Everything is drawn from the request's own generator; tests override the hooks to feed the
+    reference's draws (the v1 flow noise of call ``k``, the HiFT excitation of vocoder call ``k``).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        if seed is None:
+            seed = int.from_bytes(np.random.default_rng().bytes(6), "little")
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.flow_calls = 0  # counted over the whole request, across text segments
+        self.hift_calls = 0
+
+    def next_flow_noise(self) -> torch.Tensor | None:
+        self.flow_calls += 1
+        return self.flow_noise(self.flow_calls - 1)
+
+    def next_hift_source(self) -> torch.Tensor | None:
+        self.hift_calls += 1
+        return self.hift_source(self.hift_calls - 1)
+
+    def flow_noise(self, call: int) -> torch.Tensor | None:
+        """The v1 flow's fresh noise for flow call ``call`` (None: draw from the generator)."""
+        return None
+
+    def hift_source(self, call: int) -> torch.Tensor | None:
+        """A complete HiFT excitation for vocoder call ``call`` (None: compute it)."""
+        return None
+
+
+def hamming(length: int) -> torch.Tensor:
+    """Symmetric Hamming window (the reference's cross-fade window)."""
+    return torch.from_numpy(np.hamming(length).astype(np.float32))
+
+
+def cross_fade(head: torch.Tensor, previous_tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Blend the start of ``head`` with ``previous_tail`` over half the window (last axis)."""
+    overlap = window.shape[0] // 2
+    head = head.clone()
+    head[..., :overlap] = head[..., :overlap] * window[:overlap] + previous_tail[..., -overlap:] * window[overlap:]
+    return head
+
+
+def stretch_mel(mel: torch.Tensor, speed: float) -> torch.Tensor:
+    """Change duration by 1/speed keeping pitch: linear interpolation of mel frames (spec §14.5)."""
+    if speed == 1.0 or mel.shape[2] == 0:
+        return mel
+    return F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
+
+
+@dataclass
+class PromptCondition:
+    """What the flow is conditioned on: prompt tokens (1, P), prompt mel (1, T, 80), x-vector (1, 192)."""
+
+    token: torch.Tensor
+    feat: torch.Tensor
+    embedding: torch.Tensor
+
+
+class Synthesizer:
+    """Base class: pulls tokens and turns them into float32 audio chunks."""
+
+    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
+        self.model = model
+        self.condition = condition
+        self.draws = draws
+        self.speed = speed
+        self.hift_cache: dict[str, torch.Tensor] | None = None
+        self.mel_cache = 0  # mel frames carried to the next vocoder call
+        self.source_cache = 0  # excitation / waveform samples carried likewise
+        self.speech_window = torch.zeros(0)
+
+    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hift = self.model.hift
+        source = self.draws.next_hift_source()
+        if source is not None:
+            return hift.decode(mel, source), source
+        return hift.inference(mel, cache_source=cache_source, generator=self.draws.generator)
+
+    def vocode_with_cache(self, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
+        """HiFT with the v1/v2 chunk caches: the last mel frames and excitation of the previous
+        chunk are prepended, and the waveform seam is cross-faded; a non-final chunk holds back
+        its last ``source_cache`` samples for the next fade."""
+        cache_source = None
+        if self.hift_cache is not None:
+            mel = torch.cat([self.hift_cache["mel"], mel], dim=2)
+            cache_source = self.hift_cache["source"]
+        speech, source = self._vocode(mel, cache_source)
+        if self.hift_cache is not None:
+            speech = cross_fade(speech, self.hift_cache["speech"], self.speech_window)
+        if finalize:
+            return speech
+        self.hift_cache = {
+            "mel": mel[:, :, -self.mel_cache :],
+            "source": source[:, :, -self.source_cache :],
+            "speech": speech[:, -self.source_cache :],
+        }
+        return speech[:, : -self.source_cache]
+
+    def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+class V1Synthesizer(Synthesizer):
+    """CosyVoice 1.0: fixed token hop with overlap, mel and waveform cross-fades (spec §14.2)."""
+
+    TOKEN_OVERLAP = 20
+
+    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
+        super().__init__(model, condition, draws, speed)
+        frame_rate = model.token_frame_rate
+        self.token_hop = 2 * frame_rate
+        self.mel_overlap = int(self.TOKEN_OVERLAP / frame_rate * model.sample_rate / model.hop_size)
+        self.mel_window = hamming(2 * self.mel_overlap)
+        self.mel_cache = 20
+        self.source_cache = self.mel_cache * model.hop_size
+        self.speech_window = hamming(2 * self.source_cache)
+        self.flow_cache: torch.Tensor | None = None
+        self.mel_tail: torch.Tensor | None = None
+
+    def token2wav(self, tokens: list[int], finalize: bool) -> torch.Tensor:
+        c = self.condition
+        mel, self.flow_cache = self.model.flow.inference(
+            torch.tensor([tokens], dtype=torch.int32),
+            c.token,
+            c.feat,
+            c.embedding,
+            flow_cache=self.flow_cache,
+            noise=self.draws.next_flow_noise(),
+            generator=self.draws.generator,
+        )
+        if self.mel_tail is not None:
+            mel = cross_fade(mel, self.mel_tail, self.mel_window)
+        if not finalize:
+            self.mel_tail = mel[:, :, -self.mel_overlap :]
+            mel = mel[:, :, : -self.mel_overlap]
+        return self.vocode_with_cache(stretch_mel(mel, self.speed), finalize)
+
+    def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
+        pending: list[int] = []
+        for token in tokens:
+            pending.append(token)
+            if stream and len(pending) >= self.token_hop + self.TOKEN_OVERLAP:
+                yield _chunk(self.token2wav(pending[: self.token_hop + self.TOKEN_OVERLAP], finalize=False))
+                pending = pending[self.token_hop :]
+        if pending:
+            yield _chunk(self.token2wav(pending, finalize=True))
+
+
+class V2Synthesizer(Synthesizer):
+    """CosyVoice2: chunk-causal flow re-run from the start, growing hop, HiFT caches (spec §14.3)."""
+
+    MAX_HOP = 100
+    HOP_SCALE = 2
+
+    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
+        super().__init__(model, condition, draws, speed)
+        self.hop = model.chunk_tokens
+        self.lookahead = model.pre_lookahead_len
+        self.mel_ratio = model.token_mel_ratio
+        self.mel_cache = 8
+        self.source_cache = self.mel_cache * model.hop_size
+        self.speech_window = hamming(2 * self.source_cache)
+
+    def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
+        c = self.condition
+        mel = self.model.flow.inference(
+            torch.tensor([tokens], dtype=torch.int32),
+            c.token,
+            c.feat,
+            c.embedding,
+            streaming=streaming,
+            finalize=finalize,
+        )
+        return mel[:, :, token_offset * self.mel_ratio :]
+
+    def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
+        mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
+        return self.vocode_with_cache(mel, finalize)
+
+    def keep(self, token: int) -> bool:
+        """Whether the flow sees this id (v3 drops long silence runs; v2 keeps every id)."""
+        return True
+
+    def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
+        kept: list[int] = []
+        offset = 0
+        hop = self.hop
+        prompt_len = self.condition.token.shape[1]
+        prompt_pad = math.ceil(prompt_len / hop) * hop - prompt_len
+        for token in tokens:
+            if not self.keep(token):
+                continue
+            kept.append(token)
+            this_hop = hop + prompt_pad if offset == 0 else hop
+            if stream and len(kept) - offset >= this_hop + self.lookahead:
+                chunk = kept[: offset + this_hop + self.lookahead]
+                yield _chunk(self.token2wav(chunk, offset, streaming=True, finalize=False))
+                offset += this_hop
+                hop = min(self.MAX_HOP, hop * self.HOP_SCALE)
+        if kept:
+            yield _chunk(self.token2wav(kept, offset, streaming=False, finalize=True))
+
+
+class V3Synthesizer(V2Synthesizer):
+    """CosyVoice3: as v2, but the causal HiFT re-runs on the whole accumulated mel (spec §14.4)."""
+
+    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
+        super().__init__(model, condition, draws, speed)
+        self.mel = torch.zeros(1, 80, 0)
+        self.samples_out = 0
+        self.silent = model.silent_tokens
+        self.silent_run = 0
+
+    def keep(self, token: int) -> bool:
+        # A silent id preceded by more than 5 consecutive silent ids is dropped (spec §9.5).
+        if token not in self.silent:
+            self.silent_run = 0
+            return True
+        self.silent_run += 1
+        return self.silent_run <= 5
+
+    def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
+        mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
+        self.mel = torch.cat([self.mel, mel], dim=2)
+        source = self.draws.next_hift_source()
+        if source is not None:
+            speech = self.model.hift.decode(self.mel, source, finalize=finalize)
+        else:
+            speech, _ = self.model.hift.inference(self.mel, finalize=finalize)
+        speech = speech[:, self.samples_out :]
+        self.samples_out += speech.shape[1]
+        return speech
+
+
+def _chunk(speech: torch.Tensor) -> np.ndarray:
+    return speech.detach().reshape(-1).to(torch.float32).cpu().numpy()

@@ -1,0 +1,61 @@
+"""What every model family provides once loaded: its three networks and the constants around them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cosyserve.config import ConfigError, Node, expect_node
+from cosyserve.models.checkpoint import load_into, read_state_dict
+
+
+@dataclass
+class FamilyModel:
+    """The LLM, flow and vocoder of one model directory, plus the numbers the engine schedules by."""
+
+    family: str  # "cosyvoice1" | "cosyvoice2" | "cosyvoice3"
+    version: str  # "v1" | "v2" | "v3" (frontend conventions)
+    model_dir: Path
+    config: dict[str, Any]
+    llm: nn.Module
+    flow: nn.Module
+    hift: nn.Module
+    sample_rate: int
+    hop_size: int  # waveform samples per mel frame
+    token_frame_rate: int  # speech tokens per second
+    token_mel_ratio: int = 0  # mel frames per token (v2/v3; v1 interpolates)
+    chunk_tokens: int = 0  # streaming hop in tokens (v2/v3 flow chunk size)
+    pre_lookahead_len: int = 0  # look-ahead tokens of the causal flow (v2/v3)
+    silent_tokens: frozenset[int] = field(default_factory=frozenset)
+
+    def eval(self) -> FamilyModel:
+        for module in (self.llm, self.flow, self.hift):
+            module.eval()
+            module.requires_grad_(False)
+        return self
+
+
+def load_weights(module: nn.Module, path: Path, state: dict | None = None) -> nn.Module:
+    """Read ``path`` (unless ``state`` is given) and load it strictly into ``module``."""
+    load_into(module, read_state_dict(path) if state is None else state, path)
+    return module
+
+
+def feat_extractor_args(config: dict[str, Any]) -> dict[str, Any]:
+    node = config.get("feat_extractor")
+    if not isinstance(node, Node):
+        raise ConfigError("key 'feat_extractor' must be a !name: mel_spectrogram entry")
+    return dict(node.args)
+
+
+def require_int(node: Node, key: str, path: str) -> int:
+    value = node.require(key, path)
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"'{path}.{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+__all__ = ["FamilyModel", "expect_node", "feat_extractor_args", "load_weights", "require_int"]

@@ -1,0 +1,40 @@
+"""Fun-CosyVoice3-0.5B: CosyVoice3LM + CausalMaskedDiffWithDiT + CausalHiFT at 24 kHz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cosyserve.models.base import FamilyModel, expect_node, feat_extractor_args, load_weights, require_int
+from cosyserve.models.checkpoint import fold_weight_norm, read_state_dict
+from cosyserve.models.cosyvoice3.flow import CausalMaskedDiffWithDiT
+from cosyserve.models.cosyvoice3.llm import SILENT_TOKENS, CosyVoice3LM
+from cosyserve.nn.hift import CausalHiFTGenerator
+
+BLANK_EN = "CosyVoice-BlankEN"
+
+
+def load(model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt") -> FamilyModel:
+    llm = CosyVoice3LM.from_config(expect_node(config, "llm", "CosyVoice3LM"), model_dir / BLANK_EN)
+    flow_node = expect_node(config, "flow", "CausalMaskedDiffWithDiT")
+    flow = CausalMaskedDiffWithDiT.from_config(flow_node)
+    hift = CausalHiFTGenerator.from_config(expect_node(config, "hift", "CausalHiFTGenerator"))
+    load_weights(llm, model_dir / llm_weights)
+    load_weights(flow, model_dir / "flow.pt")
+    load_weights(hift, model_dir / "hift.pt", fold_weight_norm(read_state_dict(model_dir / "hift.pt"), "generator."))
+    return FamilyModel(
+        family="cosyvoice3",
+        version="v3",
+        model_dir=model_dir,
+        config=config,
+        llm=llm,
+        flow=flow,
+        hift=hift,
+        sample_rate=int(config["sample_rate"]),
+        hop_size=int(feat_extractor_args(config)["hop_size"]),
+        token_frame_rate=require_int(flow_node, "input_frame_rate", "flow"),
+        token_mel_ratio=require_int(flow_node, "token_mel_ratio", "flow"),
+        chunk_tokens=int(config.get("chunk_size", 25)),
+        pre_lookahead_len=require_int(flow_node, "pre_lookahead_len", "flow"),
+        silent_tokens=frozenset(SILENT_TOKENS),
+    ).eval()
