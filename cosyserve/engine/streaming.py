@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cosyserve.models.cosyvoice3.llm import drop_excess_silence
+
 
 class Draws:
     """The random numbers of one request.
@@ -200,9 +202,9 @@ class V2Synthesizer(Synthesizer):
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         return self.vocode_with_cache(mel, finalize)
 
-    def keep(self, token: int) -> bool:
-        """Whether the flow sees this id (v3 drops long silence runs; v2 keeps every id)."""
-        return True
+    def flow_tokens(self, tokens: Iterator[int]) -> Iterator[int]:
+        """The ids the flow sees (v3 drops long silence runs; v2 keeps every id)."""
+        return tokens
 
     def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
         kept: list[int] = []
@@ -210,9 +212,7 @@ class V2Synthesizer(Synthesizer):
         hop = self.hop
         prompt_len = self.condition.token.shape[1]
         prompt_pad = math.ceil(prompt_len / hop) * hop - prompt_len
-        for token in tokens:
-            if not self.keep(token):
-                continue
+        for token in self.flow_tokens(tokens):
             kept.append(token)
             this_hop = hop + prompt_pad if offset == 0 else hop
             if stream and len(kept) - offset >= this_hop + self.lookahead:
@@ -231,16 +231,10 @@ class V3Synthesizer(V2Synthesizer):
         super().__init__(model, condition, draws, speed)
         self.mel = torch.zeros(1, 80, 0)
         self.samples_out = 0
-        self.silent = model.silent_tokens
-        self.silent_run = 0
 
-    def keep(self, token: int) -> bool:
-        # A silent id preceded by more than 5 consecutive silent ids is dropped (spec §9.5).
-        if token not in self.silent:
-            self.silent_run = 0
-            return True
-        self.silent_run += 1
-        return self.silent_run <= 5
+    def flow_tokens(self, tokens: Iterator[int]) -> Iterator[int]:
+        # The LLM conditions on every id; the flow skips long runs of silence (spec §9.5).
+        return drop_excess_silence(tokens, self.model.silent_tokens)
 
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)

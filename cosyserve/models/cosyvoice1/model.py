@@ -12,14 +12,20 @@ from cosyserve.models.cosyvoice1.llm import TransformerLM
 from cosyserve.nn.hift import HiFTGenerator
 
 
-def load(model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt") -> FamilyModel:
+def load(
+    model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt", random_weights: bool = False
+) -> FamilyModel:
+    """Build the networks from the yaml and load their weights (random init when `random_weights`)."""
     llm = TransformerLM.from_config(expect_node(config, "llm", "TransformerLM"))
     flow_node = expect_node(config, "flow", "MaskedDiffWithXvec")
     flow = MaskedDiffWithXvec.from_config(flow_node)
     hift = HiFTGenerator.from_config(expect_node(config, "hift", "HiFTGenerator"))
-    load_weights(llm, model_dir / llm_weights)
-    load_weights(flow, model_dir / "flow.pt")
-    load_weights(hift, model_dir / "hift.pt", fold_weight_norm(read_state_dict(model_dir / "hift.pt"), "generator."))
+    if not random_weights:
+        load_weights(llm, model_dir / llm_weights)
+        load_weights(flow, model_dir / "flow.pt")
+        load_weights(
+            hift, model_dir / "hift.pt", fold_weight_norm(read_state_dict(model_dir / "hift.pt"), "generator.")
+        )
     return FamilyModel(
         family="cosyvoice1",
         version="v1",

@@ -14,14 +14,20 @@ from cosyserve.nn.hift import CausalHiFTGenerator
 BLANK_EN = "CosyVoice-BlankEN"
 
 
-def load(model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt") -> FamilyModel:
+def load(
+    model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt", random_weights: bool = False
+) -> FamilyModel:
+    """Build the networks from the yaml and load their weights (random init when `random_weights`)."""
     llm = CosyVoice3LM.from_config(expect_node(config, "llm", "CosyVoice3LM"), model_dir / BLANK_EN)
     flow_node = expect_node(config, "flow", "CausalMaskedDiffWithDiT")
     flow = CausalMaskedDiffWithDiT.from_config(flow_node)
     hift = CausalHiFTGenerator.from_config(expect_node(config, "hift", "CausalHiFTGenerator"))
-    load_weights(llm, model_dir / llm_weights)
-    load_weights(flow, model_dir / "flow.pt")
-    load_weights(hift, model_dir / "hift.pt", fold_weight_norm(read_state_dict(model_dir / "hift.pt"), "generator."))
+    if not random_weights:
+        load_weights(llm, model_dir / llm_weights)
+        load_weights(flow, model_dir / "flow.pt")
+        load_weights(
+            hift, model_dir / "hift.pt", fold_weight_norm(read_state_dict(model_dir / "hift.pt"), "generator.")
+        )
     return FamilyModel(
         family="cosyvoice3",
         version="v3",

@@ -1,0 +1,217 @@
+"""CosyVoice 1.0 text-to-speech-token LM (``TransformerLM``, spec §8).
+
+A causal Conformer encodes the text; a 14-layer causal Transformer with relative positions then
+continues [sos, x-vector, text, task_id, prompt speech tokens] with speech tokens (eos = 4096).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cosyserve.config import ConfigError, Node
+from cosyserve.nn.attention import KVCache
+from cosyserve.nn.conformer import ConformerEncoder, TransformerEncoder
+from cosyserve.nn.sampling import RasSampler, Sampler
+
+TokenIds = Tensor | Sequence[int] | None
+
+MIN_TOKEN_TEXT_RATIO = 2
+MAX_TOKEN_TEXT_RATIO = 20
+
+_ENCODERS = {"ConformerEncoder": ConformerEncoder, "TransformerEncoder": TransformerEncoder}
+_TRAINING_KEYS = {"length_normalized_loss", "lsm_weight"}
+
+
+def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
+    """(1, L) / (L,) tensor, int sequence or None (empty) -> (L,) int64 on ``device``."""
+    if ids is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(device)
+
+
+def _encoder_from_node(node: object, key: str) -> nn.Module:
+    if not isinstance(node, Node) or node.kind != "new":
+        raise ConfigError(f"llm.{key} must be a !new: encoder object")
+    if node.cls not in _ENCODERS:
+        raise ConfigError(f"llm.{key}: unsupported class {node.target} (expected {' or '.join(_ENCODERS)})")
+    try:
+        return _ENCODERS[node.cls](**node.args)
+    except TypeError as exc:
+        raise ConfigError(f"llm.{key}: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"llm.{key}: {exc}") from exc
+
+
+class TransformerLM(nn.Module):
+    """v1 LLM with the reference parameter names (``llm.pt`` loads strictly)."""
+
+    def __init__(
+        self,
+        text_encoder_input_size: int,
+        llm_input_size: int,
+        llm_output_size: int,
+        text_token_size: int,
+        speech_token_size: int,
+        text_encoder: nn.Module,
+        llm: TransformerEncoder,
+        spk_embed_dim: int = 192,
+        sampling: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.speech_token_size = speech_token_size
+        self.sampling_args = dict(sampling or {})
+        self.text_embedding = nn.Embedding(text_token_size, text_encoder_input_size)
+        self.text_encoder = text_encoder
+        self.text_encoder_affine_layer = nn.Linear(text_encoder.output_size, llm_input_size)
+        self.llm_embedding = nn.Embedding(2, llm_input_size)  # row 0: sos, row 1: task id
+        self.llm = llm
+        self.llm_decoder = nn.Linear(llm_output_size, speech_token_size + 1)
+        self.speech_embedding = nn.Embedding(speech_token_size, llm_input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, llm_input_size)
+
+    @classmethod
+    def from_config(cls, node: Node) -> TransformerLM:
+        """Build from the yaml ``llm: !new:cosyvoice.llm.llm.TransformerLM`` node."""
+        if node.cls != cls.__name__:
+            raise ConfigError(f"llm: expected {cls.__name__}, got {node.target}")
+        sizes = {}
+        for key in (
+            "text_encoder_input_size",
+            "llm_input_size",
+            "llm_output_size",
+            "text_token_size",
+            "speech_token_size",
+        ):
+            value = node.require(key, "llm")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"llm.{key} must be a positive integer, got {value!r}")
+            sizes[key] = value
+        spk_dim = node.get("spk_embed_dim", 192)
+        if not isinstance(spk_dim, int) or spk_dim <= 0:
+            raise ConfigError(f"llm.spk_embed_dim must be a positive integer, got {spk_dim!r}")
+        known = {*sizes, "spk_embed_dim", "text_encoder", "llm", "sampling", *_TRAINING_KEYS}
+        for key in node.args:
+            if key not in known:
+                raise ConfigError(f"llm: unknown key '{key}'")
+        text_encoder = _encoder_from_node(node.require("text_encoder", "llm"), "text_encoder")
+        body = _encoder_from_node(node.require("llm", "llm"), "llm")
+        sampling = node.get("sampling")
+        if sampling is not None:
+            if not isinstance(sampling, Node):
+                raise ConfigError("llm.sampling must be a !name: ras_sampling entry")
+            RasSampler.from_config(sampling)  # validates the arguments now, not at the first request
+        if body.output_size != sizes["llm_output_size"]:
+            raise ConfigError(
+                f"llm.llm.output_size {body.output_size} != llm.llm_output_size {sizes['llm_output_size']}"
+            )
+        return cls(
+            **sizes,
+            text_encoder=text_encoder,
+            llm=body,
+            spk_embed_dim=spk_dim,
+            sampling=dict(sampling.args) if isinstance(sampling, Node) else None,
+        )
+
+    @property
+    def eos_token(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def stop_token_ids(self) -> range:
+        return range(self.speech_token_size, self.speech_token_size + 1)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.speech_embedding.embedding_dim
+
+    def make_sampler(self, generator: torch.Generator | None = None) -> RasSampler:
+        """The yaml's repetition-aware sampler drawing from ``generator``."""
+        return RasSampler(**self.sampling_args, generator=generator)
+
+    def build_prefix(
+        self, text: TokenIds, prompt_text: TokenIds, prompt_speech_token: TokenIds, embedding: Tensor | None = None
+    ) -> Tensor:
+        """[sos ; x-vector ; encoded prompt_text + text ; task_id ; prompt speech] -> (1, L0, D).
+
+        ``embedding`` is the (1, 192) x-vector, or (0, 192) / None for none.
+        """
+        device = self.speech_embedding.weight.device
+        ids = torch.cat([as_ids(prompt_text, device), as_ids(text, device)])
+        x = self.text_embedding(ids)[None]
+        x, _ = self.text_encoder(x, torch.tensor([ids.numel()], device=device))
+        text_part = self.text_encoder_affine_layer(x)[0]
+        if embedding is not None and embedding.numel() > 0:
+            emb = embedding.reshape(1, -1).to(device=device, dtype=self.spk_embed_affine_layer.weight.dtype)
+            spk = self.spk_embed_affine_layer(F.normalize(emb, dim=1))
+        else:
+            spk = text_part.new_zeros(0, text_part.size(1))
+        table = self.llm_embedding.weight
+        parts = [table[0:1], spk, text_part, table[1:2], self.speech_embedding(as_ids(prompt_speech_token, device))]
+        return torch.cat(parts, dim=0)[None]
+
+    def prefill(self, prefix: Tensor) -> tuple[Tensor, list[KVCache]]:
+        """Run the prefix (1, L0, D) causally through a fresh cache; return the last hidden (D,) and the cache."""
+        cache = self.llm.new_cache()
+        return self.llm.forward_chunk(prefix, cache)[0, -1], cache
+
+    def decode_step(self, token_id: int, cache: list[KVCache]) -> Tensor:
+        """Feed one speech token after ``cache`` (extended in place); return its hidden state (D,)."""
+        x = self.speech_embedding.weight[int(token_id)].reshape(1, 1, -1)
+        return self.llm.forward_chunk(x, cache)[0, -1]
+
+    def logp(self, hidden: Tensor) -> Tensor:
+        """(..., D) hidden states -> (..., V) log-probabilities; V = speech_token_size + 1 (eos last)."""
+        return self.llm_decoder(hidden).log_softmax(dim=-1)
+
+    def mask_early_stop(self, logp: Tensor) -> Tensor:
+        """The scores the sampler sees before ``min_len``: eos at -inf."""
+        scores = logp.clone()
+        scores[..., self.speech_token_size :] = float("-inf")
+        return scores
+
+    def inference(
+        self,
+        text: TokenIds,
+        prompt_text: TokenIds,
+        prompt_speech_token: TokenIds,
+        embedding: Tensor | None,
+        sampler: Sampler | None = None,
+        min_len: int | None = None,
+        max_len: int | None = None,
+    ) -> Iterator[int]:
+        """Speech token ids, one at a time; the prefix is built now, decoding runs lazily.
+
+        ``min_len`` / ``max_len`` default to 2x / 20x the number of ``text`` tokens (prompt text
+        excluded). eos cannot be chosen before ``min_len`` tokens; at most ``max_len`` are produced.
+        ``sampler`` defaults to the yaml's RAS sampler with a fresh random seed. Closing the
+        iterator stops decoding.
+        """
+        n_text = int(as_ids(text, torch.device("cpu")).numel())
+        min_len = MIN_TOKEN_TEXT_RATIO * n_text if min_len is None else min_len
+        max_len = MAX_TOKEN_TEXT_RATIO * n_text if max_len is None else max_len
+        with torch.inference_mode():
+            prefix = self.build_prefix(text, prompt_text, prompt_speech_token, embedding)
+        return self._decode(prefix, sampler or self.make_sampler(), min_len, max_len)
+
+    def _decode(self, prefix: Tensor, sampler: Sampler, min_len: int, max_len: int) -> Iterator[int]:
+        history: list[int] = []
+        cache: list[KVCache] | None = None
+        token = -1
+        for step in range(max_len):
+            with torch.inference_mode():
+                if cache is None:
+                    hidden, cache = self.prefill(prefix)
+                else:
+                    hidden = self.decode_step(token, cache)
+                logp = self.logp(hidden)
+                if step < min_len:
+                    logp = self.mask_early_stop(logp)
+                token = int(sampler(logp, history))
+            if token == self.eos_token:
+                return
+            yield token
+            history.append(token)

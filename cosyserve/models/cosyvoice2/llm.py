@@ -1,0 +1,216 @@
+"""CosyVoice2 text-to-speech-token LM (``Qwen2LM``): a Qwen2 body between text and speech embeddings.
+
+Uni-stream inference only: the whole text is known when decoding starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cosyserve.config import ConfigError, Node
+from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from cosyserve.nn.sampling import RasSampler, Sampler
+
+TokenIds = Tensor | Sequence[int] | None
+
+MIN_TOKEN_TEXT_RATIO = 2
+MAX_TOKEN_TEXT_RATIO = 20
+
+
+def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
+    """(1, L) / (L,) tensor, int sequence or None (empty) -> (L,) int64 on ``device``."""
+    if ids is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(device)
+
+
+class Qwen2Encoder(nn.Module):
+    """Holds the HF-layout ``Qwen2ForCausalLM`` under ``model`` (keys ``llm.model.model.*``)."""
+
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.model = Qwen2ForCausalLM(cfg)
+
+    def forward(self, xs: Tensor, cache: KVCache | None = None) -> Tensor:
+        """(1, t, D) inputs -> (1, t, D) final-normed hidden states; ``cache`` is extended in place."""
+        return self.model.model(xs, cache)
+
+
+class Qwen2LM(nn.Module):
+    """v2 LLM. Speech vocabulary: ``speech_token_size`` codes, then eos, an unused id and fill.
+
+    Decoding stops on any special id (>= ``speech_token_size``). Before ``min_len`` tokens every
+    special id is masked; ``reference_eos_mask=True`` masks only id ``speech_token_size`` as the
+    reference does (for v2 that id is eos and the other two are never trained targets, so the two
+    settings agree in practice; for v3 they do not).
+    """
+
+    num_special_tokens = 3
+    decoder_bias = True
+
+    def __init__(
+        self,
+        qwen_config: Qwen2Config,
+        speech_token_size: int = 6561,
+        sampling: dict | None = None,
+        reference_eos_mask: bool = False,
+    ) -> None:
+        super().__init__()
+        d = qwen_config.hidden_size
+        self.speech_token_size = speech_token_size
+        self.sampling_args = dict(sampling or {})
+        self.reference_eos_mask = reference_eos_mask
+        self._build_task_embeddings(d)
+        self.llm = Qwen2Encoder(qwen_config)
+        vocab = speech_token_size + self.num_special_tokens
+        self.llm_decoder = nn.Linear(d, vocab, bias=self.decoder_bias)
+        self.speech_embedding = nn.Embedding(vocab, d)
+
+    def _build_task_embeddings(self, d: int) -> None:
+        self.llm_embedding = nn.Embedding(2, d)  # row 0: sos, row 1: task id
+
+    def _sos_and_task(self) -> tuple[Tensor, Tensor]:
+        w = self.llm_embedding.weight
+        return w[0], w[1]
+
+    @property
+    def eos_token(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.speech_embedding.embedding_dim
+
+    @property
+    def stop_token_ids(self) -> range:
+        return range(self.speech_token_size, self.speech_token_size + self.num_special_tokens)
+
+    @classmethod
+    def from_config(cls, node: Node, blank_en_dir: str | Path, reference_eos_mask: bool = False) -> Qwen2LM:
+        """Build from the yaml ``llm`` node; the Qwen2 geometry comes from ``<blank_en_dir>/config.json``."""
+        if node.cls != cls.__name__:
+            raise ConfigError(f"llm: expected {cls.__name__}, got {node.target}")
+        inner = node.get("llm")
+        if isinstance(inner, Node) and inner.cls != "Qwen2Encoder":
+            raise ConfigError(f"llm.llm: unsupported class {inner.target} (expected Qwen2Encoder)")
+        qwen = Qwen2Config.from_json(Path(blank_en_dir) / "config.json")
+        for key in ("llm_input_size", "llm_output_size"):
+            size = node.get(key)
+            if size is not None and size != qwen.hidden_size:
+                raise ConfigError(f"llm.{key} is {size} but the Qwen2 hidden size is {qwen.hidden_size}")
+        size = node.get("speech_token_size", 6561)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ConfigError(f"llm.speech_token_size must be a positive integer, got {size!r}")
+        sampling = node.get("sampling")
+        if sampling is not None:
+            if not isinstance(sampling, Node):
+                raise ConfigError("llm.sampling must be a !name: ras_sampling entry")
+            RasSampler.from_config(sampling)  # validates the arguments now, not at the first request
+        return cls(
+            qwen,
+            speech_token_size=size,
+            sampling=dict(sampling.args) if isinstance(sampling, Node) else None,
+            reference_eos_mask=reference_eos_mask,
+        )
+
+    def make_sampler(self, generator: torch.Generator | None = None) -> RasSampler:
+        """The yaml's repetition-aware sampler drawing from ``generator``."""
+        return RasSampler(**self.sampling_args, generator=generator)
+
+    def _check_text(self, ids: Tensor) -> None:
+        """Hook for family-specific input requirements."""
+
+    def build_prefix(
+        self, text: TokenIds, prompt_text: TokenIds, prompt_speech_token: TokenIds, embedding: Tensor | None = None
+    ) -> Tensor:
+        """[sos ; embed(prompt_text + text) ; task_id ; speech_embedding(prompt speech)] -> (1, L0, D).
+
+        ``embedding`` (the speaker x-vector) is accepted for interface parity and unused by v2/v3.
+        """
+        device = self.speech_embedding.weight.device
+        ids = torch.cat([as_ids(prompt_text, device), as_ids(text, device)])
+        self._check_text(ids)
+        sos, task = self._sos_and_task()
+        parts = [
+            sos[None],
+            self.llm.model.model.embed_tokens(ids),
+            task[None],
+            self.speech_embedding(as_ids(prompt_speech_token, device)),
+        ]
+        return torch.cat(parts, dim=0)[None]
+
+    def prefill(self, prefix: Tensor) -> tuple[Tensor, KVCache]:
+        """Run the prefix (1, L0, D) through a fresh cache; return the last hidden state (D,) and the cache."""
+        cache = self.llm.model.model.new_cache()
+        return self.llm(prefix, cache)[0, -1], cache
+
+    def decode_step(self, token_id: int, cache: KVCache) -> Tensor:
+        """Feed one speech token after ``cache``; return its hidden state (D,)."""
+        x = self.speech_embedding.weight[token_id].reshape(1, 1, -1)
+        return self.llm(x, cache)[0, -1]
+
+    def logp(self, hidden: Tensor) -> Tensor:
+        """(..., D) hidden states -> (..., V) log-probabilities over the speech vocabulary."""
+        return self.llm_decoder(hidden).log_softmax(dim=-1)
+
+    def mask_early_stop(self, logp: Tensor, reference_eos_mask: bool | None = None) -> Tensor:
+        """Scores the sampler sees before ``min_len``: the stop ids (or the reference's one id) at -inf."""
+        ref = self.reference_eos_mask if reference_eos_mask is None else reference_eos_mask
+        scores = logp.clone()
+        if ref:
+            scores[..., self.speech_token_size] = float("-inf")
+        else:
+            scores[..., self.speech_token_size :] = float("-inf")
+        return scores
+
+    def inference(
+        self,
+        text: TokenIds,
+        prompt_text: TokenIds,
+        prompt_speech_token: TokenIds,
+        embedding: Tensor | None,
+        sampler: Sampler | None = None,
+        min_len: int | None = None,
+        max_len: int | None = None,
+        reference_eos_mask: bool | None = None,
+    ) -> Iterator[int]:
+        """Speech token ids, one at a time. The inputs are checked now; decoding runs lazily.
+
+        ``min_len`` / ``max_len`` default to 2x / 20x the number of ``text`` tokens (prompt text
+        excluded). ``sampler`` defaults to the yaml's RAS sampler with a fresh random seed.
+        ``reference_eos_mask`` overrides the instance setting for this call. Closing the iterator
+        stops decoding.
+        """
+        n_text = int(as_ids(text, torch.device("cpu")).numel())
+        min_len = MIN_TOKEN_TEXT_RATIO * n_text if min_len is None else min_len
+        max_len = MAX_TOKEN_TEXT_RATIO * n_text if max_len is None else max_len
+        with torch.inference_mode():
+            prefix = self.build_prefix(text, prompt_text, prompt_speech_token, embedding)
+        return self._decode(prefix, sampler or self.make_sampler(), min_len, max_len, reference_eos_mask)
+
+    def _decode(
+        self, prefix: Tensor, sampler: Sampler, min_len: int, max_len: int, reference_eos_mask: bool | None
+    ) -> Iterator[int]:
+        stop = self.stop_token_ids
+        history: list[int] = []
+        cache: KVCache | None = None
+        token = -1
+        for step in range(max_len):
+            # The sampler runs in inference mode too: it may edit the scores in place.
+            with torch.inference_mode():
+                if cache is None:
+                    hidden, cache = self.prefill(prefix)
+                else:
+                    hidden = self.decode_step(token, cache)
+                logp = self.logp(hidden)
+                if step < min_len:
+                    logp = self.mask_early_stop(logp, reference_eos_mask)
+                token = int(sampler(logp, history))
+            if token in stop:
+                return
+            yield token
+            history.append(token)

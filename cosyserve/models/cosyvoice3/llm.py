@@ -1,0 +1,72 @@
+"""Fun-CosyVoice3 LM (``CosyVoice3LM``): the v2 LM with its special ids inside the speech vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import Tensor
+
+from cosyserve.errors import InvalidRequest
+from cosyserve.models.cosyvoice2.llm import Qwen2LM
+
+# Text id of <|endofprompt|>: v3 was trained with a system prompt ending in it before the target text.
+ENDOFPROMPT_ID = 151646
+
+# FSQ codes of silence / breath. Long runs of them are trimmed before the flow (the LM sees them all).
+SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+MAX_SILENT_RUN = 5
+
+
+class CosyVoice3LM(Qwen2LM):
+    """v3 LLM: no ``llm_embedding``, no decoder bias; 200 specials after the speech codes.
+
+    sos = speech_token_size, eos = +1, task id = +2, fill = +3; every special id stops decoding.
+    Before ``min_len`` all specials are masked (what the model was trained for). The reference masks
+    only id ``speech_token_size`` (sos, not eos), so there eos can end decoding early:
+    ``reference_eos_mask=True`` reproduces that.
+    """
+
+    num_special_tokens = 200
+    decoder_bias = False
+
+    def _build_task_embeddings(self, d: int) -> None:
+        pass  # sos and the task id are rows of speech_embedding
+
+    @property
+    def eos_token(self) -> int:
+        return self.speech_token_size + 1
+
+    def _sos_and_task(self) -> tuple[Tensor, Tensor]:
+        w = self.speech_embedding.weight
+        return w[self.speech_token_size], w[self.speech_token_size + 2]
+
+    def _check_text(self, ids: Tensor) -> None:
+        if not bool((ids == ENDOFPROMPT_ID).any()):
+            raise InvalidRequest(
+                "CosyVoice3 needs '<|endofprompt|>' in the prompt text or the text "
+                "(e.g. 'You are a helpful assistant.<|endofprompt|>' before it)"
+            )
+
+
+def drop_excess_silence(
+    tokens: Iterable[int], silent: frozenset[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN
+) -> Iterator[int]:
+    """Yield ``tokens`` except silent ids preceded by ``max_run`` or more consecutive silent ids.
+
+    Lazy, so it can wrap a streaming LLM iterator; closing it closes ``tokens`` too.
+    """
+    it = iter(tokens)
+    run = 0
+    try:
+        for token in it:
+            if token in silent:
+                run += 1
+                if run > max_run:
+                    continue
+            else:
+                run = 0
+            yield token
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,133 @@
+"""Conditional flow-matching sampler shared by every flow decoder (v1 U-Net, v2 causal U-Net, v3 DiT).
+
+The estimator predicts a velocity field; we integrate it from noise (t = 0) to mel (t = 1) with
+Euler steps on a cosine time grid, applying classifier-free guidance by evaluating a conditional
+and an unconditional (mu, speaker and prompt zeroed) row in one batch of two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cosyserve.config import ConfigError, Node
+
+# The official v2/v3 samplers draw this buffer once at construction: 15000 frames = 300 s of mel
+# at 50 frames/s, from a generator seeded with 0.
+FIXED_NOISE_FRAMES = 15000
+FIXED_NOISE_SEED = 0
+MEL_CHANNELS = 80
+
+
+def fixed_noise(frames: int = FIXED_NOISE_FRAMES, channels: int = MEL_CHANNELS, seed: int = FIXED_NOISE_SEED) -> Tensor:
+    """The v2/v3 fixed starting noise (1, channels, frames), from a private CPU generator.
+
+    Equals the official ``torch.manual_seed(0); torch.randn(1, 80, 15000)`` without touching the
+    global RNG.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(1, channels, frames, generator=generator)
+
+
+def cosine_time_grid(n_timesteps: int, device: torch.device | str | None = None) -> Tensor:
+    """t_k = 1 - cos(pi/2 * k/n), k = 0..n, computed in float32 as the reference does."""
+    t = torch.linspace(0, 1, n_timesteps + 1, device=device, dtype=torch.float32)
+    return 1 - torch.cos(t * 0.5 * math.pi)
+
+
+class ConditionalCFM(nn.Module):
+    """Euler ODE solver with classifier-free guidance around an estimator.
+
+    v1 draws fresh noise per call (the caller passes it to :meth:`solve`); v2/v3 start from
+    :meth:`fixed_noise`. The estimator is called as
+    ``estimator(x, mask, mu, t, spks, cond, streaming=...)`` on batch 2 and returns a velocity
+    (2, C, T). This module has no parameters of its own, so the estimator's weights keep the
+    official ``decoder.estimator.*`` names when this is the flow's ``decoder``.
+    """
+
+    def __init__(self, estimator: nn.Module, inference_cfg_rate: float = 0.7, n_timesteps: int = 10) -> None:
+        super().__init__()
+        self.estimator = estimator
+        self.inference_cfg_rate = float(inference_cfg_rate)
+        self.n_timesteps = int(n_timesteps)
+        self._fixed_noise: Tensor | None = None  # v2/v3 starting noise, built on first use
+
+    def fixed_noise(self, frames: int) -> Tensor:
+        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on the CPU.
+
+        Built once per module from the private seed-0 generator (module-level :func:`fixed_noise`).
+        Not a buffer, so it stays out of the state dict; callers move the slice to their device.
+        """
+        if self._fixed_noise is None:
+            self._fixed_noise = fixed_noise()
+        available = self._fixed_noise.size(2)
+        if frames > available:
+            raise ValueError(
+                f"{frames} mel frames exceed the {available}-frame fixed noise of the flow "
+                f"({available // 50} s of audio); split the text into shorter segments"
+            )
+        return self._fixed_noise[:, :, :frames]
+
+    @classmethod
+    def from_config(cls, node: Node, estimator: nn.Module) -> ConditionalCFM:
+        """Build from the yaml ``decoder`` node (``ConditionalCFM`` / ``CausalConditionalCFM``)."""
+        params = _cfm_params(node)
+        solver = params.get("solver", "euler")
+        scheduler = params.get("t_scheduler", "cosine")
+        if solver != "euler" or scheduler != "cosine":
+            raise ConfigError(f"{node.target}: only the euler solver on the cosine schedule is supported")
+        return cls(estimator, inference_cfg_rate=params.get("inference_cfg_rate", 0.7))
+
+    @torch.no_grad()
+    def solve(
+        self,
+        mu: Tensor,
+        mask: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        noise: Tensor,
+        streaming: bool = False,
+    ) -> Tensor:
+        """Integrate from ``noise`` to a mel.
+
+        mu (1, C, T) encoder condition, mask (1, 1, T), spks (1, C) speaker, cond (1, C, T) prompt
+        mel (zeros after the prompt), noise (1, C, T) the starting point. Returns (1, C, T) float32.
+        """
+        if noise.shape != mu.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != mu shape {tuple(mu.shape)}")
+        dtype = mu.dtype
+        batch = mu.size(0)
+        t_span = cosine_time_grid(self.n_timesteps, device=mu.device)
+        x = noise.to(device=mu.device, dtype=dtype)
+
+        # Row block 0 is conditional; row block 1 keeps mu / spks / cond at zero for guidance.
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dtype)
+        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dtype)
+        mask_in = torch.cat([mask, mask]).to(dtype)
+        rate = self.inference_cfg_rate
+
+        # The step uses the running t (t + dt accumulated), not t_span[k], as the reference does.
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            t_in = t.expand(2 * batch).to(dtype)
+            v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            v_cond, v_uncond = v[:batch], v[batch:]
+            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return x.float()
+
+
+def _cfm_params(node: Node) -> dict[str, Any]:
+    """The ``cfm_params`` mapping: an ``omegaconf.DictConfig`` node holding ``content``, or a plain dict."""
+    params = node.get("cfm_params", {})
+    if isinstance(params, Node):
+        params = params.get("content", params.args)
+    if not isinstance(params, dict):
+        raise ConfigError(f"{node.target}: cfm_params must be a mapping")
+    return params

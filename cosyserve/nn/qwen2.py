@@ -1,0 +1,291 @@
+"""Qwen2 decoder body (the ``Qwen2ForCausalLM`` inside the v2 / v3 LLMs) with an explicit KV cache.
+
+Numerics follow the Hugging Face Qwen2 implementation the reference runs (fp32 RMSNorm, RoPE in the
+"rotate_half" layout with positions continuing across cached steps, GQA by repeating the key/value
+heads, scaled-dot-product attention). Only the final-normed hidden states are produced: the
+151 936-way LM head output is never used by CosyVoice, so it is not computed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cosyserve.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = True
+    head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> Qwen2Config:
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported Qwen2 hidden_act {cfg['hidden_act']!r}")
+        if cfg.get("use_sliding_window"):
+            raise ConfigError("Qwen2 sliding-window attention is not supported")
+        if cfg.get("rope_scaling"):
+            raise ConfigError("Qwen2 rope_scaling is not supported")
+        try:
+            return cls(
+                hidden_size=int(cfg["hidden_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=int(cfg["num_attention_heads"]),
+                num_key_value_heads=int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])),
+                intermediate_size=int(cfg["intermediate_size"]),
+                vocab_size=int(cfg["vocab_size"]),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", 1e6)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"incomplete Qwen2 config: {exc!r}") from exc
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Qwen2Config:
+        """Read the ``config.json`` of ``CosyVoice-BlankEN`` (the geometry only, never the weights)."""
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read Qwen2 config {path}: {exc}") from exc
+        try:
+            return cls.from_dict(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+
+class KVCache:
+    """Keys and values of every position seen so far, one (B, n_kv_heads, T, head_dim) pair per layer.
+
+    Storage grows geometrically so a decode step appends in amortised O(1) instead of re-copying the
+    whole history; ``keys(i)`` / ``values(i)`` are views of the filled part.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self._k: list[Tensor | None] = [None] * num_layers
+        self._v: list[Tensor | None] = [None] * num_layers
+        self._len = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (that of layer 0, which is appended first)."""
+        return self._len[0]
+
+    def keys(self, layer: int) -> Tensor | None:
+        k = self._k[layer]
+        return None if k is None else k[:, :, : self._len[layer]]
+
+    def values(self, layer: int) -> Tensor | None:
+        v = self._v[layer]
+        return None if v is None else v[:, :, : self._len[layer]]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (B, n_kv, t, hd) keys/values to ``layer``; return all keys/values of that layer."""
+        n, t = self._len[layer], k.shape[2]
+        buf_k, buf_v = self._k[layer], self._v[layer]
+        if buf_k is None or n + t > buf_k.shape[2]:
+            cap = max(n + t, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if n:
+                new_k[:, :, :n] = buf_k[:, :, :n]
+                new_v[:, :, :n] = buf_v[:, :, :n]
+            self._k[layer], self._v[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, n : n + t] = k
+        buf_v[:, :, n : n + t] = v
+        self._len[layer] = n + t
+        return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in at least fp32 whatever the compute dtype, then scale in that dtype (as the reference).
+        dtype = x.dtype
+        h = x.to(torch.promote_types(dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Qwen2RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape (T, head_dim) for integer ``positions`` (T,), computed in at least fp32."""
+        work = torch.promote_types(dtype, torch.float32)
+        freqs = positions.to(work)[:, None] * self.inv_freq.to(work)[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, t, hd)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, t, hd)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = _apply_rope(q, cos, sin)
+        k = _apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, Hkv, T, hd)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:
+            # Query head h reads key/value head h // rep.
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.head_dim**-0.5
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """The decoder stack: ``embed_tokens``, ``layers``, final ``norm``."""
+
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def forward(self, inputs_embeds: Tensor, cache: KVCache | None = None) -> Tensor:
+        """(B, t, D) input embeddings -> (B, t, D) final-normed hidden states.
+
+        With a ``cache`` the new positions continue after the cached ones, attend to all of them and
+        causally among themselves; the cache is extended in place.
+        """
+        t = inputs_embeds.shape[1]
+        past = cache.length if cache is not None else 0
+        positions = torch.arange(past, past + t, device=inputs_embeds.device)
+        cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
+        mask = None
+        if past and t > 1:
+            # New query i (absolute past + i) sees keys 0 .. past + i.
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=inputs_embeds.device).tril(diagonal=past)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+
+class TiedLMHead(nn.Module):
+    """``lm_head``: the same Parameter as ``embed_tokens.weight`` (Qwen2.5 ties them).
+
+    The key is kept so the official state dict loads strictly, but no second (vocab x D) copy is held
+    and loading never overwrites the embedding with it. CosyVoice never uses the LM head output, so
+    an untied checkpoint's head is checked for shape and dropped.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        elif tuple(state_dict[key].shape) != tuple(self.weight.shape):
+            error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} vs {tuple(self.weight.shape)}")
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Container matching the official key layout ``model.*`` / ``lm_head.weight``."""
+
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.model = Qwen2Model(cfg)
+        self.lm_head = TiedLMHead(self.model.embed_tokens)

@@ -1,0 +1,252 @@
+"""Text normalisation and sentence splitting in front of the LLM (spec §5).
+
+``TextNormalizer.normalize`` follows the reference ``text_normalize``: an optional WeText (FST)
+pass, the string rules of the zh / en branch, ``split_paragraph`` and the removal of
+punctuation-only pieces. The proprietary ``ttsfrd`` back-end is not available.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from functools import cache
+from typing import Any
+
+import regex
+
+from cosyserve.errors import ModelLoadError
+from cosyserve.text.tokenizers import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "wetext", "none")
+
+_CHINESE = re.compile(r"[\u4e00-\u9fff]")
+_ONLY_PUNCTUATION = regex.compile(r"^[\p{P}\p{S}]*$")
+_TRAILING_COMMAS = re.compile(r"[，,、]+$")
+
+_ZH_STOPS = frozenset("。？！；：、.?!;")
+_EN_STOPS = frozenset(".?!;:")
+_COMMAS = frozenset("，,")
+_CLOSING_QUOTES = frozenset('"”')
+
+TOKEN_MAX_N = 80
+TOKEN_MIN_N = 60
+MERGE_LEN = 20
+
+
+def contains_chinese(text: str) -> bool:
+    """True when ``text`` has a CJK unified ideograph (the only language test the reference makes)."""
+    return _CHINESE.search(text) is not None
+
+
+def is_only_punctuation(text: str) -> bool:
+    """True for the empty string and strings of Unicode punctuation / symbols only."""
+    return _ONLY_PUNCTUATION.match(text) is not None
+
+
+def replace_blank(text: str) -> str:
+    """Drop every ASCII space unless both neighbours are ASCII and not a space (keeps 'new line')."""
+
+    def keeps_space(ch: str) -> bool:
+        return ch.isascii() and ch != " "
+
+    return "".join(
+        ch
+        for i, ch in enumerate(text)
+        if ch != " " or (0 < i < len(text) - 1 and keeps_space(text[i - 1]) and keeps_space(text[i + 1]))
+    )
+
+
+def replace_corner_mark(text: str) -> str:
+    return text.replace("²", "平方").replace("³", "立方")
+
+
+def remove_bracket(text: str) -> str:
+    for mark in ("（", "）", "【", "】", "`"):
+        text = text.replace(mark, "")
+    return text.replace("——", " ")
+
+
+@cache
+def _inflect_engine() -> Any:
+    import inflect  # on first use: importing inflect takes over a second
+
+    return inflect.engine()
+
+
+def _number_to_words(digits: str) -> str:
+    from inflect import NumOutOfRangeError
+
+    engine = _inflect_engine()
+    try:
+        return engine.number_to_words(digits)
+    except NumOutOfRangeError:
+        # The reference raises here (runs of 36+ digits); read such runs digit by digit instead.
+        return " ".join(engine.number_to_words(d) for d in digits)
+
+
+def spell_out_number(text: str) -> str:
+    """Replace every maximal run of ``str.isdigit()`` characters by its English words."""
+    out: list[str] = []
+    start: int | None = None
+    for i, ch in enumerate(text):
+        if ch.isdigit():
+            if start is None:
+                start = i
+            continue
+        if start is not None:
+            out.append(_number_to_words(text[start:i]))
+            start = None
+        out.append(ch)
+    if start is not None:
+        out.append(_number_to_words(text[start:]))
+    return "".join(out)
+
+
+def split_paragraph(
+    text: str,
+    tokenize: Callable[[str], list[int]],
+    lang: str = "zh",
+    token_max_n: int = TOKEN_MAX_N,
+    token_min_n: int = TOKEN_MIN_N,
+    merge_len: int = MERGE_LEN,
+    comma_split: bool = False,
+) -> list[str]:
+    """Cut ``text`` after sentence punctuation, then greedily merge the pieces (spec §5.3).
+
+    Lengths are characters for ``lang='zh'`` and ``len(tokenize(piece))`` otherwise.
+    """
+    if not text:
+        return []
+
+    def length(piece: str) -> int:
+        return len(piece) if lang == "zh" else len(tokenize(piece))
+
+    stops = _ZH_STOPS if lang == "zh" else _EN_STOPS
+    if comma_split:
+        stops = stops | _COMMAS
+    if text[-1] not in stops:
+        text += "。" if lang == "zh" else "."
+
+    pieces: list[str] = []
+    start = 0
+    for i, ch in enumerate(text):
+        if ch not in stops:
+            continue
+        # A stop right after another one yields an empty piece: the second mark is dropped.
+        if i > start:
+            pieces.append(text[start:i] + ch)
+        if i + 1 < len(text) and text[i + 1] in _CLOSING_QUOTES and pieces:
+            pieces[-1] += text[i + 1]
+            start = i + 2
+        else:
+            start = i + 1
+
+    sentences: list[str] = []
+    current = ""
+    for piece in pieces:
+        if length(current + piece) > token_max_n and length(current) > token_min_n:
+            sentences.append(current)
+            current = ""
+        current += piece
+    if current:
+        if sentences and length(current) < merge_len:
+            sentences[-1] += current
+        else:
+            sentences.append(current)
+    return sentences
+
+
+class _WeText:
+    """One ``wetext.Normalizer`` per process, built on first use (its FSTs ship in the wheel)."""
+
+    _lock = threading.Lock()
+    _normalizer: Any = None
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import wetext  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @classmethod
+    def normalize(cls, text: str, lang: str) -> str:
+        # The reference leaves lang at wetext's "auto"; naming the branch's language gives the same
+        # result except for an all-digit text in the en branch, which "auto" reads as Chinese.
+        if cls._normalizer is None:
+            with cls._lock:
+                if cls._normalizer is None:
+                    from wetext import Normalizer
+
+                    cls._normalizer = Normalizer(remove_erhua=False)
+        try:
+            return cls._normalizer.normalize(text, lang=lang)
+        except Exception:
+            # An FST without a path for some input must not fail the request: keep the text as is.
+            log.warning("wetext failed on a %d-character text; using it unnormalised", len(text), exc_info=True)
+            return text
+
+
+class TextNormalizer:
+    """The reference ``text_normalize`` with a choice of back-end.
+
+    ``backend``: "wetext" (FST normalisation, the ``wetext`` package), "none" (string rules only)
+    or "auto" (wetext when importable). The tokenizer measures English sentence lengths.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown text normaliser back-end '{backend}' (expected one of {', '.join(BACKENDS)})")
+        if backend == "auto":
+            backend = "wetext" if _WeText.available() else "none"
+        elif backend == "wetext" and not _WeText.available():
+            raise ModelLoadError("text normaliser back-end 'wetext' requested but the wetext package is not installed")
+        self.tokenizer = tokenizer
+        self.backend = backend
+
+    def normalize(
+        self, text: str | Iterator[str], split: bool = True, text_frontend: bool = True
+    ) -> list[str] | str | list[Iterator[str]]:
+        """Normalise ``text``; with ``split`` return the list of sentences to synthesise one by one.
+
+        A streamed input (an iterator of text pieces) is returned untouched as ``[text]``. Text
+        holding both ``<|`` and ``|>`` (language / system tags) is neither normalised nor split.
+        """
+        if not isinstance(text, str):
+            return [text]
+        if "<|" in text and "|>" in text:
+            text_frontend = False
+        if not text_frontend or text == "":
+            return [text] if split else text
+        text = text.strip()
+        if contains_chinese(text):
+            text = self._normalize_zh(text)
+            lang = "zh"
+        else:
+            text = self._normalize_en(text)
+            lang = "en"
+        if not split:
+            return text
+        pieces = split_paragraph(text, self.tokenizer.encode, lang)
+        return [p for p in pieces if not is_only_punctuation(p)]
+
+    def _normalize_zh(self, text: str) -> str:
+        if self.backend == "wetext":
+            text = _WeText.normalize(text, "zh")
+        text = text.replace("\n", "")
+        text = replace_blank(text)
+        text = replace_corner_mark(text)
+        text = text.replace(".", "。")
+        text = text.replace(" - ", "，")
+        text = remove_bracket(text)
+        return _TRAILING_COMMAS.sub("。", text)
+
+    def _normalize_en(self, text: str) -> str:
+        if self.backend == "wetext":
+            text = _WeText.normalize(text, "en")
+        return spell_out_number(text)
