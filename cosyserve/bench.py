@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         embedding=prompt["flow_embedding"],
     )
     text_ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(args.seed), dtype=torch.int32)
-    n_tokens = int(round(args.seconds * core.token_frame_rate))
+    n_tokens = round(args.seconds * core.token_frame_rate)
 
     core.flow.inference = timer.wrap("flow", core.flow.inference)
     core.hift.inference = timer.wrap("vocoder", core.hift.inference)
@@ -149,8 +149,13 @@ def run(args: argparse.Namespace) -> int:
     def one_run(stream: bool) -> tuple[float, float | None, float]:
         draws = Draws(args.seed)
         sampler = _fixed_length_sampler(core, n_tokens, draws.generator)
-        llm_tokens = core.llm.inference(text_ids, torch.zeros(1, 0, dtype=torch.int32),
-                                        torch.zeros(1, 0, dtype=torch.int32), torch.zeros(0, 192), sampler)
+        llm_tokens = core.llm.inference(
+            text_ids,
+            torch.zeros(1, 0, dtype=torch.int32),
+            torch.zeros(1, 0, dtype=torch.int32),
+            torch.zeros(0, 192),
+            sampler,
+        )
         llm_tokens = _timed_iter(llm_tokens, timer, "llm")
         synth = synthesizer_cls(core, condition, draws, 1.0)
         start = time.perf_counter()
@@ -196,8 +201,10 @@ def _timed_iter(iterator, timer: StageTimer, stage: str):
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    print(f"model {report['model']} ({report['family']}, random weights: {report['random_weights']}), "
-          f"{report['threads']} threads, load {report['load_s']} s")
+    print(
+        f"model {report['model']} ({report['family']}, random weights: {report['random_weights']}), "
+        f"{report['threads']} threads, load {report['load_s']} s"
+    )
     for name in ("non-stream", "stream"):
         if name not in report:
             continue

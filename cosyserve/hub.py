@@ -15,7 +15,7 @@ from pathlib import Path
 from cosyserve.errors import ModelLoadError
 
 
-class AssetError(RuntimeError):
+class AssetError(ModelLoadError):
     """A tokenizer asset is neither cached, nor given locally, nor downloadable."""
 
 

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from golden import REPO  # noqa: E402
+from golden import REPO
 
 _SHARED_ASSETS = REPO.parent / "shared" / "assets"
 if _SHARED_ASSETS.is_dir() and "COSYSERVE_ASSETS_DIR" not in os.environ:

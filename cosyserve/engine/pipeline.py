@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosyserve.audio.io import load_audio
+from cosyserve.audio.io import decode_audio
 from cosyserve.config import ConfigError, Node, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
 from cosyserve.frontend.features import MelExtractor
@@ -26,7 +26,7 @@ from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
-from cosyserve.nn.sampling import RasSampler
+from cosyserve.nn.sampling import RasSampler, Sampler
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
@@ -99,17 +99,35 @@ class TTSModel:
 
     # -- modes -----------------------------------------------------------------------------------
     def inference_sft(
-        self, text: str, spk_id: str, *, stream: bool = False, speed: float = 1.0, seed: int | None = None,
+        self,
+        text: str,
+        spk_id: str,
+        *,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
         text_frontend: bool = True,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
         self._require("sft")
         speaker = self.voices.get(spk_id)
         inputs = [self.frontend.sft(s, speaker) for s in self._segments(text, text_frontend)]
-        return self._generate(inputs, stream, speed, seed)
+        return self._generate(inputs, stream, speed, seed, draws, sampler)
 
     def inference_zero_shot(
-        self, text: str, prompt_text: str, prompt_audio: Any = None, *, spk_id: str | None = None,
-        stream: bool = False, speed: float = 1.0, seed: int | None = None, text_frontend: bool = True,
+        self,
+        text: str,
+        prompt_text: str,
+        prompt_audio: Any = None,
+        *,
+        spk_id: str | None = None,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
+        text_frontend: bool = True,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
         self._require("zero_shot")
         segments = self._segments(text, text_frontend)
@@ -117,34 +135,64 @@ class TTSModel:
             prompt = self.voices.get(spk_id)
             inputs = [self.frontend.zero_shot(s, None, prompt) for s in segments]
         else:
-            prompt_text = self._v3_prompt_text(self._text(prompt_text, "prompt_text", split=False, frontend=text_frontend))
+            prompt_text = self._v3_prompt_text(
+                self._text(prompt_text, "prompt_text", split=False, frontend=text_frontend)
+            )
             prompt = self.prompt(prompt_audio)
             inputs = [self.frontend.zero_shot(s, prompt_text, prompt) for s in segments]
-        return self._generate(inputs, stream, speed, seed)
+        return self._generate(inputs, stream, speed, seed, draws, sampler)
 
     def inference_cross_lingual(
-        self, text: str, prompt_audio: Any = None, *, spk_id: str | None = None, stream: bool = False,
-        speed: float = 1.0, seed: int | None = None, text_frontend: bool = True,
+        self,
+        text: str,
+        prompt_audio: Any = None,
+        *,
+        spk_id: str | None = None,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
+        text_frontend: bool = True,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
         self._require("cross_lingual")
         prompt = self._prompt_or_voice(prompt_audio, spk_id)
         segments = [self._v3_text(s) for s in self._segments(text, text_frontend)]
         inputs = [self.frontend.cross_lingual(s, prompt) for s in segments]
-        return self._generate(inputs, stream, speed, seed)
+        return self._generate(inputs, stream, speed, seed, draws, sampler)
 
     def inference_instruct(
-        self, text: str, spk_id: str, instruct_text: str, *, stream: bool = False, speed: float = 1.0,
-        seed: int | None = None, text_frontend: bool = True,
+        self,
+        text: str,
+        spk_id: str,
+        instruct_text: str,
+        *,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
+        text_frontend: bool = True,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
         self._require("instruct")
         speaker = self.voices.get(spk_id)
         instruct = self._text(instruct_text, "instruct_text", split=False, frontend=text_frontend)
         inputs = [self.frontend.instruct(s, speaker, instruct) for s in self._segments(text, text_frontend)]
-        return self._generate(inputs, stream, speed, seed)
+        return self._generate(inputs, stream, speed, seed, draws, sampler)
 
     def inference_instruct2(
-        self, text: str, instruct_text: str, prompt_audio: Any = None, *, spk_id: str | None = None,
-        stream: bool = False, speed: float = 1.0, seed: int | None = None, text_frontend: bool = True,
+        self,
+        text: str,
+        instruct_text: str,
+        prompt_audio: Any = None,
+        *,
+        spk_id: str | None = None,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
+        text_frontend: bool = True,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
         self._require("instruct2")
         if not instruct_text or not instruct_text.strip():
@@ -152,16 +200,25 @@ class TTSModel:
         instruct = self._instruct2_text(instruct_text)
         prompt = self._prompt_or_voice(prompt_audio, spk_id)
         inputs = [self.frontend.instruct2(s, instruct, prompt) for s in self._segments(text, text_frontend)]
-        return self._generate(inputs, stream, speed, seed)
+        return self._generate(inputs, stream, speed, seed, draws, sampler)
 
     def inference_vc(
-        self, source_audio: Any, prompt_audio: Any = None, *, spk_id: str | None = None, stream: bool = False,
-        speed: float = 1.0, seed: int | None = None,
+        self,
+        source_audio: Any,
+        prompt_audio: Any = None,
+        *,
+        spk_id: str | None = None,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
         self._require("vc")
-        prompt = self._prompt_or_voice(prompt_audio, spk_id, param="prompt_wav")
+        # The reference's vc frontend does not trim the prompt to the 2:1 token/mel ratio.
+        prompt = self._prompt_or_voice(prompt_audio, spk_id, align=False)
         source = self._checked_audio(source_audio, "source_wav")
-        return self._generate([self.frontend.vc(source, prompt)], stream, speed, seed)
+        return self._generate([self.frontend.vc(source, prompt)], stream, speed, seed, draws, sampler)
 
     def add_speaker(self, spk_id: str, prompt_text: str, prompt_audio: Any, text_frontend: bool = True) -> Voice:
         """Compute a zero-shot prompt once and store it under ``spk_id`` (official ``add_zero_shot_spk``)."""
@@ -170,9 +227,9 @@ class TTSModel:
         self.voices.add(spk_id, voice)
         return voice
 
-    def prompt(self, audio: Any, param: str = "prompt_wav") -> dict[str, torch.Tensor]:
+    def prompt(self, audio: Any, param: str = "prompt_wav", align: bool | None = None) -> dict[str, torch.Tensor]:
         """Prompt speech tokens, mel and x-vector of an audio prompt (checked first)."""
-        return self.frontend.process_prompt(self._checked_audio(audio, param))
+        return self.frontend.process_prompt(self._checked_audio(audio, param), align=align)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require(self, mode: str) -> None:
@@ -214,31 +271,33 @@ class TTSModel:
             instruct = f"{V3_SYSTEM_PROMPT} {instruct}"
         return instruct + END_OF_PROMPT
 
-    def _prompt_or_voice(self, audio: Any, spk_id: str | None, param: str = "prompt_wav") -> dict[str, torch.Tensor]:
+    def _prompt_or_voice(
+        self, audio: Any, spk_id: str | None, param: str = "prompt_wav", align: bool | None = None
+    ) -> dict[str, torch.Tensor]:
         if audio is None:
             if spk_id is None:
                 raise AudioError(f"{param} is required", param=param)
             return self.voices.get(spk_id)
-        return self.prompt(audio, param)
+        return self.prompt(audio, param, align)
 
-    def _checked_audio(self, audio: Any, param: str) -> torch.Tensor:
-        """Decode to 16 kHz mono and enforce the prompt duration limits."""
+    def _checked_audio(self, audio: Any, param: str) -> tuple[np.ndarray, int]:
+        """Decode once and enforce the prompt duration limits; returns ``(wave, sample_rate)``."""
         if audio is None:
             raise AudioError(f"{param} is required", param=param)
         try:
-            wave = load_audio(audio, 16000)
+            wave, sr = decode_audio(audio)
         except AudioError as exc:
             exc.param = exc.param or param
             raise
-        seconds = wave.shape[1] / 16000
+        seconds = wave.shape[1] / sr
         opts = self.options
         if seconds < opts.min_prompt_seconds:
             raise AudioError(f"{param} is {seconds:.2f} s long; at least {opts.min_prompt_seconds} s needed", param)
         if seconds > opts.max_prompt_seconds:
             raise AudioError(f"{param} is {seconds:.1f} s long; at most {opts.max_prompt_seconds} s allowed", param)
-        return audio
+        return wave, sr
 
-    def _tokens(self, model_input: dict[str, torch.Tensor], sampler: RasSampler) -> Iterator[int]:
+    def _tokens(self, model_input: dict[str, torch.Tensor], sampler: Sampler) -> Iterator[int]:
         if "source_speech_token" in model_input:
             return iter(model_input["source_speech_token"].reshape(-1).tolist())
         empty_ids = torch.zeros(1, 0, dtype=torch.int32)
@@ -251,9 +310,16 @@ class TTSModel:
         )
 
     def _generate(
-        self, inputs: list[dict[str, torch.Tensor]], stream: bool, speed: float, seed: int | None,
-        draws: Draws | None = None, sampler: Any = None,
+        self,
+        inputs: list[dict[str, torch.Tensor]],
+        stream: bool,
+        speed: float,
+        seed: int | None,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[np.ndarray]:
+        """``draws`` / ``sampler`` replace the request's random source and LLM sampler (tests feed
+        the reference's draws and a greedy sampler through them)."""
         if not 0.25 <= float(speed) <= 4.0:
             raise InvalidRequest(f"speed must be within 0.25..4.0, got {speed}", param="speed")
         draws = draws or Draws(seed)
@@ -273,7 +339,11 @@ class TTSModel:
 
 
 def load_model(
-    model: str | Path, *, device: str = "cpu", hub: str = "auto", options: EngineOptions | None = None,
+    model: str | Path,
+    *,
+    device: str = "cpu",
+    hub: str = "auto",
+    options: EngineOptions | None = None,
     **option_overrides: Any,
 ) -> TTSModel:
     """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...)."""

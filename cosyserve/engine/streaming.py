@@ -239,11 +239,7 @@ class V3Synthesizer(V2Synthesizer):
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         self.mel = torch.cat([self.mel, mel], dim=2)
-        source = self.draws.next_hift_source()
-        if source is not None:
-            speech = self.model.hift.decode(self.mel, source, finalize=finalize)
-        else:
-            speech, _ = self.model.hift.inference(self.mel, finalize=finalize)
+        speech, _ = self.model.hift.inference(self.mel, finalize=finalize, source=self.draws.next_hift_source())
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]
         return speech

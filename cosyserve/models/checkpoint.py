@@ -77,3 +77,8 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str | P
             )
     # Strided views (the tiny golden checkpoints share storage) must be made contiguous.
     module.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
+
+
+def read_vocoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """``hift.pt`` with weight norm folded and the optional ``generator.`` prefix stripped (spec §13.1)."""
+    return fold_weight_norm(read_state_dict(path), prefix_to_strip="generator.")

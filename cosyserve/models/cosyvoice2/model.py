@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from cosyserve.models.base import FamilyModel, expect_node, feat_extractor_args, load_weights, require_int
-from cosyserve.models.checkpoint import fold_weight_norm, read_state_dict
+from cosyserve.models.checkpoint import read_vocoder_state
 from cosyserve.models.cosyvoice2.flow import CausalMaskedDiffWithXvec
 from cosyserve.models.cosyvoice2.llm import Qwen2LM
 from cosyserve.nn.hift import HiFTGenerator
@@ -25,9 +25,7 @@ def load(
     if not random_weights:
         load_weights(llm, model_dir / llm_weights)
         load_weights(flow, model_dir / "flow.pt")
-        load_weights(
-            hift, model_dir / "hift.pt", fold_weight_norm(read_state_dict(model_dir / "hift.pt"), "generator.")
-        )
+        load_weights(hift, model_dir / "hift.pt", read_vocoder_state(model_dir / "hift.pt"))
     return FamilyModel(
         family="cosyvoice2",
         version="v2",

@@ -1,0 +1,277 @@
+"""Per-mode model inputs (spec §7): text ids, prompt speech tokens, prompt mel and x-vectors.
+
+Every builder returns ``dict[str, torch.Tensor]`` keyed by the reference's field names
+(``text``, ``prompt_text``, ``llm_prompt_speech_token``, ``flow_prompt_speech_token``,
+``prompt_speech_feat``, ``llm_embedding``, ``flow_embedding``, ``source_speech_token``). Ids are
+int32 (1, L), the prompt mel float32 (1, T, 80), embeddings float32 (1, 192), all on the CPU;
+``*_len`` fields are left out (the models take lengths from the shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from cosyserve.audio.io import AudioInput, decode_audio, to_mono
+from cosyserve.config import ConfigError, Node
+from cosyserve.errors import AudioError, InvalidRequest, UnsupportedMode
+from cosyserve.frontend.features import MelExtractor
+from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
+
+TOKENIZER_SR = 16000
+# HEAD resamples every prompt to 24 kHz for the mel, whatever the model rate (spec §3, §17.1).
+REFERENCE_PROMPT_MEL_SR = 24000
+PROMPT_MEL_RATES = ("model", "reference")
+VERSIONS = ("v1", "v2", "v3")
+# The reference picks the speech tokenizer file by model class (the 25 Hz v1 model uses v1's name).
+SPEECH_TOKENIZER_FILES = {
+    "v1": "speech_tokenizer_v1.onnx",
+    "v2": "speech_tokenizer_v2.onnx",
+    "v3": "speech_tokenizer_v3.onnx",
+}
+SPEAKER_ENCODER_FILE = "campplus.onnx"
+
+# Fields of a processed prompt / stored zero-shot speaker that describe the voice.
+PROMPT_FIELDS = (
+    "llm_prompt_speech_token",
+    "flow_prompt_speech_token",
+    "prompt_speech_feat",
+    "llm_embedding",
+    "flow_embedding",
+)
+
+ModelInput = dict[str, torch.Tensor]
+
+
+class _Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class _Normalizer(Protocol):
+    def normalize(self, text: Any, split: bool = True, text_frontend: bool = True) -> Any: ...
+
+
+class Frontend:
+    """Builds model inputs for one loaded model (``version`` "v1" | "v2" | "v3").
+
+    ``prompt_mel_rate``: "model" computes the prompt mel from audio resampled to ``sample_rate``
+    (what the models were trained with); "reference" resamples to 24 kHz as the reference does
+    for every family (only differs for the 22.05 kHz v1 models).
+    """
+
+    def __init__(
+        self,
+        version: str,
+        tokenizer: _Tokenizer,
+        normalizer: _Normalizer,
+        speech_tokenizer: SpeechTokenizer,
+        speaker_encoder: SpeakerEncoder,
+        mel_extractor: MelExtractor,
+        sample_rate: int,
+        prompt_mel_rate: str = "model",
+    ) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"unknown model version '{version}' (expected one of {', '.join(VERSIONS)})")
+        if prompt_mel_rate not in PROMPT_MEL_RATES:
+            raise ValueError(f"prompt_mel_rate must be one of {', '.join(PROMPT_MEL_RATES)}, got '{prompt_mel_rate}'")
+        self.version = version
+        self.tokenizer = tokenizer
+        self.normalizer = normalizer
+        self.speech_tokenizer = speech_tokenizer
+        self.speaker_encoder = speaker_encoder
+        self.mel_extractor = mel_extractor
+        self.sample_rate = int(sample_rate)
+        self.prompt_mel_rate = prompt_mel_rate
+
+    @property
+    def prompt_mel_sr(self) -> int:
+        """Rate the prompt audio is resampled to before the mel extractor."""
+        return self.sample_rate if self.prompt_mel_rate == "model" else REFERENCE_PROMPT_MEL_SR
+
+    # --- text -------------------------------------------------------------------------------
+
+    def normalize(self, text: Any, split: bool = True, text_frontend: bool = True) -> Any:
+        """The reference's ``text_normalize``: a list of segments with ``split``, else one string."""
+        return self.normalizer.normalize(text, split=split, text_frontend=text_frontend)
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Text ids (1, L) int32 (special tokens such as ``<|en|>`` / ``<|endofprompt|>`` allowed)."""
+        return torch.tensor([list(self.tokenizer.encode(text))], dtype=torch.int32).reshape(1, -1)
+
+    # --- audio ------------------------------------------------------------------------------
+
+    def process_prompt(self, audio: AudioInput, align: bool | None = None) -> ModelInput:
+        """Prompt speech tokens, prompt mel (1, T, 80) and x-vector of one prompt recording.
+
+        ``align`` (default: v2/v3) trims tokens and mel to mel_len == 2 * token_len (spec §4.5).
+        """
+        wave, sr = decode_audio(audio)
+        speech16k = to_mono(wave, sr, TOKENIZER_SR)
+        tokens = self.speech_tokenizer(speech16k)  # (1, P) int32
+        embedding = self.speaker_encoder(speech16k)  # (1, 192)
+        feat = self._prompt_mel(to_mono(wave, sr, self.prompt_mel_sr))  # (1, T, 80)
+        if align is None:
+            align = self.version in ("v2", "v3")
+        if align:
+            token_len = min(feat.shape[1] // 2, tokens.shape[1])
+            feat, tokens = feat[:, : 2 * token_len], tokens[:, :token_len]
+        return {
+            "llm_prompt_speech_token": tokens,
+            "flow_prompt_speech_token": tokens,
+            "prompt_speech_feat": feat,
+            "llm_embedding": embedding,
+            "flow_embedding": embedding,
+        }
+
+    def _prompt_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        mel = self.mel_extractor
+        if wave.shape[1] < max(mel.hop_size, mel.n_fft // 2 + 1):
+            raise AudioError(f"prompt audio too short ({wave.shape[1] / self.prompt_mel_sr:.3f} s) for its mel")
+        return mel(wave).transpose(1, 2).contiguous()
+
+    def _prompt(self, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+        """The voice fields of a prompt dict (e.g. a stored speaker) or of prompt audio, as CPU tensors."""
+        if not isinstance(prompt, Mapping):
+            return self.process_prompt(prompt)
+        missing = [k for k in PROMPT_FIELDS if k not in prompt]
+        if missing:
+            raise InvalidRequest(f"the voice prompt lacks {', '.join(missing)} (not a zero-shot voice?)")
+        voice = {k: torch.as_tensor(prompt[k]).cpu() for k in PROMPT_FIELDS}
+        for key in ("llm_prompt_speech_token", "flow_prompt_speech_token"):
+            voice[key] = voice[key].to(torch.int32).reshape(1, -1)
+        for key in ("prompt_speech_feat", "llm_embedding", "flow_embedding"):
+            voice[key] = voice[key].to(torch.float32)
+        if "prompt_text" in prompt:
+            voice["prompt_text"] = _ids(prompt["prompt_text"])
+        return voice
+
+    # --- modes ------------------------------------------------------------------------------
+
+    def sft(self, text: str, speaker: Mapping[str, torch.Tensor]) -> ModelInput:
+        """Built-in speaker: text + the speaker's x-vector for LLM (v1 only uses it) and flow."""
+        embedding = _speaker_embedding(speaker)
+        return {"text": self.tokenize(text), "llm_embedding": embedding, "flow_embedding": embedding}
+
+    def zero_shot(
+        self, text: str, prompt_text: str | None, prompt: Mapping[str, torch.Tensor] | AudioInput
+    ) -> ModelInput:
+        """Voice cloning: LLM continues after prompt_text + text and the prompt speech tokens.
+
+        A stored zero-shot speaker (a ``prompt`` holding ``prompt_text``) keeps its own transcript,
+        which belongs to its speech tokens; ``prompt_text`` (None = empty) is used otherwise.
+        """
+        out = self._prompt(prompt)
+        if "prompt_text" not in out:
+            out["prompt_text"] = self.tokenize(prompt_text or "")
+        out["text"] = self.tokenize(text)
+        return out
+
+    def zero_shot_speaker(self, prompt_text: str, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+        """A storable zero-shot voice in the ``spk2info.pt`` format of the reference's ``add_zero_shot_spk``.
+
+        Holds the voice fields, the ``prompt_text`` ids and (for the official format) their
+        ``*_len`` fields as int32 (1,); ``prompt_text`` is tokenised as given.
+        """
+        voice = self._prompt(prompt)
+        voice["prompt_text"] = self.tokenize(prompt_text)
+        for key in ("prompt_text", "llm_prompt_speech_token", "flow_prompt_speech_token", "prompt_speech_feat"):
+            voice[key + "_len"] = torch.tensor([voice[key].shape[1]], dtype=torch.int32)
+        return voice
+
+    def cross_lingual(self, text: str, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+        """Zero-shot without transcript: the LLM sees only the text, the flow the whole prompt."""
+        out = self.zero_shot(text, "", prompt)
+        del out["prompt_text"], out["llm_prompt_speech_token"]
+        return out
+
+    def instruct(self, text: str, speaker: Mapping[str, torch.Tensor], instruct_text: str) -> ModelInput:
+        """v1 Instruct model: built-in speaker for the flow, instruct text as the LLM prompt text."""
+        if self.version != "v1":
+            raise UnsupportedMode(
+                f"instruct mode needs a CosyVoice 1 Instruct model; use instruct2 with {self.version}"
+            )
+        out = self.sft(text, speaker)
+        del out["llm_embedding"]
+        out["prompt_text"] = self.tokenize(instruct_text)
+        return out
+
+    def instruct2(self, text: str, instruct_text: str, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+        """v2/v3 instruction following: instruct text as prompt text, prompt voice for the flow.
+
+        Unlike the reference, a stored zero-shot speaker does not replace the instruct text by
+        its transcript (spec §17.4).
+        """
+        if self.version == "v1":
+            raise UnsupportedMode("instruct2 mode needs a CosyVoice 2/3 model; use instruct with v1 Instruct models")
+        out = self._prompt(prompt)
+        out["prompt_text"] = self.tokenize(instruct_text)
+        out["text"] = self.tokenize(text)
+        del out["llm_prompt_speech_token"]
+        return out
+
+    def vc(self, source_audio: AudioInput, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+        """Voice conversion: the source's speech tokens re-synthesised in the prompt's voice.
+
+        Prompt audio is processed as the reference's ``frontend_vc`` does, without the 2:1
+        token/mel trimming; a prompt dict is used as given.
+        """
+        if not isinstance(prompt, Mapping):
+            prompt = self.process_prompt(prompt, align=False)
+        prompt = self._prompt(prompt)
+        wave, sr = decode_audio(source_audio)
+        source = self.speech_tokenizer(to_mono(wave, sr, TOKENIZER_SR))
+        return {
+            "source_speech_token": source,
+            "flow_prompt_speech_token": prompt["flow_prompt_speech_token"],
+            "prompt_speech_feat": prompt["prompt_speech_feat"],
+            "flow_embedding": prompt["flow_embedding"],
+        }
+
+
+def _ids(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value).cpu().to(torch.int32).reshape(1, -1)
+
+
+def _speaker_embedding(speaker: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    # Built-in speakers store 'embedding'; zero-shot entries only the llm/flow copies.
+    for key in ("embedding", "flow_embedding", "llm_embedding"):
+        if key in speaker:
+            return torch.as_tensor(speaker[key]).cpu().to(torch.float32).reshape(1, -1)
+    raise InvalidRequest("the speaker entry has no embedding")
+
+
+def load_frontend(
+    model_dir: str | Path,
+    config: dict[str, Any],
+    version: str,
+    tokenizer: _Tokenizer,
+    normalizer: _Normalizer,
+    prompt_mel_rate: str = "model",
+    providers: Sequence[str] | None = None,
+) -> Frontend:
+    """A :class:`Frontend` with the ONNX models of ``model_dir`` and the yaml's ``feat_extractor``.
+
+    Raises ``ModelLoadError`` (naming the file) for a missing or unreadable ONNX model.
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"unknown model version '{version}' (expected one of {', '.join(VERSIONS)})")
+    model_dir = Path(model_dir)
+    node = config.get("feat_extractor")
+    if not isinstance(node, Node):
+        raise ConfigError("the model yaml has no 'feat_extractor' entry")
+    if "sample_rate" not in config:
+        raise ConfigError("the model yaml has no 'sample_rate'")
+    sample_rate = int(config["sample_rate"])
+    return Frontend(
+        version=version,
+        tokenizer=tokenizer,
+        normalizer=normalizer,
+        speech_tokenizer=SpeechTokenizer(model_dir / SPEECH_TOKENIZER_FILES[version], providers),
+        speaker_encoder=SpeakerEncoder(model_dir / SPEAKER_ENCODER_FILE, providers),
+        mel_extractor=MelExtractor.from_node(node, sample_rate),
+        sample_rate=sample_rate,
+        prompt_mel_rate=prompt_mel_rate,
+    )

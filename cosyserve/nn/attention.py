@@ -1,0 +1,166 @@
+"""ESPnet-style relative-position self-attention, its positional table, chunk masks and a KV cache.
+
+Spec §8.2. Masks follow the reference convention: boolean, True = may attend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def chunk_mask(size: int, chunk: int, device: torch.device | None = None) -> Tensor:
+    """(size, size) bool: query i may see key j iff j < (i // chunk + 1) * chunk; chunk 0 = full."""
+    if chunk <= 0:
+        return torch.ones(size, size, dtype=torch.bool, device=device)
+    pos = torch.arange(size, device=device)
+    limit = (torch.div(pos, chunk, rounding_mode="floor") + 1) * chunk
+    return pos.unsqueeze(0) < limit.unsqueeze(1)
+
+
+def padding_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B, 1, max_len) bool, True on the first ``lengths[b]`` positions."""
+    pos = torch.arange(max_len, device=lengths.device)
+    return (pos.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1)
+
+
+class RelPositionalEncoding(nn.Module):
+    """Input scaling by sqrt(D) plus the sinusoid table of relative distances ('rel_pos_espnet').
+
+    PE(d)[2k] = sin(d w_k), PE(d)[2k+1] = cos(d w_k), w_k = exp(-2k ln(10000) / D). The table is
+    computed in float32 exactly as the reference does (float32 position times float32 frequency),
+    because at distances of hundreds the float32 rounding of the angle is visible in the output.
+    It has no parameters and grows on demand (no 5000-position limit).
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.xscale = math.sqrt(d_model)
+        # rows: PE(0), PE(1), ...; sin columns of negative distances are the negated rows.
+        self.register_buffer("table", torch.empty(0, d_model), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.xscale
+
+    def _table(self, n: int) -> Tensor:
+        """A table of at least ``n`` rows. Concurrent callers may both grow it; the larger one is kept."""
+        table = self.table
+        if table.size(0) >= n:
+            return table
+        n = max(n, 2 * table.size(0), 64)
+        freq = torch.exp(
+            torch.arange(0, self.d_model, 2, dtype=torch.float32, device=table.device)
+            * -(math.log(10000.0) / self.d_model)
+        )
+        angle = torch.arange(n, dtype=torch.float32, device=table.device).unsqueeze(1) * freq
+        table = torch.zeros(n, self.d_model, device=table.device)
+        table[:, 0::2] = torch.sin(angle)
+        table[:, 1::2] = torch.cos(angle)
+        if self.table.size(0) < n:
+            self.table = table
+        return table
+
+    def sequence(self, hi: int, lo: int, like: Tensor) -> Tensor:
+        """PE(hi), PE(hi - 1), ..., PE(lo) as (1, hi - lo + 1, D) in ``like``'s device and dtype."""
+        table = self._table(max(abs(hi), abs(lo)) + 1)
+        dist = torch.arange(hi, lo - 1, -1, device=table.device)
+        rows = table[dist.abs()]
+        sign = torch.where(dist < 0, -1.0, 1.0).unsqueeze(1)
+        rows[:, 0::2] *= sign
+        return rows.unsqueeze(0).to(device=like.device, dtype=like.dtype)
+
+
+class KVCache:
+    """Keys and values of one attention layer, each (B, h, t, d_k), in buffers grown by doubling.
+
+    Appending is amortised O(new) instead of re-concatenating the whole history every step.
+    """
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (B, h, T, d_k) keys/values; return views of all keys/values so far."""
+        new = k.size(2)
+        end = self.length + new
+        if self._k is None or self._k.size(2) < end:
+            cap = max(end, 2 * (self._k.size(2) if self._k is not None else 0), 16)
+            k_buf = k.new_empty(k.size(0), k.size(1), cap, k.size(3))
+            v_buf = v.new_empty(k_buf.shape)
+            if self._k is not None and self.length:
+                k_buf[:, :, : self.length] = self._k[:, :, : self.length]
+                v_buf[:, :, : self.length] = self._v[:, :, : self.length]
+            self._k, self._v = k_buf, v_buf
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
+        self.length = end
+        return self._k[:, :, :end], self._v[:, :, :end]
+
+
+class RelPositionMultiHeadedAttention(nn.Module):
+    """Transformer-XL style self-attention with learned biases u (content) and v (position).
+
+    score(i, j) = [(q_i + u) . k_j + (q_i + v) . p(i - j)] / sqrt(d_k), p = linear_pos(PE).
+    Query i is at absolute position ``cache.length + row``; keys are positions 0 .. S-1.
+    """
+
+    def __init__(self, n_head: int, n_feat: int, key_bias: bool = True) -> None:
+        super().__init__()
+        if n_feat % n_head:
+            raise ValueError(f"attention width {n_feat} is not divisible by {n_head} heads")
+        self.h = n_head
+        self.d_k = n_feat // n_head
+        self.linear_q = nn.Linear(n_feat, n_feat)
+        self.linear_k = nn.Linear(n_feat, n_feat, bias=key_bias)
+        self.linear_v = nn.Linear(n_feat, n_feat)
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
+
+    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D); mask (B, T|1, S) bool or None (attend everywhere);
+        pos_seq (1, S + T - 1, D) = PE(S-1) ... PE(-(T-1)) with S = cached + T keys."""
+        b, t, _ = x.shape
+        q = self.linear_q(x).view(b, t, self.h, self.d_k)
+        k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        s = k.size(2)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, h, T, d_k)
+        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        content = torch.matmul(q_u, k.transpose(-2, -1))  # (B, h, T, S)
+        position = self._position_scores(q_v, pos_seq, s)
+        scores = (content + position) / math.sqrt(self.d_k)
+        if mask is not None:
+            blocked = ~mask.unsqueeze(1)  # (B, 1, T|1, S)
+            # Fully blocked rows become NaN after softmax; zeroing them afterwards gives 0 output.
+            attn = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1).masked_fill(blocked, 0.0)
+        else:
+            attn = torch.softmax(scores, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
+        return self.linear_out(out)
+
+    def _position_scores(self, q_v: Tensor, pos_seq: Tensor, s: int) -> Tensor:
+        """(q_i + v) . p(i - j) for every query row i and key j -> (B, h, T, S)."""
+        b, h, t, d_k = q_v.shape
+        n = pos_seq.size(1)  # S + T - 1 distances, from S-1 down to -(T-1)
+        d = pos_seq.size(2)
+        # linear_pos has no bias, so (q W_h) . pe == q . (W_h pe): projecting the few queries back
+        # to model width is far cheaper than projecting every distance when T is small (decoding).
+        if b * t * (d + h * n) < n * (d + b * t):
+            w = self.linear_pos.weight.view(h, d_k, d)
+            raw = torch.matmul(torch.einsum("bhtk,hkd->bhtd", q_v, w), pos_seq[0].transpose(0, 1))
+        else:
+            p = self.linear_pos(pos_seq).view(1, n, h, d_k).transpose(1, 2)  # (1, h, n, d_k)
+            raw = torch.matmul(q_v, p.transpose(-2, -1))
+        raw = raw.contiguous()  # (B, h, T, n)
+        # Row r holds distances S-1 .. -(T-1); key j of query r (distance (S - T + r) - j) sits at
+        # column T - 1 - r + j, i.e. a diagonal walk with row stride n - 1 (Transformer-XL shift).
+        return raw.as_strided((b, h, t, s), (h * t * n, t * n, n - 1, 1), raw.storage_offset() + t - 1)

@@ -1,0 +1,239 @@
+"""v3 ``CausalHiFTGenerator`` (spec §13.6): the v2 layer plan with causal convolutions.
+
+Causality makes the non-final output of a mel prefix equal to the head of the final output, so the
+v3 orchestration can rerun the vocoder on the accumulated mel and emit only the new samples.
+
+Fixed noise. The reference draws two tensors when it builds the module and keeps them for every
+call: the initial-phase offset ``rand_ini`` (1, 9) and the additive-noise table ``sine_waves``
+(1, 7 200 000, 9), uniform [0, 1) (about 260 MB; a third (1, 7 200 000, 1) table feeds an unused
+branch and is never made here). Their values come from the global RNG state after model
+construction and cannot be regenerated portably, so we make our own, reproducibly and lazily:
+``rand_ini`` and the table, in blocks of :data:`NOISE_BLOCK` rows, each come from a private CPU
+generator seeded by a hash of (``noise_seed``, tensor name, block index), so any block can be made
+on its own. Only the blocks that the longest request so far needed are kept (a 10 s request holds
+about 8.6 MB), and there is no 300 s limit. :meth:`CausalHiFTGenerator.set_fixed_noise` replaces
+both tensors with given values (e.g. the reference's, or any head of its table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cosyserve.config import Node
+from cosyserve.nn.hift import (
+    CausalConv1d,
+    ConvRNNF0Predictor,
+    SineGen2,
+    SourceDraws,
+    _HiFTBase,
+)
+
+NOISE_BLOCK = 48_000  # rows per generated block of the noise table (2 s at 24 kHz)
+
+
+def _keyed_generator(seed: int, key: str) -> torch.Generator:
+    """A CPU generator for (seed, key); hashed because torch's CPU generator keeps only 32 seed bits."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=4).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+class CausalConv1dUpsample(nn.Conv1d):
+    """Nearest upsampling x rate, then a causal Conv1d (weights (out, in, k), unlike v2's transposed conv)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, rate: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.repeat_interleave(x, self.rate, dim=-1)
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+class CausalConv1dDownSample(nn.Conv1d):
+    """Conv1d(kernel 2 * rate, stride rate) after rate - 1 zeros on the left."""
+
+    def __init__(self, in_channels: int, out_channels: int, rate: int) -> None:
+        super().__init__(in_channels, out_channels, 2 * rate, rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (self.stride[0] - 1, 0)))
+
+
+class CausalConvRNNF0Predictor(ConvRNNF0Predictor):
+    """As ConvRNNF0Predictor, but condnet[0] looks 3 frames ahead and the rest are causal.
+
+    Not final: the last ``look_ahead`` mel frames only serve as look-ahead, so T - 3 frames come out.
+    """
+
+    @staticmethod
+    def _conv(in_channels: int, out_channels: int, first: bool) -> nn.Module:
+        if first:
+            return CausalConv1d(in_channels, out_channels, 4, causal_type="right")
+        return CausalConv1d(in_channels, out_channels, 3, causal_type="left")
+
+    @property
+    def look_ahead(self) -> int:
+        return self.condnet[0].causal_padding
+
+    def forward(self, mel: Tensor, finalize: bool = True) -> Tensor:
+        if finalize:
+            x = self.condnet[0](mel)
+        else:
+            x = self.condnet[0](mel[:, :, : -self.look_ahead], mel[:, :, -self.look_ahead :])
+        return self._head(self.condnet[1:](x))
+
+
+class UniformTable:
+    """Head of a (1, N, channels) uniform [0, 1) table, either given or generated block by block."""
+
+    def __init__(self, channels: int, seed: int = 0, values: Tensor | None = None) -> None:
+        self.channels = channels
+        self.seed = seed
+        self.fixed = values is not None
+        self._rows = values.float() if values is not None else torch.empty(1, 0, channels)
+        self._lock = threading.Lock()
+
+    def _block(self, index: int) -> Tensor:
+        g = _keyed_generator(self.seed, f"sine_waves:{index}")
+        return torch.rand(1, NOISE_BLOCK, self.channels, generator=g)
+
+    def head(self, length: int, device: torch.device | str = "cpu") -> Tensor:
+        """Rows [0, length) as (1, length, channels) on ``device``."""
+        with self._lock:
+            have = self._rows.shape[1]
+            if length > have:
+                if self.fixed:
+                    raise ValueError(f"the given noise table covers {have} samples, {length} are needed")
+                blocks = [self._block(b) for b in range(have // NOISE_BLOCK, -(-length // NOISE_BLOCK))]
+                self._rows = torch.cat([self._rows, *(b.to(self._rows.device) for b in blocks)], dim=1)
+            if self._rows.device != torch.device(device):
+                self._rows = self._rows.to(device)  # keep the cache where it is used
+            return self._rows[:, :length]
+
+
+class CausalHiFTGenerator(_HiFTBase):
+    """v3 vocoder: ``inference(mel, finalize)``; no random draw at call time."""
+
+    causal = True
+    f0_predictor_cls = CausalConvRNNF0Predictor
+
+    def __init__(
+        self,
+        in_channels: int = 80,
+        base_channels: int = 512,
+        nb_harmonics: int = 8,
+        sampling_rate: int = 24000,
+        nsf_alpha: float = 0.1,
+        nsf_sigma: float = 0.003,
+        nsf_voiced_threshold: float = 10,
+        upsample_rates: Sequence[int] = (8, 5, 3),
+        upsample_kernel_sizes: Sequence[int] = (16, 11, 7),
+        istft_params: dict[str, int] | None = None,
+        resblock_kernel_sizes: Sequence[int] = (3, 7, 11),
+        resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5),) * 3,
+        source_resblock_kernel_sizes: Sequence[int] = (7, 7, 11),
+        source_resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5),) * 3,
+        lrelu_slope: float = 0.1,
+        audio_limit: float = 0.99,
+        conv_pre_look_right: int = 4,
+        f0_predictor: CausalConvRNNF0Predictor | Node | None = None,
+    ) -> None:
+        self.conv_pre_look_right = conv_pre_look_right
+        super().__init__(
+            in_channels, base_channels, nb_harmonics, sampling_rate, nsf_alpha, nsf_sigma, nsf_voiced_threshold,
+            upsample_rates, upsample_kernel_sizes, istft_params or {"n_fft": 16, "hop_len": 4},
+            resblock_kernel_sizes, resblock_dilation_sizes, source_resblock_kernel_sizes,
+            source_resblock_dilation_sizes, lrelu_slope, audio_limit, f0_predictor,
+        )  # fmt: skip
+        self.set_fixed_noise()
+
+    def _sine_gen(self, sampling_rate: int, *args: object) -> SineGen2:
+        return SineGen2(sampling_rate, *args, causal=True)
+
+    def _conv_pre(self, in_channels: int, out_channels: int) -> nn.Module:
+        return CausalConv1d(in_channels, out_channels, self.conv_pre_look_right + 1, causal_type="right")
+
+    def _up(self, in_channels: int, out_channels: int, kernel_size: int, rate: int) -> nn.Module:
+        return CausalConv1dUpsample(in_channels, out_channels, kernel_size, rate)
+
+    def _down(self, in_channels: int, out_channels: int, rate: int) -> nn.Module:
+        if rate == 1:
+            return CausalConv1d(in_channels, out_channels, 1)
+        return CausalConv1dDownSample(in_channels, out_channels, rate)
+
+    def _conv_post(self, in_channels: int, out_channels: int) -> nn.Module:
+        return CausalConv1d(in_channels, out_channels, 7)
+
+    def set_fixed_noise(
+        self, rand_ini: Tensor | None = None, sine_waves: Tensor | None = None, noise_seed: int = 0
+    ) -> None:
+        """Set the source's fixed tensors: ``rand_ini`` (1, 9) and a head (1, S, 9) of ``sine_waves``.
+
+        Each one left out is generated from ``noise_seed`` (see the module docstring); a given
+        table serves requests up to S samples.
+        """
+        dim = self.m_source.l_sin_gen.dim
+        if rand_ini is None:
+            rand_ini = torch.rand(1, dim, generator=_keyed_generator(noise_seed, "rand_ini"))
+            rand_ini[:, 0] = 0
+        if tuple(rand_ini.shape) != (1, dim):
+            raise ValueError(f"rand_ini must have shape (1, {dim}), got {tuple(rand_ini.shape)}")
+        if sine_waves is not None and (sine_waves.dim() != 3 or sine_waves.shape[::2] != (1, dim)):
+            raise ValueError(f"sine_waves must have shape (1, S, {dim}), got {tuple(sine_waves.shape)}")
+        device = self.stft_window.device
+        self.register_buffer("rand_ini", rand_ini.float().to(device), persistent=False)
+        self.sine_waves = UniformTable(dim, noise_seed, sine_waves)
+
+    @property
+    def f0_look_ahead(self) -> int:
+        """Mel frames the f0 predictor consumes only as look-ahead in a non-final call."""
+        return self.f0_predictor.look_ahead
+
+    @torch.inference_mode()
+    def predict_f0(self, mel: Tensor, finalize: bool = True) -> Tensor:
+        """f0 (B, T or T - 3) in Hz, computed in float64 as the reference does, returned in mel's dtype."""
+        params = {k: v.double() for k, v in self.f0_predictor.state_dict().items()}
+        f0 = torch.func.functional_call(self.f0_predictor, params, (mel.double(), finalize))
+        return f0.to(mel.dtype)
+
+    @torch.inference_mode()
+    def make_source(self, f0: Tensor) -> Tensor:
+        """Excitation (B, 1, T * samples_per_frame) from f0 (B, T) in Hz, with the fixed noise."""
+        f0_up = self._upsample_f0(f0)
+        noise = self.sine_waves.head(f0_up.shape[1], f0_up.device)
+        return self.m_source(f0_up, SourceDraws(self.rand_ini, noise))
+
+    @torch.inference_mode()
+    def decode(self, mel: Tensor, source: Tensor, finalize: bool = True) -> Tensor:
+        """Waveform from mel (B, 80, T) and source (B, 1, T * samples_per_frame).
+
+        Not final: the last ``conv_pre_look_right`` frames are look-ahead only and the last frame
+        of the result (not yet stable) is dropped: (T - look_right - 1) * samples_per_frame samples.
+        """
+        s_stft = self._stft(source)
+        if finalize:
+            x = self.conv_pre(mel)
+        else:
+            look = self.conv_pre_look_right
+            x = self.conv_pre(mel[:, :, :-look], mel[:, :, -look:])
+            s_stft = s_stft[:, :, : -self.stft_frames_per_frame * look]
+        speech = self._stages(x, s_stft)
+        return speech if finalize else speech[:, : -self.samples_per_frame]
+
+    @torch.inference_mode()
+    def inference(self, mel: Tensor, finalize: bool = True, source: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(speech, source): all T frames when final, else (T - 8) frames of speech and T - 3 of source.
+
+        ``source`` replaces the excitation computed from the predicted f0 (tests inject the reference's).
+        """
+        if source is None:
+            source = self.make_source(self.predict_f0(mel, finalize))
+        if not finalize:
+            mel = mel[:, :, : -self.f0_look_ahead]
+        return self.decode(mel, source, finalize), source

@@ -1,0 +1,113 @@
+"""End to end through the public inference API against the golden ``e2e`` cases.
+
+The golden cases replace the LLM sampler by greedy argmax (or forced ids), so this runs each mode with
+a greedy sampler and injects the reference's random draws (the v1 flow noise of each flow call, the
+HiFT excitation of each vocoder call). Every flow call's tokens and mel, the generated speech tokens,
+the chunking and the output waveform are compared.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+from golden import assert_close, entries, golden_root, load_case, model_dir
+
+from cosyserve.engine.pipeline import TTSModel, load_model
+from cosyserve.engine.streaming import Draws
+from cosyserve.nn.sampling import GreedySampler
+
+
+@cache
+def _model(model: str) -> TTSModel:
+    # The golden used the normaliser-free text path, HEAD's 24 kHz prompt mel and HEAD's v3 EOS mask.
+    return load_model(model_dir(model), text_frontend="none", prompt_mel_rate="reference", reference_eos_mask=True)
+
+
+class GoldenDraws(Draws):
+    def __init__(self, case: dict[str, np.ndarray]) -> None:
+        super().__init__(seed=0)
+        self.case = case
+
+    def flow_noise(self, call: int) -> torch.Tensor | None:
+        z = self.case.get(f"flow{call}_z")
+        return None if z is None else torch.from_numpy(z)
+
+    def hift_source(self, call: int) -> torch.Tensor | None:
+        return torch.from_numpy(self.case[f"hift{call}_source"])
+
+
+class ForcedSampler:
+    """The golden's forced ids, then the stop id."""
+
+    def __init__(self, forced: np.ndarray, stop: int) -> None:
+        self.forced = [int(t) for t in forced]
+        self.stop = stop
+
+    def __call__(self, logp: torch.Tensor, history: list[int]) -> int:
+        return self.forced[len(history)] if len(history) < len(self.forced) else self.stop
+
+
+def _wav(name: str) -> bytes:
+    return (golden_root() / "audio" / name).read_bytes()
+
+
+def _request(model: TTSModel, meta: dict, name: str, **kwargs):
+    mode = name.removesuffix("_stream").removesuffix("_silent")
+    common = {"stream": bool(meta["stream"]), **kwargs}
+    if mode == "sft":
+        return model.inference_sft(meta["tts_text"], meta["spk_id"], **common)
+    if mode == "zero_shot":
+        return model.inference_zero_shot(meta["tts_text"], meta["prompt_text"], _wav(meta["prompt_wav"]), **common)
+    if mode == "cross_lingual":
+        return model.inference_cross_lingual(meta["tts_text"], _wav(meta["prompt_wav"]), **common)
+    if mode == "instruct":
+        return model.inference_instruct(meta["tts_text"], meta["spk_id"], meta["instruct_text"], **common)
+    if mode == "instruct2":
+        return model.inference_instruct2(meta["tts_text"], meta["instruct_text"], _wav(meta["prompt_wav"]), **common)
+    if mode == "vc":
+        return model.inference_vc(_wav(meta["source_wav"]), _wav(meta["prompt_wav"]), **common)
+    raise AssertionError(f"unknown e2e mode {name}")
+
+
+@pytest.mark.parametrize("entry", entries("e2e"))
+def test_e2e(entry, monkeypatch):
+    model = _model(entry["model"])
+    case = load_case(entry)
+    meta = entry["meta"]
+    sampler = GreedySampler()
+    if "forced_tokens" in case:
+        sampler = ForcedSampler(case["forced_tokens"], int(meta["greedy_last_token"]))
+
+    flow_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    flow_inference = model.core.flow.inference
+
+    def recording_flow(token, *args, **kwargs):
+        out = flow_inference(token, *args, **kwargs)
+        flow_calls.append((token, out[0] if isinstance(out, tuple) else out))
+        return out
+
+    monkeypatch.setattr(model.core.flow, "inference", recording_flow)
+    generated: list[int] = []
+    llm_inference = model.core.llm.inference
+
+    def recording_llm(*args, **kwargs):
+        for token in llm_inference(*args, **kwargs):
+            generated.append(token)
+            yield token
+
+    monkeypatch.setattr(model.core.llm, "inference", recording_llm)
+
+    chunks = list(_request(model, meta, entry["name"], draws=GoldenDraws(case), sampler=sampler))
+
+    if meta.get("greedy_last_token") is not None:
+        np.testing.assert_array_equal(np.array(generated), case["speech_tokens"].reshape(-1), "speech tokens")
+    n_flow = sum(1 for k in case if k.startswith("flow") and k.endswith("_mel"))
+    assert len(flow_calls) == n_flow, f"{len(flow_calls)} flow calls, golden {n_flow}"
+    for k, (token, mel) in enumerate(flow_calls):
+        np.testing.assert_array_equal(token.reshape(-1).numpy(), case[f"flow{k}_token"].reshape(-1), f"flow{k} tokens")
+        assert_close(mel, case[f"flow{k}_mel"], 2e-4, f"flow{k} mel")
+    assert [len(c) for c in chunks] == case["out_chunk_len"].tolist(), "chunk lengths"
+    assert_close(np.concatenate(chunks)[None], case["out_speech"], 1e-3, "out_speech")
