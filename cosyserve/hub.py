@@ -234,4 +234,4 @@ def resolve_model_dir(
             return directory, detect_family(directory)
         except ModelLoadError as exc:
             errors.append(str(exc))
-    raise ModelLoadError("; ".join(errors))
+    raise ModelLoadError(f"{text} is not a local directory and could not be fetched: " + "; ".join(errors))

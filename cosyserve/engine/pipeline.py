@@ -112,7 +112,8 @@ class TTSModel:
     ) -> Iterator[np.ndarray]:
         self._require("sft")
         speaker = self.voices.get(spk_id)
-        inputs = [self.frontend.sft(s, speaker) for s in self._segments(text, text_frontend)]
+        segments = [self._v3_text(s) for s in self._segments(text, text_frontend)]
+        inputs = [self.frontend.sft(s, speaker) for s in segments]
         return self._generate(inputs, stream, speed, seed, draws, sampler)
 
     def inference_zero_shot(
@@ -323,7 +324,7 @@ class TTSModel:
         if not 0.25 <= float(speed) <= 4.0:
             raise InvalidRequest(f"speed must be within 0.25..4.0, got {speed}", param="speed")
         draws = draws or Draws(seed)
-        sampler = sampler or RasSampler(**self._sampling_args, generator=draws.generator)
+        sampler = sampler or RasSampler(**self._sampling_args, generator=draws.sampling_generator)
         return self._chunks(inputs, stream, float(speed), draws, sampler)
 
     def _chunks(self, inputs, stream, speed, draws, sampler) -> Iterator[np.ndarray]:
@@ -356,8 +357,13 @@ def load_model(
         if family == "cosyvoice3":
             core.llm.reference_eos_mask = options.reference_eos_mask
         tokenizer = load_tokenizer(config, model_dir)
+        mel_extractor = MelExtractor(**feat_extractor_args(config))
     except (ConfigError, CheckpointError) as exc:
         raise ModelLoadError(f"{model_dir}: {exc}") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        # A yaml value of the wrong type or an undecodable file: still a load error naming the yaml.
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(f"{model_dir}: {yaml_name} does not describe a usable {family} model ({reason})") from exc
     if device != "cpu":
         core.llm.to(device)
         core.flow.to(device)
@@ -368,10 +374,12 @@ def load_model(
         normalizer=TextNormalizer(tokenizer, backend=options.text_frontend),
         speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file),
         speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx"),
-        mel_extractor=MelExtractor(**feat_extractor_args(config)),
+        mel_extractor=mel_extractor,
         sample_rate=core.sample_rate,
         prompt_mel_rate=options.prompt_mel_rate,
     )
-    voices_dir = options.voices_dir / family if options.voices_dir else None
+    # Stored voices hold speech-token and text ids, so they are shared only between models with the
+    # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
+    voices_dir = options.voices_dir / f"{family}-{core.token_frame_rate}hz" if options.voices_dir else None
     voices = VoiceStore(read_spk2info(model_dir / "spk2info.pt"), voices_dir)
     return TTSModel(core, frontend, voices, options)

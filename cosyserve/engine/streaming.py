@@ -23,7 +23,7 @@ from cosyserve.models.cosyvoice3.llm import drop_excess_silence
 class Draws:
     """The random numbers of one request.
 
-    Everything is drawn from the request's own generator; tests override the hooks to feed the
+    Everything is drawn from the request's own generators; tests override the hooks to feed the
     reference's draws (the v1 flow noise of call ``k``, the HiFT excitation of vocoder call ``k``).
     """
 
@@ -32,6 +32,9 @@ class Draws:
             seed = int.from_bytes(np.random.default_rng().bytes(6), "little")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        # The LLM samples from a stream of its own: streaming interleaves flow / vocoder draws with
+        # the sampling, and this keeps a seeded request's tokens the same streamed or not.
+        self.sampling_generator = torch.Generator().manual_seed(seed ^ 0x5EED5EED)
         self.flow_calls = 0  # counted over the whole request, across text segments
         self.hift_calls = 0
 

@@ -54,6 +54,8 @@ class VoiceStore:
         self._lock = threading.Lock()
         if directory is not None:
             for path in sorted(directory.glob("*.pt")):
+                if path.name.startswith("."):
+                    continue  # a temporary file left by a write that never finished
                 self._cloned[path.stem] = read_spk2info(path).get(path.stem, {})
 
     def ids(self) -> list[str]:

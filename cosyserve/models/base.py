@@ -51,6 +51,14 @@ def feat_extractor_args(config: dict[str, Any]) -> dict[str, Any]:
     return dict(node.args)
 
 
+def config_int(values: dict[str, Any], key: str, path: str = "") -> int:
+    """``values[key]`` as a positive integer (a top-level yaml key, or ``path`` names its parent)."""
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"'{path + '.' if path else ''}{key}' must be a positive integer, got {value!r}")
+    return value
+
+
 def require_int(node: Node, key: str, path: str) -> int:
     value = node.require(key, path)
     if not isinstance(value, int) or value <= 0:
@@ -58,4 +66,4 @@ def require_int(node: Node, key: str, path: str) -> int:
     return value
 
 
-__all__ = ["FamilyModel", "expect_node", "feat_extractor_args", "load_weights", "require_int"]
+__all__ = ["FamilyModel", "config_int", "expect_node", "feat_extractor_args", "load_weights", "require_int"]

@@ -17,6 +17,7 @@ both tensors with given values (e.g. the reference's, or any head of its table).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -152,6 +153,12 @@ class CausalHiFTGenerator(_HiFTBase):
             source_resblock_dilation_sizes, lrelu_slope, audio_limit, f0_predictor,
         )  # fmt: skip
         self.set_fixed_noise()
+        # A float64 twin of the f0 predictor, built on first use and dropped when weights load; a
+        # plain dict so it is neither a submodule nor in the state dict. Swapping the shared
+        # module's parameters per call instead would race between concurrent requests.
+        self._f0_float64: dict[str, nn.Module] = {}
+        self._f0_lock = threading.Lock()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._f0_float64.clear())
 
     def _sine_gen(self, sampling_rate: int, *args: object) -> SineGen2:
         return SineGen2(sampling_rate, *args, causal=True)
@@ -198,9 +205,11 @@ class CausalHiFTGenerator(_HiFTBase):
     @torch.inference_mode()
     def predict_f0(self, mel: Tensor, finalize: bool = True) -> Tensor:
         """f0 (B, T or T - 3) in Hz, computed in float64 as the reference does, returned in mel's dtype."""
-        params = {k: v.double() for k, v in self.f0_predictor.state_dict().items()}
-        f0 = torch.func.functional_call(self.f0_predictor, params, (mel.double(), finalize))
-        return f0.to(mel.dtype)
+        with self._f0_lock:
+            predictor = self._f0_float64.get("module")
+            if predictor is None:
+                predictor = self._f0_float64["module"] = copy.deepcopy(self.f0_predictor).double()
+        return predictor(mel.double(), finalize).to(mel.dtype)
 
     @torch.inference_mode()
     def make_source(self, f0: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cosyserve.models.base import FamilyModel, expect_node, feat_extractor_args, load_weights, require_int
+from cosyserve.models.base import FamilyModel, config_int, expect_node, feat_extractor_args, load_weights, require_int
 from cosyserve.models.checkpoint import read_vocoder_state
 from cosyserve.models.cosyvoice1.flow import MaskedDiffWithXvec
 from cosyserve.models.cosyvoice1.llm import TransformerLM
@@ -32,7 +32,7 @@ def load(
         llm=llm,
         flow=flow,
         hift=hift,
-        sample_rate=int(config["sample_rate"]),
-        hop_size=int(feat_extractor_args(config)["hop_size"]),
+        sample_rate=config_int(config, "sample_rate"),
+        hop_size=config_int(feat_extractor_args(config), "hop_size", "feat_extractor"),
         token_frame_rate=require_int(flow_node, "input_frame_rate", "flow"),
     ).eval()

@@ -1,0 +1,372 @@
+"""The official CosyVoice FastAPI routes (``/inference_*``), compatible and hardened.
+
+Each route answers GET and POST. Fields come as multipart or urlencoded form fields (the official
+client sends a GET with a form body) and also as query parameters (what a browser can send with a
+GET). Everything a client can get wrong is checked before the first byte of audio, so a bad request
+is a 4xx JSON error instead of a truncated 200.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+from starlette.types import Message
+
+from cosyserve.api.app import MalformedBody, MissingField, server_state, start_generation
+from cosyserve.audio.encode import ENCODERS
+from cosyserve.audio.io import decode_audio
+from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError, UnsupportedMode
+
+MIN_AUDIO_SECONDS = 0.5
+MAX_AUDIO_SECONDS = 30.0  # the speech tokenizer's limit
+MIN_AUDIO_RATE = 16000  # prompts are analysed at 16 kHz; upsampling adds nothing
+
+Fields = dict[str, str | UploadFile]
+Audio = tuple[np.ndarray, int]  # (wave (channels, N) float32, sample rate), as decode_audio returns
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    mode: str
+    texts: tuple[str, ...]  # required text fields, in the engine's argument order
+    audios: tuple[str, ...]  # required uploads, in the engine's argument order
+    summary: str
+    call: Callable[..., Iterator[np.ndarray]]  # (model, *texts, *audios, **options)
+
+    @property
+    def path(self) -> str:
+        return f"/inference_{self.mode}"
+
+
+ENDPOINTS = (
+    Endpoint(
+        "sft",
+        ("tts_text", "spk_id"),
+        (),
+        "Speak with a built-in speaker (models that ship speakers, e.g. CosyVoice-300M-SFT).",
+        lambda m, *a, **o: m.inference_sft(*a, **o),
+    ),
+    Endpoint(
+        "zero_shot",
+        ("tts_text", "prompt_text"),
+        ("prompt_wav",),
+        "Clone the voice of a prompt recording, given its transcript.",
+        lambda m, *a, **o: m.inference_zero_shot(*a, **o),
+    ),
+    Endpoint(
+        "cross_lingual",
+        ("tts_text",),
+        ("prompt_wav",),
+        "Speak the text, in any supported language, in the voice of a prompt recording.",
+        lambda m, *a, **o: m.inference_cross_lingual(*a, **o),
+    ),
+    Endpoint(
+        "instruct",
+        ("tts_text", "spk_id", "instruct_text"),
+        (),
+        "Built-in speaker steered by an instruction (CosyVoice 1.0; only CosyVoice-300M-Instruct is trained for it).",
+        lambda m, *a, **o: m.inference_instruct(*a, **o),
+    ),
+    Endpoint(
+        "instruct2",
+        ("tts_text", "instruct_text"),
+        ("prompt_wav",),
+        "Voice of a prompt recording steered by an instruction (CosyVoice2 / CosyVoice3).",
+        lambda m, *a, **o: m.inference_instruct2(*a, **o),
+    ),
+    Endpoint(
+        "vc",
+        (),
+        ("source_wav", "prompt_wav"),
+        "Voice conversion: re-speak source_wav in the voice of prompt_wav.",
+        lambda m, *a, **o: m.inference_vc(*a, **o),
+    ),
+)
+
+FIELD_DOCS = {
+    "tts_text": "Text to speak.",
+    "spk_id": "Built-in speaker id (GET /speakers lists them).",
+    "prompt_text": "Transcript of prompt_wav.",
+    "instruct_text": "Instruction: style, emotion, dialect, speed...",
+    "prompt_wav": "Prompt recording: any common audio format, 0.5 to 30 s, at least 16 kHz.",
+    "source_wav": "Recording to convert: any common audio format, 0.5 to 30 s, at least 16 kHz.",
+    "stream": "Token-level streaming: audio starts after the first chunk of speech tokens instead of whole sentences.",
+    "speed": "Speaking rate factor (1.0 = normal).",
+    "seed": "Random seed: the same request with the same seed gives the same audio.",
+    "format": "wav (default; header then 16-bit PCM) or pcm (raw int16 little-endian, as the official server).",
+}
+
+_FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
+_MODE_HINTS = {
+    "sft": "it needs a model that ships built-in speakers in spk2info.pt, such as iic/CosyVoice-300M-SFT; "
+    "use /inference_zero_shot or /inference_cross_lingual with a prompt recording instead",
+    "instruct": "it needs a CosyVoice 1.0 model (only iic/CosyVoice-300M-Instruct is trained for instructions); "
+    "use /inference_instruct2 on CosyVoice2 / CosyVoice3",
+    "instruct2": "it needs a CosyVoice2 or Fun-CosyVoice3 model (e.g. iic/CosyVoice2-0.5B); "
+    "on CosyVoice 1.0 use /inference_instruct with iic/CosyVoice-300M-Instruct",
+}
+
+
+def check_mode(model: Any, mode: str) -> None:
+    if mode in model.modes:
+        return
+    family = _FAMILY_NAMES.get(model.family, model.family)
+    hint = _MODE_HINTS.get(mode, f"it supports {', '.join(sorted(model.modes))}")
+    raise UnsupportedMode(f"the loaded {family} model cannot serve {mode}: {hint}", param=None)
+
+
+async def read_fields(request: Request, max_bytes: int) -> Fields:
+    """Query parameters overlaid with the form body (multipart or urlencoded), size-limited."""
+    too_large = PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect as exc:
+        raise MalformedBody("the client disconnected during the upload") from exc
+
+    fields: Fields = _urlencoded(request.scope.get("query_string", b""), "query string")
+    if not body:
+        return fields
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        fields.update(_urlencoded(bytes(body), "form body"))
+        return fields
+    if content_type != "multipart/form-data":
+        raise MalformedBody(
+            f"send the fields as multipart/form-data or application/x-www-form-urlencoded, not {content_type or '?'}"
+        )
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_part_size=max_bytes)
+    except Exception as exc:  # python-multipart / starlette parse errors: the body is at fault
+        raise MalformedBody(f"the form body does not parse: {getattr(exc, 'detail', exc)}") from exc
+    fields.update(form.items())
+    return fields
+
+
+def _urlencoded(raw: bytes, where: str) -> Fields:
+    """Decode ``a=1&b=2`` as UTF-8, raw or percent-encoded (curl -d sends Chinese text unencoded)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(f"the {where} is not valid UTF-8") from exc
+    try:
+        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=1000))
+    except ValueError as exc:
+        raise MalformedBody(f"the {where} has too many fields") from exc
+
+
+def text_field(fields: Fields, name: str, max_length: int) -> str:
+    value = fields.get(name)
+    if isinstance(value, UploadFile):
+        raise InvalidRequest(f"{name} must be a text field, not a file", param=name)
+    if value is None or not value.strip():
+        raise MissingField(f"{name} is {'required' if value is None else 'empty'}", param=name)
+    if len(value) > max_length:
+        raise TextError(f"{name} has {len(value)} characters; at most {max_length} are accepted", param=name)
+    return value
+
+
+def _check_audio(name: str, data: bytes) -> Audio:
+    try:
+        wave, sr = decode_audio(data)
+    except AudioError as exc:
+        raise AudioError(f"{name}: {exc.message}", param=name) from exc
+    except Exception as exc:  # a decoder crash on hostile input is still the input's fault
+        raise AudioError(f"{name} does not decode as audio: {exc}", param=name) from exc
+    seconds = wave.shape[-1] / sr
+    if sr < MIN_AUDIO_RATE:
+        raise AudioError(f"{name} is sampled at {sr} Hz; at least {MIN_AUDIO_RATE} Hz is needed", param=name)
+    if seconds < MIN_AUDIO_SECONDS:
+        raise AudioError(f"{name} is {seconds:.2f} s long; at least {MIN_AUDIO_SECONDS} s is needed", param=name)
+    if seconds > MAX_AUDIO_SECONDS:
+        raise AudioError(f"{name} is {seconds:.1f} s long; at most {MAX_AUDIO_SECONDS:g} s is accepted", param=name)
+    return wave, sr
+
+
+async def audio_field(fields: Fields, name: str) -> Audio:
+    value = fields.get(name)
+    if value is None or value == "":
+        raise MissingField(f"{name} is required: upload an audio file (multipart/form-data)", param=name)
+    if not isinstance(value, UploadFile):
+        raise AudioError(f"{name} must be an uploaded file (multipart/form-data), not a text value", param=name)
+    data = await value.read()
+    if not data:
+        raise AudioError(f"{name} is empty (0 bytes)", param=name)
+    return await anyio.to_thread.run_sync(_check_audio, name, data)
+
+
+def _option(fields: Fields, name: str) -> str | None:
+    value = fields.get(name)
+    if isinstance(value, UploadFile):
+        raise InvalidRequest(f"{name} must be a text field, not a file", param=name)
+    return value.strip() if value is not None and value.strip() else None
+
+
+def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
+    """``({stream, speed, seed}, format)`` from the optional fields."""
+    stream = False
+    if (raw := _option(fields, "stream")) is not None:
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise InvalidRequest(f"stream must be true or false, not {raw!r}", param="stream")
+        stream = raw.lower() in ("true", "1", "yes", "on")
+    speed = 1.0
+    if (raw := _option(fields, "speed")) is not None:
+        try:
+            speed = float(raw)
+        except ValueError:
+            speed = math.nan
+        if not math.isfinite(speed) or speed <= 0:
+            raise InvalidRequest(f"speed must be a positive number, not {raw!r}", param="speed")
+    seed = None
+    if (raw := _option(fields, "seed")) is not None:
+        if not raw.isdigit() or int(raw) >= 2**63:
+            raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {raw!r}", param="seed")
+        seed = int(raw)
+    fmt = (_option(fields, "format") or "wav").lower()
+    if fmt not in ENCODERS:
+        raise InvalidRequest(f"format must be one of {', '.join(ENCODERS)}, not {fmt!r}", param="format")
+    return {"stream": stream, "speed": speed, "seed": seed}, fmt
+
+
+async def synthesize(request: Request, endpoint: Endpoint) -> Response:
+    state = server_state(request)
+    model = state.require_model()
+    check_mode(model, endpoint.mode)
+    fields = await read_fields(request, state.settings.max_upload_bytes)
+    try:
+        texts = [text_field(fields, name, state.settings.max_text_length) for name in endpoint.texts]
+        options, fmt = parse_options(fields)
+        audios = [await audio_field(fields, name) for name in endpoint.audios]
+    finally:
+        for value in fields.values():
+            if isinstance(value, UploadFile):
+                await value.close()
+
+    def start() -> Iterator[np.ndarray]:
+        return endpoint.call(model, *texts, *audios, **options)
+
+    return await start_generation(request, endpoint.path.lstrip("/"), start, fmt, options["stream"])
+
+
+def _schema(name: str) -> dict[str, Any]:
+    if name.endswith("_wav"):
+        return {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+    return {
+        "stream": {"type": "boolean", "default": False},
+        "speed": {"type": "number", "default": 1.0, "exclusiveMinimum": 0},
+        "seed": {"type": "integer", "minimum": 0},
+        "format": {"type": "string", "enum": list(ENCODERS), "default": "wav"},
+    }.get(name, {"type": "string"})
+
+
+_OPTIONAL = ("stream", "speed", "seed", "format")
+
+
+def _body_doc(endpoint: Endpoint) -> dict[str, Any]:
+    names = (*endpoint.texts, *endpoint.audios, *_OPTIONAL)
+    schema = {
+        "type": "object",
+        "required": [*endpoint.texts, *endpoint.audios],
+        "properties": {n: {**_schema(n), "description": FIELD_DOCS[n]} for n in names},
+    }
+    content = {"multipart/form-data": {"schema": schema}}
+    if not endpoint.audios:
+        content["application/x-www-form-urlencoded"] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _query_doc(endpoint: Endpoint) -> dict[str, Any]:
+    return {
+        "parameters": [
+            {
+                "name": n,
+                "in": "query",
+                "required": n in endpoint.texts,
+                "schema": _schema(n),
+                "description": FIELD_DOCS[n],
+            }
+            for n in (*endpoint.texts, *_OPTIONAL)
+        ]
+    }
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                k: {"type": "string", "nullable": k == "param"} for k in ("message", "type", "param", "code")
+            },
+        }
+    },
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Audio at the model's sample rate (headers X-Sample-Rate, X-Channels).",
+        "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in ("audio/wav", "audio/pcm")},
+    },
+    **{
+        status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+        for status, text in (
+            (400, "The loaded model cannot serve this mode, or the body is not a form."),
+            (404, "Unknown spk_id (the message lists the known ones)."),
+            (413, "Request body over the upload limit."),
+            (422, "Missing, empty or invalid field (text too long, audio unusable...)."),
+            (503, "The model is still loading."),
+        )
+    },
+}
+
+router = APIRouter(tags=["official API"])
+
+
+def _handler(endpoint: Endpoint) -> Callable[[Request], Any]:
+    async def handler(request: Request) -> Response:
+        return await synthesize(request, endpoint)
+
+    handler.__name__ = f"inference_{endpoint.mode}"
+    return handler
+
+
+for _endpoint in ENDPOINTS:
+    _get_note = " GET takes the text fields as query parameters or, like the official client, as a form body" + (
+        " (uploads need a multipart body)." if _endpoint.audios else "."
+    )
+    for _method, _doc in (("GET", _query_doc(_endpoint)), ("POST", _body_doc(_endpoint))):
+        router.add_api_route(
+            _endpoint.path,
+            _handler(_endpoint),
+            methods=[_method],
+            summary=_endpoint.summary,
+            description=_endpoint.summary + (_get_note if _method == "GET" else ""),
+            operation_id=f"inference_{_endpoint.mode}_{_method.lower()}",
+            response_class=Response,
+            responses=_RESPONSES,
+            openapi_extra=_doc,
+        )
