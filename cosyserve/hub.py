@@ -225,7 +225,9 @@ def resolve_model_dir(
     if path.is_dir():
         return path, detect_family(path)
     text = str(model)
-    if path.exists() or not _HUB_ID.match(text):
+    if path.exists():
+        raise ModelLoadError(f"{text} is not a directory (a model is a directory holding a cosyvoice*.yaml)")
+    if not _HUB_ID.match(text):
         raise ModelLoadError(f"model directory {text} does not exist and is not a hub id like iic/CosyVoice-300M")
     errors = []
     for name in _hub_for(text, hub):

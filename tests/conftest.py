@@ -18,4 +18,5 @@ if _SHARED_ASSETS.is_dir() and "COSYSERVE_ASSETS_DIR" not in os.environ:
 def _torch_threads():
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # The tiny golden models run fastest single-threaded (and test processes may run side by side).
+    torch.set_num_threads(1)
