@@ -9,7 +9,9 @@ from typing import Any
 from torch import nn
 
 from cosyserve.config import ConfigError, Node, expect_node
-from cosyserve.models.checkpoint import load_into, read_state_dict
+from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
+
+BLANK_EN = "CosyVoice-BlankEN"  # the Qwen2 folder whose config.json gives the v2/v3 LLM geometry
 
 
 @dataclass
@@ -36,6 +38,54 @@ class FamilyModel:
             module.eval()
             module.requires_grad_(False)
         return self
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one family is assembled from its yaml: which classes, and whether its flow is chunk-causal."""
+
+    family: str
+    version: str
+    llm: type[nn.Module]
+    flow: type[nn.Module]
+    hift: type[nn.Module]
+    qwen_llm: bool = False  # the LLM body is Qwen2, sized by CosyVoice-BlankEN/config.json
+    silent_tokens: frozenset[int] = frozenset()
+
+    def load(
+        self, model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt", random_weights: bool = False
+    ) -> FamilyModel:
+        """Build the networks from the yaml and load their weights (random init when ``random_weights``)."""
+        llm_node = expect_node(config, "llm", self.llm.__name__)
+        llm = self.llm.from_config(llm_node, model_dir / BLANK_EN) if self.qwen_llm else self.llm.from_config(llm_node)
+        flow_node = expect_node(config, "flow", self.flow.__name__)
+        flow = self.flow.from_config(flow_node)
+        hift = self.hift.from_config(expect_node(config, "hift", self.hift.__name__))
+        if not random_weights:
+            load_weights(llm, model_dir / llm_weights)
+            load_weights(flow, model_dir / "flow.pt")
+            load_weights(hift, model_dir / "hift.pt", read_vocoder_state(model_dir / "hift.pt"))
+        causal = {}
+        if self.qwen_llm:  # v2/v3: chunk-causal flow with a fixed token/mel ratio
+            causal = {
+                "token_mel_ratio": require_int(flow_node, "token_mel_ratio", "flow"),
+                "chunk_tokens": int(config.get("chunk_size", 25)),
+                "pre_lookahead_len": require_int(flow_node, "pre_lookahead_len", "flow"),
+            }
+        return FamilyModel(
+            family=self.family,
+            version=self.version,
+            model_dir=model_dir,
+            config=config,
+            llm=llm,
+            flow=flow,
+            hift=hift,
+            sample_rate=config_int(config, "sample_rate"),
+            hop_size=config_int(feat_extractor_args(config), "hop_size", "feat_extractor"),
+            token_frame_rate=require_int(flow_node, "input_frame_rate", "flow"),
+            silent_tokens=self.silent_tokens,
+            **causal,
+        ).eval()
 
 
 def load_weights(module: nn.Module, path: Path, state: dict | None = None) -> nn.Module:
@@ -66,4 +116,4 @@ def require_int(node: Node, key: str, path: str) -> int:
     return value
 
 
-__all__ = ["FamilyModel", "config_int", "expect_node", "feat_extractor_args", "load_weights", "require_int"]
+__all__ = ["BLANK_EN", "FamilyModel", "FamilySpec", "config_int", "feat_extractor_args", "load_weights", "require_int"]
