@@ -30,8 +30,9 @@ def manifest() -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def entries(stage: str, versions: tuple[str, ...] | None = None) -> list[Any]:
-    """Manifest entries of ``stage`` (optionally only for model versions in ``versions``).
+def entries(stage: str, versions: tuple[str, ...] | None = None, having: str | None = None) -> list[Any]:
+    """Manifest entries of ``stage`` (optionally only for model versions in ``versions``, and only
+    cases that hold the tensor ``having``).
 
     Returned as pytest params with the entry id as test id; with no golden set, one skipped param.
     """
@@ -39,7 +40,9 @@ def entries(stage: str, versions: tuple[str, ...] | None = None) -> list[Any]:
     found = [
         e
         for e in manifest()["entries"]
-        if e["stage"] == stage and (versions is None or models.get(e["model"], {}).get("version") in versions)
+        if e["stage"] == stage
+        and (versions is None or models.get(e["model"], {}).get("version") in versions)
+        and (having is None or having in e.get("tensors", {}))
     ]
     if not found:
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden '{stage}' cases in {golden_root()}"))]

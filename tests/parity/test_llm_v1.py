@@ -69,11 +69,9 @@ def test_length_bounds_and_close(entry):
     assert next(it, None) is None
 
 
-@pytest.mark.parametrize("entry", entries("e2e", ("v1",)))
+@pytest.mark.parametrize("entry", entries("e2e", ("v1",), having="mi0_text"))  # vc has no LLM
 def test_greedy_tokens(entry):
     case = load_case(entry)
-    if "mi0_text" not in case:
-        pytest.skip("no LLM in this mode (vc)")
     llm = _llm(entry["model"])
     tokens = list(llm.inference(**_inputs(case, "mi0_"), sampler=GreedySampler()))
     expected = case["speech_tokens"].tolist()
