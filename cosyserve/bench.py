@@ -24,7 +24,7 @@ from cosyserve.config import load_yaml
 from cosyserve.engine.pipeline import _FAMILIES, load_model
 from cosyserve.engine.streaming import Draws, PromptCondition
 from cosyserve.hub import resolve_model_dir
-from cosyserve.nn.sampling import RasSampler
+from cosyserve.models.cosyvoice3.llm import ENDOFPROMPT_ID
 
 DEFAULT_TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐，笑容如花儿般绽放。"
 
@@ -71,8 +71,7 @@ def _peak_rss_mb() -> float:
 
 def _fixed_length_sampler(core, n_tokens: int, generator: torch.Generator):
     """RAS sampling restricted to speech ids for ``n_tokens`` steps, then the stop id."""
-    sampling = core.config["llm"].get("sampling")
-    ras = RasSampler(**(dict(sampling.args) if sampling else {}), generator=generator)
+    ras = core.llm.make_sampler(generator)
     speech_ids = core.llm.speech_token_size
     stop_id = core.llm.eos_token
 
@@ -141,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         embedding=prompt["flow_embedding"],
     )
     text_ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(args.seed), dtype=torch.int32)
+    if core.version == "v3":  # the v3 LLM requires <|endofprompt|> in its text
+        text_ids[0, 0] = ENDOFPROMPT_ID
     n_tokens = round(args.seconds * core.token_frame_rate)
 
     core.flow.inference = timer.wrap("flow", core.flow.inference)

@@ -6,13 +6,18 @@ A flag given on the command line wins over its environment variable, which wins 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# Output sample rates a client may ask for (telephony to studio); every route resamples to them.
+OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 
 
 class SettingsError(ValueError):
@@ -31,6 +36,12 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
     cors_allow_credentials: bool = False
     log_level: str = "info"
+    # OpenAI voice names (alloy, echo...) -> speaker / stored voice ids, for /v1/audio/speech.
+    voice_map: tuple[tuple[str, str], ...] = ()
+    pcm_sample_rate: int = 24000  # /v1/audio/speech pcm without sample_rate: OpenAI's 24 kHz
+    # The voice library's directory; "" keeps stored voices in memory only (lost at exit).
+    data_dir: str = field(default_factory=lambda: default_data_dir())
+    max_voices: int = 1000  # stored voices, all model families together
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -47,12 +58,32 @@ class Settings:
             # Browsers refuse credentialed responses with a wildcard origin; echoing any origin instead
             # would let every site act with the user's cookies, so refuse the combination outright.
             raise SettingsError("CORS credentials cannot be allowed with the wildcard origin '*': list the origins")
+        if self.max_voices < 1:
+            raise SettingsError(f"max_voices must be at least 1, not {self.max_voices}")
+        if self.pcm_sample_rate not in OUTPUT_RATES:
+            rates = ", ".join(map(str, OUTPUT_RATES))
+            raise SettingsError(f"pcm sample rate {self.pcm_sample_rate} is not one of {rates}")
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> str:
+    """The per-user data directory: ``$XDG_DATA_HOME/cosyserve`` or ``~/.local/share/cosyserve``
+    (``%LOCALAPPDATA%\\cosyserve`` on Windows, ``~/Library/Application Support/cosyserve`` on macOS)."""
+    env = os.environ if environ is None else environ
+    if os.name == "nt":
+        base = env.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = str(Path.home() / "Library" / "Application Support")
+    else:
+        xdg = env.get("XDG_DATA_HOME", "")
+        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".local" / "share")  # the spec ignores relative ones
+    return str(Path(base) / "cosyserve")
 
 
 def _env(name: str, environ: Mapping[str, str]) -> str | None:
-    """The twin's value; an empty one counts as unset, except for CORS origins where it disables CORS."""
+    """The twin's value; an empty one counts as unset, except for CORS origins (empty: no CORS) and the
+    data directory (empty: voices in memory only)."""
     value = environ.get(ENV_PREFIX + name.upper())
-    if value == "" and name != "cors_origins":
+    if value == "" and name not in ("cors_origins", "data_dir"):
         return None
     return value
 
@@ -68,6 +99,30 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
+def parse_voice_map(text: str) -> tuple[tuple[str, str], ...]:
+    """``alloy=中文女,echo=英文男`` or a JSON object ``{"alloy": "中文女"}`` -> ((name, voice id), ...)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"voice map is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise SettingsError("voice map JSON must map names to voice id strings")
+        pairs = list(data.items())
+    else:
+        pairs = []
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, voice = item.partition("=")
+            if not sep:
+                raise SettingsError(f"voice map entry {item!r} is not name=voice_id")
+            pairs.append((name, voice))
+    pairs = [(k.strip(), v.strip()) for k, v in pairs]
+    if any(not k or not v for k, v in pairs):
+        raise SettingsError("voice map entries need a name and a voice id")
+    return tuple(pairs)
 
 
 def _env_default(name: str, parse: Callable[[str], Any], fallback: Any, environ: Mapping[str, str]) -> Any:
@@ -136,6 +191,28 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         const=True,
     )
     opt("log_level", "log level (default %(default)s)", str.lower, d.log_level, type=str.lower, choices=LOG_LEVELS)
+    opt(
+        "voice_map",
+        "OpenAI voice names to voices for /v1/audio/speech: 'alloy=中文女,echo=英文男' or a JSON object",
+        parse_voice_map,
+        d.voice_map,
+        type=parse_voice_map,
+    )
+    opt(
+        "pcm_sample_rate",
+        "sample rate of /v1/audio/speech pcm when the request names none (default %(default)s)",
+        int,
+        d.pcm_sample_rate,
+        type=int,
+    )
+
+    opt(
+        "data_dir",
+        "directory of the voice library, created if missing; '' keeps voices in memory only (default %(default)s)",
+        str,
+        default_data_dir(env),
+    )
+    opt("max_voices", "most voices the library holds (default %(default)s)", int, d.max_voices, type=int)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -151,6 +228,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         cors_origins=_parse_origins(args.cors_origins),
         cors_allow_credentials=bool(args.cors_allow_credentials),
         log_level=args.log_level,
+        voice_map=tuple(args.voice_map),
+        pcm_sample_rate=int(args.pcm_sample_rate),
+        data_dir=args.data_dir,
+        max_voices=int(args.max_voices),
     )
 
 

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ _SHARED_ASSETS = REPO.parent / "shared" / "assets"
 if _SHARED_ASSETS.is_dir() and "COSYSERVE_ASSETS_DIR" not in os.environ:
     # Tests read the tokenizer vocabularies from ../shared/assets instead of downloading them.
     os.environ["COSYSERVE_ASSETS_DIR"] = str(_SHARED_ASSETS)
+
+
+if "COSYSERVE_DATA_DIR" not in os.environ:
+    # Servers started by tests keep their voice library in a throwaway folder, never in ~/.local/share.
+    os.environ["COSYSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="cosyserve-test-data-")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -28,7 +28,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cosyserve import __version__
-from cosyserve.audio.encode import WavEncoder, make_encoder
+from cosyserve.audio.encode import make_encoder, output_rate
+from cosyserve.audio.resample import OutputResampler
+from cosyserve.engine.voices import IncompatibleVoice, VoiceExists, VoiceLimitReached
 from cosyserve.errors import (
     CosyServeError,
     InvalidRequest,
@@ -41,6 +43,10 @@ from cosyserve.settings import Settings
 logger = logging.getLogger("cosyserve.api")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Routes of the OpenAI-style API: client errors there are 400 (not 422), as OpenAI clients expect.
+OPENAI_PREFIX = "/v1/"
+# Formats whose header holds the length: sent whole (exact header) unless the client asked to stream.
+LENGTH_IN_HEADER = ("wav", "flac")
 # Response headers a browser page may read (CORS hides non-standard headers unless exposed).
 EXPOSED_HEADERS = ("X-Sample-Rate", "X-Channels", "X-Sample-Format", REQUEST_ID_HEADER)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -61,6 +67,9 @@ class MalformedBody(InvalidRequest):
 # First match wins: subclasses before their bases.
 _STATUS: tuple[tuple[type[CosyServeError], int], ...] = (
     (PayloadTooLarge, 413),
+    (VoiceExists, 409),
+    (VoiceLimitReached, 409),
+    (IncompatibleVoice, 400),
     (UnknownSpeaker, 404),
     (UnsupportedMode, 400),
     (MalformedBody, 400),
@@ -251,26 +260,38 @@ class Generation:
 class AudioResponse(Response):
     """Sends a generation's audio, watching for the client going away.
 
-    ``buffered``: wait for the whole audio so the WAV header carries exact sizes (and a generation
-    failure can still be a JSON 500); otherwise bytes go out as chunks arrive.
+    ``buffered``: wait for the whole audio so the container header carries exact sizes (and a
+    generation failure can still be a JSON 500); otherwise bytes go out as chunks arrive.
+    ``output_rate``: the rate sent (default ``sample_rate``, the model's); chunks are resampled.
     """
 
-    def __init__(self, generation: Generation, fmt: str, sample_rate: int, buffered: bool) -> None:
+    def __init__(
+        self, generation: Generation, fmt: str, sample_rate: int, buffered: bool, output_rate: int | None = None
+    ) -> None:
         self.generation = generation
         self.fmt = fmt
-        self.sample_rate = sample_rate
+        self.sample_rate = output_rate or sample_rate
         self.buffered = buffered
         self.sent = False  # the whole response is out
-        self.encoder = make_encoder(fmt, sample_rate)
+        self.resampler = OutputResampler(sample_rate, self.sample_rate)
+        self.encoder = make_encoder(fmt, self.sample_rate)
         super().__init__(
-            media_type=self.encoder.media_type,
+            media_type=self.body_media_type(),
             headers={
-                "X-Sample-Rate": str(sample_rate),
+                "X-Sample-Rate": str(self.sample_rate),
                 "X-Channels": "1",
                 "X-Sample-Format": "s16le",
                 "Cache-Control": "no-store",
             },
         )
+
+    def body_media_type(self) -> str:
+        return self.encoder.media_type
+
+    def tail(self) -> bytes:
+        """The bytes after the last chunk: the resampler's remainder, then the container's end."""
+        rest = self.resampler(np.zeros(0, np.float32), last=True)
+        return (self.encoder.encode(rest) if rest.size else b"") + self.encoder.finish()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         failure: GenerationFailed | None = None
@@ -309,8 +330,8 @@ class AudioResponse(Response):
         await send(self._start_message())
         await self._send_body(send, self.encoder.header())
         async for chunk in self.generation.chunks():
-            await self._send_body(send, self.encoder.encode(chunk))
-        await self._send_body(send, self.encoder.finish())
+            await self._send_body(send, self.encoder.encode(self.resampler(chunk)))
+        await self._send_body(send, self.tail())
         self.sent = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -329,8 +350,7 @@ class AudioResponse(Response):
             await response({"type": "http"}, _no_receive, send)
             return
         audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-        encoder = WavEncoder(self.sample_rate, num_frames=audio.shape[0]) if self.fmt == "wav" else self.encoder
-        body = encoder.header() + encoder.encode(audio) + encoder.finish()
+        body = self.encoder.encode_all(self.resampler(audio, last=True))
         await send(self._start_message(len(body)))
         self.sent = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -346,10 +366,26 @@ async def _no_receive() -> Message:
 
 
 async def start_generation(
-    request: Request, label: str, start: Callable[[], Iterator[np.ndarray]], fmt: str, stream: bool
+    request: Request,
+    label: str,
+    start: Callable[[], Iterator[np.ndarray]],
+    fmt: str,
+    stream: bool,
+    sample_rate: int | None = None,
+    *,
+    buffered: bool | None = None,
+    response_class: type[AudioResponse] = AudioResponse,
 ) -> AudioResponse:
-    """Run ``start`` (the engine call) in its own thread; errors it raises propagate as HTTP errors."""
+    """Run ``start`` (the engine call) in its own thread; errors it raises propagate as HTTP errors.
+
+    ``sample_rate``: the rate to send (None: the model's, or the nearest the format takes);
+    ``buffered`` (None: formats with the length in their header, unless streaming).
+    """
     state = server_state(request)
+    fmt = fmt.lower()
+    rate = output_rate(fmt, sample_rate, state.model.sample_rate)  # a bad format / rate fails before any work
+    if buffered is None:
+        buffered = not stream and fmt in LENGTH_IN_HEADER
     generation = Generation(start, request_id(request), state.in_flight, label)
     generation.start()
     try:
@@ -357,13 +393,18 @@ async def start_generation(
     except BaseException:
         generation.cancel()
         raise
-    return AudioResponse(generation, fmt.lower(), state.model.sample_rate, buffered=not stream and fmt == "wav")
+    return response_class(generation, fmt, state.model.sample_rate, buffered, rate)
+
+
+def _client_status(request: Request, status: int) -> int:
+    """OpenAI clients expect 400 where the official API answers 422."""
+    return 400 if status == 422 and request.url.path.startswith(OPENAI_PREFIX) else status
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CosyServeError)
     async def cosyserve_error(request: Request, exc: CosyServeError) -> JSONResponse:
-        status = status_for(exc)
+        status = _client_status(request, status_for(exc))
         if status >= 500:
             logger.error("[%s] %s: %s", request_id(request), type(exc).__name__, exc.message)
         return error_response(exc.message, exc.code, status, exc.param)
@@ -379,7 +420,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(first.get("msg", "invalid request"), "invalid_value", 422, param)
+        return error_response(first.get("msg", "invalid request"), "invalid_value", _client_status(request, 422), param)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -397,7 +438,7 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
     With a loader, loading starts in a background thread when the app starts up; until it is done
     ``/health`` answers 503 and the inference routes answer 503 with ``Retry-After``.
     """
-    from cosyserve.api import health, official
+    from cosyserve.api import health, official, openai, voices
 
     settings = settings or Settings()
     state = ServerState(settings)
@@ -434,13 +475,16 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
     app = FastAPI(
         title="cosyserve",
         version=__version__,
-        description="CosyVoice text-to-speech: the official `/inference_*` API (GET and POST, form fields).",
+        description="CosyVoice text-to-speech: the official `/inference_*` API (GET and POST, form fields) "
+        "and the OpenAI-compatible `/v1/audio/speech`.",
         lifespan=lifespan,
     )
     app.state.cosyserve = state
     _install_error_handlers(app)
     app.include_router(official.router)
     app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(voices.router)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from cosyserve.api.app import MalformedBody, MissingField, server_state, start_generation
-from cosyserve.audio.encode import ENCODERS
+from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES
 from cosyserve.audio.io import decode_audio
 from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError, UnsupportedMode
 
@@ -42,6 +42,8 @@ class Endpoint:
     audios: tuple[str, ...]  # required uploads, in the engine's argument order
     summary: str
     call: Callable[..., Iterator[np.ndarray]]  # (model, *texts, *audios, **options)
+    # Fields a stored voice given as spk_id stands in for (none: spk_id is no option of this mode).
+    voice_replaces: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -62,6 +64,7 @@ ENDPOINTS = (
         ("prompt_wav",),
         "Clone the voice of a prompt recording, given its transcript.",
         lambda m, *a, **o: m.inference_zero_shot(*a, **o),
+        ("prompt_text", "prompt_wav"),
     ),
     Endpoint(
         "cross_lingual",
@@ -69,6 +72,7 @@ ENDPOINTS = (
         ("prompt_wav",),
         "Speak the text, in any supported language, in the voice of a prompt recording.",
         lambda m, *a, **o: m.inference_cross_lingual(*a, **o),
+        ("prompt_wav",),
     ),
     Endpoint(
         "instruct",
@@ -83,6 +87,7 @@ ENDPOINTS = (
         ("prompt_wav",),
         "Voice of a prompt recording steered by an instruction (CosyVoice2 / CosyVoice3).",
         lambda m, *a, **o: m.inference_instruct2(*a, **o),
+        ("prompt_wav",),
     ),
     Endpoint(
         "vc",
@@ -90,12 +95,14 @@ ENDPOINTS = (
         ("source_wav", "prompt_wav"),
         "Voice conversion: re-speak source_wav in the voice of prompt_wav.",
         lambda m, *a, **o: m.inference_vc(*a, **o),
+        ("prompt_wav",),
     ),
 )
 
 FIELD_DOCS = {
     "tts_text": "Text to speak.",
-    "spk_id": "Built-in speaker id (GET /speakers lists them).",
+    "spk_id": "Built-in speaker or stored voice (GET /speakers lists them; POST /v1/audio/voices stores one). "
+    "On zero_shot, cross_lingual, instruct2 and vc a stored voice replaces prompt_wav (and prompt_text).",
     "prompt_text": "Transcript of prompt_wav.",
     "instruct_text": "Instruction: style, emotion, dialect, speed...",
     "prompt_wav": "Prompt recording: any common audio format, 0.5 to 30 s, at least 16 kHz.",
@@ -103,7 +110,9 @@ FIELD_DOCS = {
     "stream": "Token-level streaming: audio starts after the first chunk of speech tokens instead of whole sentences.",
     "speed": "Speaking rate factor (1.0 = normal).",
     "seed": "Random seed: the same request with the same seed gives the same audio.",
-    "format": "wav (default; header then 16-bit PCM) or pcm (raw int16 little-endian, as the official server).",
+    "format": "wav (default; header then 16-bit PCM), pcm (raw int16 little-endian, as the official server), "
+    "mp3, opus (Ogg), flac, or aac (if the server has PyAV).",
+    "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
 }
 
 _FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
@@ -191,7 +200,7 @@ def text_field(fields: Fields, name: str, max_length: int) -> str:
     return value
 
 
-def _check_audio(name: str, data: bytes) -> Audio:
+def check_audio(name: str, data: bytes) -> Audio:
     try:
         wave, sr = decode_audio(data)
     except AudioError as exc:
@@ -217,7 +226,7 @@ async def audio_field(fields: Fields, name: str) -> Audio:
     data = await value.read()
     if not data:
         raise AudioError(f"{name} is empty (0 bytes)", param=name)
-    return await anyio.to_thread.run_sync(_check_audio, name, data)
+    return await anyio.to_thread.run_sync(check_audio, name, data)
 
 
 def _option(fields: Fields, name: str) -> str | None:
@@ -253,15 +262,42 @@ def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
     return {"stream": stream, "speed": speed, "seed": seed}, fmt
 
 
+def parse_sample_rate(fields: Fields) -> int | None:
+    """The optional ``sample_rate`` field (checked against the format when the response is made)."""
+    raw = _option(fields, "sample_rate")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidRequest(f"sample_rate must be an integer number of Hz, not {raw!r}", param="sample_rate")
+    return int(raw)
+
+
+def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple[str, ...]]:
+    """``(spk_id, fields it replaces)``: the stored voice a prompt mode got instead of prompt_wav, if any."""
+    spk_id = _option(fields, "spk_id") if endpoint.voice_replaces else None
+    if spk_id is None:
+        return None, ()
+    if fields.get("prompt_wav") not in (None, ""):
+        raise InvalidRequest("send prompt_wav or spk_id (a stored voice), not both", param="spk_id")
+    return spk_id, endpoint.voice_replaces
+
+
 async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     state = server_state(request)
     model = state.require_model()
     check_mode(model, endpoint.mode)
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
-        texts = [text_field(fields, name, state.settings.max_text_length) for name in endpoint.texts]
+        spk_id, replaced = _voice_option(fields, endpoint)
+        texts = [
+            None if name in replaced else text_field(fields, name, state.settings.max_text_length)
+            for name in endpoint.texts
+        ]
         options, fmt = parse_options(fields)
-        audios = [await audio_field(fields, name) for name in endpoint.audios]
+        sample_rate = parse_sample_rate(fields)
+        audios = [None if name in replaced else await audio_field(fields, name) for name in endpoint.audios]
+        if spk_id is not None:
+            options["spk_id"] = spk_id
     finally:
         for value in fields.values():
             if isinstance(value, UploadFile):
@@ -270,7 +306,7 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     def start() -> Iterator[np.ndarray]:
         return endpoint.call(model, *texts, *audios, **options)
 
-    return await start_generation(request, endpoint.path.lstrip("/"), start, fmt, options["stream"])
+    return await start_generation(request, endpoint.path.lstrip("/"), start, fmt, options["stream"], sample_rate)
 
 
 def _schema(name: str) -> dict[str, Any]:
@@ -281,17 +317,22 @@ def _schema(name: str) -> dict[str, Any]:
         "speed": {"type": "number", "default": 1.0, "exclusiveMinimum": 0},
         "seed": {"type": "integer", "minimum": 0},
         "format": {"type": "string", "enum": list(ENCODERS), "default": "wav"},
+        "sample_rate": {"type": "integer", "enum": list(OUTPUT_RATES)},
     }.get(name, {"type": "string"})
 
 
-_OPTIONAL = ("stream", "speed", "seed", "format")
+_OPTIONAL = ("stream", "speed", "seed", "format", "sample_rate")
+
+
+def _optional(endpoint: Endpoint) -> tuple[str, ...]:
+    return ("spk_id", *_OPTIONAL) if endpoint.voice_replaces else _OPTIONAL
 
 
 def _body_doc(endpoint: Endpoint) -> dict[str, Any]:
-    names = (*endpoint.texts, *endpoint.audios, *_OPTIONAL)
+    names = (*endpoint.texts, *endpoint.audios, *_optional(endpoint))
     schema = {
         "type": "object",
-        "required": [*endpoint.texts, *endpoint.audios],
+        "required": [n for n in (*endpoint.texts, *endpoint.audios) if n not in endpoint.voice_replaces],
         "properties": {n: {**_schema(n), "description": FIELD_DOCS[n]} for n in names},
     }
     content = {"multipart/form-data": {"schema": schema}}
@@ -306,11 +347,11 @@ def _query_doc(endpoint: Endpoint) -> dict[str, Any]:
             {
                 "name": n,
                 "in": "query",
-                "required": n in endpoint.texts,
+                "required": n in endpoint.texts and n not in endpoint.voice_replaces,
                 "schema": _schema(n),
                 "description": FIELD_DOCS[n],
             }
-            for n in (*endpoint.texts, *_OPTIONAL)
+            for n in (*endpoint.texts, *_optional(endpoint))
         ]
     }
 
@@ -328,8 +369,11 @@ _ERROR_SCHEMA = {
 }
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "Audio at the model's sample rate (headers X-Sample-Rate, X-Channels).",
-        "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in ("audio/wav", "audio/pcm")},
+        "description": "Audio at the model's sample rate or sample_rate (headers X-Sample-Rate, X-Channels).",
+        "content": {
+            t: {"schema": {"type": "string", "format": "binary"}}
+            for t in ("audio/wav", "audio/pcm", "audio/mpeg", "audio/ogg", "audio/flac", "audio/aac")
+        },
     },
     **{
         status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}

@@ -8,7 +8,6 @@ of float32 chunks at ``sample_rate``. Closing the iterator stops the generation 
 from __future__ import annotations
 
 import importlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from cosyserve.audio.io import decode_audio
-from cosyserve.config import ConfigError, Node, load_yaml
+from cosyserve.config import ConfigError, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.frontend import Frontend
@@ -26,14 +25,12 @@ from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
-from cosyserve.nn.sampling import RasSampler, Sampler
+from cosyserve.nn.sampling import Sampler
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
 from .streaming import Draws, PromptCondition, Synthesizer, V1Synthesizer, V2Synthesizer, V3Synthesizer
-from .voices import Voice, VoiceStore, read_spk2info
-
-ALL_MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
+from .voices import DEFAULT_MAX_VOICES, Voice, VoiceLibrary, VoiceStore, read_spk2info
 
 _FAMILIES: dict[str, tuple[str, str, str, type[Synthesizer]]] = {
     # family: (yaml, model module, speech tokenizer file, synthesizer)
@@ -57,7 +54,8 @@ class EngineOptions:
     llm_weights: str = "llm.pt"  # v3: "llm.rl.pt" selects the RL-tuned LLM
     min_prompt_seconds: float = 0.5
     max_prompt_seconds: float = 30.0
-    voices_dir: Path | None = None  # where cloned voices are persisted (None: memory only)
+    data_dir: Path | None = None  # where the voice library lives (None: stored voices kept in memory only)
+    max_voices: int = DEFAULT_MAX_VOICES  # cap on the library's voices (all families)
 
 
 class TTSModel:
@@ -69,9 +67,6 @@ class TTSModel:
         self.voices = voices
         self.options = options
         self._synthesizer = _FAMILIES[core.family][3]
-        sampling = core.config["llm"].get("sampling")
-        self._sampling_args = dict(sampling.args) if isinstance(sampling, Node) else {}
-        self._lock = threading.Lock()
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -134,6 +129,12 @@ class TTSModel:
         segments = self._segments(text, text_frontend)
         if spk_id is not None and prompt_audio is None:
             prompt = self.voices.get(spk_id)
+            if "llm_prompt_speech_token" in prompt and "prompt_text" not in prompt:
+                raise InvalidRequest(
+                    f"voice '{spk_id}' has no transcript (it was stored without ref_text), so zero_shot cannot use "
+                    "it: use it with cross_lingual, or store its recording again with ref_text",
+                    param="spk_id",
+                )
             inputs = [self.frontend.zero_shot(s, None, prompt) for s in segments]
         else:
             prompt_text = self._v3_prompt_text(
@@ -221,11 +222,20 @@ class TTSModel:
         source = self._checked_audio(source_audio, "source_wav")
         return self._generate([self.frontend.vc(source, prompt)], stream, speed, seed, draws, sampler)
 
-    def add_speaker(self, spk_id: str, prompt_text: str, prompt_audio: Any, text_frontend: bool = True) -> Voice:
-        """Compute a zero-shot prompt once and store it under ``spk_id`` (official ``add_zero_shot_spk``)."""
-        prompt_text = self._v3_prompt_text(self._text(prompt_text, "prompt_text", split=False, frontend=text_frontend))
-        voice = self.frontend.zero_shot_speaker(prompt_text, self.prompt(prompt_audio))
-        self.voices.add(spk_id, voice)
+    def add_speaker(self, spk_id: str, prompt_text: str | None, prompt_audio: Any, text_frontend: bool = True) -> Voice:
+        """Compute a voice prompt once and store it under ``spk_id`` (official ``add_zero_shot_spk``).
+
+        Without ``prompt_text`` (the recording's transcript) the voice serves every mode but zero_shot.
+        Raises (before any work) InvalidRequest for a bad id, VoiceExists / VoiceLimitReached.
+        """
+        spk_id = self.voices.check_new(spk_id, param="spk_id")
+        audio = self._checked_audio(prompt_audio, "prompt_wav")
+        voice = self.frontend.process_prompt(audio)
+        ref_text = prompt_text.strip() if prompt_text and prompt_text.strip() else None
+        if ref_text is not None:
+            text = self._v3_prompt_text(self._text(ref_text, "prompt_text", split=False, frontend=text_frontend))
+            voice = self.frontend.zero_shot_speaker(text, voice)
+        self.voices.add(spk_id, voice, ref_text=ref_text, duration=audio[0].shape[1] / audio[1])
         return voice
 
     def prompt(self, audio: Any, param: str = "prompt_wav", align: bool | None = None) -> dict[str, torch.Tensor]:
@@ -324,7 +334,7 @@ class TTSModel:
         if not 0.25 <= float(speed) <= 4.0:
             raise InvalidRequest(f"speed must be within 0.25..4.0, got {speed}", param="speed")
         draws = draws or Draws(seed)
-        sampler = sampler or RasSampler(**self._sampling_args, generator=draws.sampling_generator)
+        sampler = sampler or self.core.llm.make_sampler(draws.sampling_generator)
         return self._chunks(inputs, stream, float(speed), draws, sampler)
 
     def _chunks(self, inputs, stream, speed, draws, sampler) -> Iterator[np.ndarray]:
@@ -378,8 +388,9 @@ def load_model(
         sample_rate=core.sample_rate,
         prompt_mel_rate=options.prompt_mel_rate,
     )
-    # Stored voices hold speech-token and text ids, so they are shared only between models with the
+    # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    voices_dir = options.voices_dir / f"{family}-{core.token_frame_rate}hz" if options.voices_dir else None
-    voices = VoiceStore(read_spk2info(model_dir / "spk2info.pt"), voices_dir)
+    library = VoiceLibrary(options.data_dir, options.max_voices)
+    builtin = read_spk2info(model_dir / "spk2info.pt")
+    voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)

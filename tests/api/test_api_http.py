@@ -396,8 +396,12 @@ def test_openapi_documents_every_route_and_field(client):
         ops = spec["paths"][f"/inference_{mode}"]
         assert set(ops) >= {"get", "post"}
         schema = ops["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-        assert set(schema["properties"]) == {*texts, *uploads, "stream", "speed", "seed", "format"}
-        assert set(schema["required"]) == {*texts, *uploads}
+        # A stored voice (spk_id) can stand in for the prompt recording and its transcript.
+        prompt_fields = {"prompt_wav", "prompt_text"}
+        takes_prompt = "prompt_wav" in uploads
+        options = {"stream", "speed", "seed", "format", "sample_rate"} | ({"spk_id"} if takes_prompt else set())
+        assert set(schema["properties"]) == {*texts, *uploads} | options
+        assert set(schema["required"]) == {*texts, *uploads} - (prompt_fields if takes_prompt else set())
         assert {p["name"] for p in ops["get"]["parameters"]} >= set(texts)
     assert {"/health", "/speakers"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200

@@ -1,0 +1,448 @@
+"""The OpenAI-compatible speech API: ``POST /v1/audio/speech``, ``GET /v1/models``, ``GET /v1/audio/voices``.
+
+Works with the openai SDKs and the tools built on them (``base_url=http://host:port/v1``, any API
+key). The engine mode follows from what a request carries:
+
+- ``ref_audio`` + ``ref_text``: zero_shot; ``ref_audio`` alone: cross_lingual; with ``instructions``:
+  instruct2 (CosyVoice2/3). ``voice`` is then ignored.
+- ``voice`` naming a built-in speaker: sft; with ``instructions``: instruct on CosyVoice 1.0.
+- ``voice`` naming a stored (cloned) voice: zero_shot, or cross_lingual when it has no transcript;
+  with ``instructions``: instruct2 with the voice as prompt (instruct on 1.0).
+
+OpenAI voice names (alloy, echo...) map to voices through ``Settings.voice_map``; unmapped, they
+fall back to the model's first voice. Every client error is answered before the first byte, in the
+OpenAI error shape, with status 400 (404 for an unknown model or voice).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.types import Send
+
+from cosyserve.api.app import (
+    AudioResponse,
+    GenerationFailed,
+    MalformedBody,
+    error_body,
+    error_response,
+    server_state,
+    start_generation,
+)
+from cosyserve.api.official import check_audio, check_mode
+from cosyserve.api.voices import voice_object
+from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
+from cosyserve.errors import InvalidRequest, PayloadTooLarge, TextError, UnknownSpeaker
+from cosyserve.settings import Settings
+
+OPENAI_MODELS = ("tts-1", "tts-1-hd")
+# fmt: off
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+                 "marin", "cedar")
+# fmt: on
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+class SpeechRequest(BaseModel):
+    """The body of ``POST /v1/audio/speech``: OpenAI's fields, then cosyserve's extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field("tts-1", description="tts-1, tts-1-hd, gpt-4o-mini-tts or the loaded model's name.")
+    input: str = Field(description="Text to speak.")
+    voice: str | dict[str, str] | None = Field(
+        None,
+        description="A built-in speaker, a stored voice id or an OpenAI voice name (GET /v1/audio/voices); "
+        'also {"id": ...}. Not needed with ref_audio.',
+    )
+    response_format: str = Field("mp3", description=f"One of {', '.join(ENCODERS)} (aac needs PyAV).")
+    speed: float = Field(1.0, description=f"Speaking rate, {MIN_SPEED} to {MAX_SPEED}.")
+    instructions: str | None = Field(
+        None, description="Style instruction: instruct2 on CosyVoice2/3, instruct on CosyVoice 1.0."
+    )
+    stream_format: str = Field(
+        "audio", description="audio (the bytes) or sse (speech.audio.delta / speech.audio.done events)."
+    )
+    ref_audio: str | None = Field(
+        None, description="Extension: a recording to clone, as a data URL or base64 (0.5-30 s, >= 16 kHz)."
+    )
+    ref_text: str | None = Field(None, description="Extension: transcript of ref_audio (none: cross-lingual).")
+    sample_rate: int | None = Field(
+        None,
+        description=f"Extension: output rate, one of {', '.join(map(str, OUTPUT_RATES))} "
+        "(default: the model's; pcm: 24000).",
+    )
+    seed: int | None = Field(None, description="Extension: same seed, same audio.")
+    stream: bool = Field(False, description="Extension: token-level streaming (first audio sooner).")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The engine call a request maps to: ``call(stream=, speed=, seed=)`` returns the chunks."""
+
+    mode: str
+    voice: str | None
+    call: Callable[..., Iterator[np.ndarray]]
+
+
+# -- model names ----------------------------------------------------------------------------------
+
+
+def _normalized(name: str) -> str:
+    # Hub caches rewrite names (ModelScope stores CosyVoice2-0.5B as CosyVoice2-0___5B): compare loosely.
+    return re.sub(r"[^a-z0-9]", "", name.rsplit("/", 1)[-1].lower())
+
+
+def model_id(model: Any, settings: Settings) -> str:
+    """The loaded model's name: the hub id it was started with, else its directory name."""
+    directory = Path(str(model.model_dir)).name
+    if settings.model_dir and _normalized(settings.model_dir) == _normalized(directory):
+        return settings.model_dir
+    return directory
+
+
+def serves_model(name: str, model: Any, settings: Settings) -> bool:
+    lowered = name.strip().lower()
+    if lowered in OPENAI_MODELS or lowered.startswith("gpt-4o-mini-tts"):
+        return True
+    wanted = _normalized(lowered)
+    return wanted in (_normalized(model_id(model, settings)), _normalized(model.family))
+
+
+def _model_card(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+# -- voices ---------------------------------------------------------------------------------------
+
+
+def _has_prompt(voice: Any) -> bool:
+    return "llm_prompt_speech_token" in voice
+
+
+def _has_transcript(voice: Any) -> bool:
+    text = voice.get("prompt_text")
+    return text is not None and np.asarray(text).size > 0
+
+
+def voice_list(model: Any, settings: Settings) -> list[dict[str, Any]]:
+    """Voices for ``voice``: built-in speakers and the stored voices this model can use (as
+    ``GET /v1/audio/voices/{id}`` shows them), then the configured OpenAI names."""
+    store = model.voices
+    voices = [voice_object(store.info(voice_id), store) for voice_id in store.ids()]
+    for name, target in settings.voice_map:
+        if target in store and name not in store:
+            voices.append({"id": name, "object": "audio.voice", "name": name, "kind": "alias", "voice": target})
+    return voices
+
+
+def resolve_voice(model: Any, settings: Settings, voice: str | dict[str, str] | None) -> str:
+    """The store id a request's ``voice`` names (mapped OpenAI names followed); 404 lists the known ones."""
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    if not isinstance(voice, str) or not voice.strip():
+        raise InvalidRequest(
+            "voice is required (GET /v1/audio/voices lists them), or send ref_audio to clone a voice", param="voice"
+        )
+    store, mapping = model.voices, dict(settings.voice_map)
+    target = mapping.get(voice, mapping.get(voice.lower()))
+    if target is not None:
+        if target not in store:
+            raise UnknownSpeaker(f"voice '{voice}' maps to '{target}', which this model does not have", param="voice")
+        return target
+    if voice in store:
+        return voice
+    ids = store.ids()
+    if voice.lower() in OPENAI_VOICES and ids:
+        return ids[0]
+    known = [v["id"] for v in voice_list(model, settings)]
+    listing = ", ".join(known) if known else "none: send ref_audio (and ref_text) or store a voice first"
+    raise UnknownSpeaker(f"unknown voice '{voice}'; known voices: {listing}", param="voice")
+
+
+def plan_speech(
+    model: Any,
+    settings: Settings,
+    text: str,
+    voice: str | dict[str, str] | None,
+    instructions: str | None,
+    prompt: Any = None,
+    ref_text: str | None = None,
+) -> Plan:
+    """Pick the engine mode for a request (see the module docstring); raises before any work."""
+    if prompt is not None:
+        if instructions:
+            if "instruct2" not in model.modes:
+                raise InvalidRequest(
+                    "instructions with ref_audio need a CosyVoice2 / Fun-CosyVoice3 model (instruct2); CosyVoice 1.0 "
+                    "follows instructions only with built-in speakers (CosyVoice-300M-Instruct)",
+                    param="instructions",
+                )
+            plan = Plan("instruct2", None, lambda **o: model.inference_instruct2(text, instructions, prompt, **o))
+        elif ref_text:
+            plan = Plan("zero_shot", None, lambda **o: model.inference_zero_shot(text, ref_text, prompt, **o))
+        else:
+            plan = Plan("cross_lingual", None, lambda **o: model.inference_cross_lingual(text, prompt, **o))
+        check_mode(model, plan.mode)
+        return plan
+
+    spk = resolve_voice(model, settings, voice)
+    entry = model.voices.get(spk, param="voice")
+    if instructions:
+        if "instruct" in model.modes:
+            plan = Plan("instruct", spk, lambda **o: model.inference_instruct(text, spk, instructions, **o))
+        elif not _has_prompt(entry):
+            raise InvalidRequest(
+                f"instructions on this model (instruct2) need a voice with a prompt recording; '{spk}' is a built-in "
+                "speaker with only an embedding: use a stored (cloned) voice or send ref_audio",
+                param="instructions",
+            )
+        else:
+            plan = Plan("instruct2", spk, lambda **o: model.inference_instruct2(text, instructions, spk_id=spk, **o))
+    elif not _has_prompt(entry):
+        plan = Plan("sft", spk, lambda **o: model.inference_sft(text, spk, **o))
+    elif _has_transcript(entry):
+        plan = Plan("zero_shot", spk, lambda **o: model.inference_zero_shot(text, "", spk_id=spk, **o))
+    else:
+        plan = Plan("cross_lingual", spk, lambda **o: model.inference_cross_lingual(text, spk_id=spk, **o))
+    check_mode(model, plan.mode)
+    return plan
+
+
+# -- request parsing ------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    too_large = PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect as exc:
+        raise MalformedBody("the client disconnected during the upload") from exc
+    return bytes(body)
+
+
+def parse_request(body: bytes) -> SpeechRequest:
+    if not body.strip():
+        raise MalformedBody("send a JSON body (Content-Type: application/json) with at least input and voice")
+    try:
+        return SpeechRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise MalformedBody(f"the body is not valid JSON: {first['msg']}") from exc
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from exc
+
+
+def _text(value: str, max_length: int) -> str:
+    if not value.strip():
+        raise TextError("input is empty", param="input")
+    if len(value) > max_length:
+        raise TextError(f"input has {len(value)} characters; at most {max_length} are accepted", param="input")
+    return value
+
+
+def decode_ref_audio(value: str) -> bytes:
+    """The bytes of ``ref_audio``: a ``data:<type>;base64,`` URL or bare (standard or URL-safe) base64."""
+    value = value.strip()
+    if value.startswith("data:"):
+        header, comma, payload = value.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise InvalidRequest("ref_audio must be a base64 data URL (data:audio/wav;base64,...)", param="ref_audio")
+    elif _URL.match(value):
+        raise InvalidRequest("ref_audio must be a data URL or base64: URLs are not fetched", param="ref_audio")
+    else:
+        payload = value
+    payload = "".join(payload.split()).replace("-", "+").replace("_", "/")
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest("ref_audio is not valid base64", param="ref_audio") from exc
+    if not data:
+        raise InvalidRequest("ref_audio is empty", param="ref_audio")
+    return data
+
+
+def _options(req: SpeechRequest) -> dict[str, Any]:
+    if not math.isfinite(req.speed) or not MIN_SPEED <= req.speed <= MAX_SPEED:
+        raise InvalidRequest(f"speed must be within {MIN_SPEED} to {MAX_SPEED}, not {req.speed}", param="speed")
+    if req.seed is not None and not 0 <= req.seed < 2**63:
+        raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {req.seed}", param="seed")
+    if req.stream_format not in ("audio", "sse"):
+        raise InvalidRequest(f"stream_format must be audio or sse, not {req.stream_format!r}", param="stream_format")
+    if req.ref_text and not req.ref_audio:
+        raise InvalidRequest("ref_text is the transcript of ref_audio: send ref_audio too", param="ref_text")
+    return {"stream": req.stream, "speed": req.speed, "seed": req.seed}
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def _speech_tokens(model: Any, text: str, seconds: float) -> tuple[int, int]:
+    """(text tokens, speech tokens) for SSE usage; speech tokens from the duration at the token rate."""
+    frontend = getattr(model, "frontend", None)
+    text_tokens = int(frontend.tokenize(text).shape[-1]) if frontend is not None else 0
+    rate = getattr(getattr(model, "core", None), "token_frame_rate", 25)
+    return text_tokens, round(seconds * rate)
+
+
+class SpeechEvents(AudioResponse):
+    """``stream_format=sse``: ``speech.audio.delta`` events carrying base64 of the encoded bytes as they
+    are made, then ``speech.audio.done`` with usage; a failure midway is an ``error`` event."""
+
+    # (text tokens, speech tokens) for a duration in seconds; the route sets it.
+    usage: Callable[[float], tuple[int, int]] | None = None
+
+    def body_media_type(self) -> str:
+        return "text/event-stream"
+
+    async def _send_streamed(self, send: Send) -> None:
+        await send(self._start_message())
+        pending = self.encoder.header()
+        try:
+            async for chunk in self.generation.chunks():
+                pending += self.encoder.encode(self.resampler(chunk))
+                if pending:
+                    await self._event(send, {"type": "speech.audio.delta", "audio": base64.b64encode(pending).decode()})
+                    pending = b""
+            pending += self.tail()
+            if pending:
+                await self._event(send, {"type": "speech.audio.delta", "audio": base64.b64encode(pending).decode()})
+            seconds = self.generation.samples / self.resampler.orig_sr
+            text_tokens, speech_tokens = self.usage(seconds) if self.usage else (0, 0)
+            usage = {"input_tokens": text_tokens, "output_tokens": speech_tokens}
+            last = {"type": "speech.audio.done", "usage": {**usage, "total_tokens": text_tokens + speech_tokens}}
+        except GenerationFailed as exc:
+            last = {"type": "error", **error_body(str(exc), "generation_failed", status=500)}
+        await self._event(send, last)
+        self.sent = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _event(self, send: Send, event: dict[str, Any]) -> None:
+        data = f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+_EXTENSIONS = {"opus": "opus", "mp3": "mp3", "aac": "aac", "flac": "flac", "wav": "wav", "pcm": "pcm"}
+
+router = APIRouter(tags=["OpenAI API"])
+
+_ERROR = {"description": "OpenAI error shape: {error: {message, type, param, code}}."}
+_SPEECH_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SpeechRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post(
+    "/v1/audio/speech",
+    summary="Text to speech, OpenAI-compatible (works with the openai SDK's client.audio.speech.create).",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The audio (stream_format=audio) or an event stream (sse).",
+            "content": {
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")
+            }
+            | {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        400: _ERROR,
+        404: {"description": "Unknown model or voice (the message lists the known voices)."},
+        413: _ERROR,
+        503: _ERROR,
+    },
+    openapi_extra=_SPEECH_DOC,
+)
+async def create_speech(request: Request) -> Response:
+    state = server_state(request)
+    model, settings = state.require_model(), state.settings
+    req = parse_request(await _read_body(request, settings.max_upload_bytes))
+    if not serves_model(req.model, model, settings):
+        names = ", ".join((model_id(model, settings), *OPENAI_MODELS))
+        message = f"model '{req.model}' is not served here; use one of: {names}"
+        return error_response(message, "model_not_found", 404, "model")
+    text = _text(req.input, settings.max_text_length)
+    fmt = req.response_format.strip().lower()
+    rate = req.sample_rate or (settings.pcm_sample_rate if fmt == "pcm" else None)
+    output_rate(fmt, rate, model.sample_rate)  # format and rate errors before the audio is decoded
+    options = _options(req)
+    prompt = None
+    if req.ref_audio:
+        prompt = await anyio.to_thread.run_sync(check_audio, "ref_audio", decode_ref_audio(req.ref_audio))
+    instructions = req.instructions if req.instructions and req.instructions.strip() else None
+    plan = plan_speech(model, settings, text, req.voice, instructions, prompt, req.ref_text or None)
+    sse = req.stream_format == "sse"
+
+    def start() -> Iterator[np.ndarray]:
+        return plan.call(**options)
+
+    response = await start_generation(
+        request,
+        f"v1/audio/speech ({plan.mode}{f', {plan.voice}' if plan.voice else ''})",
+        start,
+        fmt,
+        req.stream or sse,
+        rate,
+        response_class=SpeechEvents if sse else AudioResponse,
+    )
+    response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
+    if isinstance(response, SpeechEvents):
+        response.usage = lambda seconds: _speech_tokens(model, text, seconds)
+    else:
+        response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[fmt]}"'
+    return response
+
+
+@router.get("/v1/models", summary="The models /v1/audio/speech accepts (OpenAI list shape).")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    own = model_id(state.require_model(), state.settings)
+    return {
+        "object": "list",
+        "data": [_model_card(own, "cosyserve")] + [_model_card(n, "openai") for n in OPENAI_MODELS],
+    }
+
+
+@router.get("/v1/models/{name:path}", summary="One model of GET /v1/models.")
+async def get_model(name: str, request: Request) -> JSONResponse:
+    state = server_state(request)
+    model = state.require_model()
+    if name.lower() in OPENAI_MODELS:
+        return JSONResponse(_model_card(name.lower(), "openai"))
+    if serves_model(name, model, state.settings):
+        return JSONResponse(_model_card(model_id(model, state.settings), "cosyserve"))
+    return error_response(f"model '{name}' is not served here", "model_not_found", 404, "model")
+
+
+@router.get(
+    "/v1/audio/voices",
+    summary='Voices for /v1/audio/speech: {"voices": [{"id", "name", "kind"}]} (kind: speaker, clone, alias).',
+)
+async def list_voices(request: Request) -> dict[str, list[dict[str, Any]]]:
+    state = server_state(request)
+    return {"voices": voice_list(state.require_model(), state.settings)}

@@ -1,0 +1,153 @@
+"""The voice library over HTTP: ``POST /v1/audio/voices``, ``GET`` and ``DELETE /v1/audio/voices/{id}``.
+
+A voice is made once from a recording (multipart ``audio_sample``, ``name``, optional ``ref_text``, its
+transcript): its speech tokens, prompt mel and speaker embedding are computed by the loaded model and
+stored in the library under the data directory. Its id is its name. It then works as ``voice`` on
+``/v1/audio/speech`` and as ``spk_id`` on the official routes: ``/inference_sft``, ``/inference_instruct``
+and, in place of ``prompt_wav``, ``/inference_cross_lingual``, ``/inference_instruct2``,
+``/inference_vc`` and ``/inference_zero_shot`` (which needs the transcript). ``GET /v1/audio/voices``
+(in ``openai.py``) lists the voices the loaded model can use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from cosyserve.api.app import server_state
+from cosyserve.api.official import audio_field, read_fields, text_field
+from cosyserve.engine.voices import MAX_ID_LENGTH, VoiceInfo, VoiceStore, validate_voice_id
+
+router = APIRouter(tags=["voice library"])
+
+_ERROR = {"description": 'OpenAI error shape: {"error": {"message", "type", "param", "code"}}.'}
+_CREATE_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "audio_sample"],
+                    "properties": {
+                        "name": {
+                            "type": "string",
+                            "description": f"The voice's name, which is also its id: 1-{MAX_ID_LENGTH} letters, "
+                            "digits, spaces, '.', '_' or '-'; unique regardless of case.",
+                        },
+                        "audio_sample": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The recording: any common audio format, 0.5 to 30 s, at least 16 kHz.",
+                        },
+                        "ref_text": {
+                            "type": "string",
+                            "description": "Transcript of the recording. Without it the voice serves every mode "
+                            "but zero_shot (on /v1/audio/speech it speaks cross-lingually).",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def voice_object(info: VoiceInfo, store: VoiceStore) -> dict[str, Any]:
+    """A voice's metadata as the API shows it (no tensors)."""
+    return {
+        "id": info.id,
+        "object": "audio.voice",
+        "name": info.id,
+        "created_at": info.created_at,
+        "kind": "clone" if "llm_prompt_speech_token" in info.fields else "speaker",
+        "builtin": info.builtin,
+        "ref_text": info.ref_text,
+        "model_family": info.family,
+        "token_rate": info.token_rate,
+        "model": info.model,
+        "duration": None if info.duration is None else round(info.duration, 3),
+        "usable": store.usable(info),
+    }
+
+
+def _checked_id(store: VoiceStore, voice_id: str) -> str:
+    # Built-in ids come from the model's spk2info.pt and are taken as they are.
+    return voice_id if store.builtin(voice_id) else validate_voice_id(voice_id, param="voice_id")
+
+
+def _optional_text(fields: dict[str, Any], name: str, max_length: int) -> str | None:
+    value = fields.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return text_field(fields, name, max_length)
+
+
+@router.post(
+    "/v1/audio/voices",
+    status_code=201,
+    summary="Store a voice from a recording (multipart audio_sample, name, ref_text); use its id as voice / spk_id.",
+    responses={
+        201: {"description": "The stored voice's metadata; Location names it."},
+        400: _ERROR,
+        409: {"description": "The name is taken (voice_exists) or the library is full (voice_limit_reached)."},
+        413: _ERROR,
+        503: _ERROR,
+    },
+    openapi_extra=_CREATE_DOC,
+)
+async def create_voice(request: Request) -> JSONResponse:
+    state = server_state(request)
+    model = state.require_model()
+    fields = await read_fields(request, state.settings.max_upload_bytes)
+    try:
+        name = text_field(fields, "name", state.settings.max_text_length)
+        # Invalid, taken or over the cap: answered before the recording is decoded and analysed.
+        name = await anyio.to_thread.run_sync(model.voices.check_new, name)
+        ref_text = _optional_text(fields, "ref_text", state.settings.max_text_length)
+        audio = await audio_field(fields, "audio_sample")
+    finally:
+        for value in fields.values():
+            if isinstance(value, UploadFile):
+                await value.close()
+
+    def store() -> VoiceInfo:
+        model.add_speaker(name, ref_text, audio)
+        return model.voices.info(name)
+
+    info = await anyio.to_thread.run_sync(store)
+    return JSONResponse(
+        voice_object(info, model.voices),
+        status_code=201,
+        headers={"Location": f"/v1/audio/voices/{quote(info.id)}"},
+    )
+
+
+@router.get(
+    "/v1/audio/voices/{voice_id:path}",
+    summary="A voice's metadata: stored voices (any model family; usable says whether this model can use it) "
+    "and built-in speakers.",
+    responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
+)
+async def get_voice(voice_id: str, request: Request) -> dict[str, Any]:
+    store = server_state(request).require_model().voices
+    voice_id = _checked_id(store, voice_id)
+    info = await anyio.to_thread.run_sync(store.info, voice_id, "voice_id")
+    return voice_object(info, store)
+
+
+@router.delete(
+    "/v1/audio/voices/{voice_id:path}",
+    summary="Delete a stored voice (of any model family); built-in speakers are read-only.",
+    responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
+)
+async def delete_voice(voice_id: str, request: Request) -> dict[str, Any]:
+    store = server_state(request).require_model().voices
+    voice_id = _checked_id(store, voice_id)
+    info = await anyio.to_thread.run_sync(store.remove, voice_id)
+    return {"id": info.id, "object": "audio.voice.deleted", "deleted": True}
