@@ -87,7 +87,14 @@ def serve(settings: Settings) -> int:
         logger.info("loading %s on %s", settings.model_dir, device)
         try:
             data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else None
-            return load_model(settings.model_dir, device=device, data_dir=data_dir, max_voices=settings.max_voices)
+            return load_model(
+                settings.model_dir,
+                device=device,
+                data_dir=data_dir,
+                max_voices=settings.max_voices,
+                llm_weights=settings.llm_weights,
+                text_frontend=settings.text_frontend,
+            )
         except BaseException as exc:
             failures.append(exc)
             server.should_exit = True  # a server without its model is of no use: stop it

@@ -16,6 +16,7 @@ from typing import Any
 
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+TEXT_FRONTENDS = ("auto", "wetext", "none")
 # Output sample rates a client may ask for (telephony to studio); every route resamples to them.
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 
@@ -42,6 +43,9 @@ class Settings:
     # The voice library's directory; "" keeps stored voices in memory only (lost at exit).
     data_dir: str = field(default_factory=lambda: default_data_dir())
     max_voices: int = 1000  # stored voices, all model families together
+    # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
+    llm_weights: str = "llm.pt"
+    text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -52,6 +56,10 @@ class Settings:
             raise SettingsError("max_text_length must be at least 1")
         if self.max_upload_bytes < 1:
             raise SettingsError("max upload size must be positive")
+        if self.text_frontend not in TEXT_FRONTENDS:
+            raise SettingsError(f"text frontend {self.text_frontend!r} is not one of {', '.join(TEXT_FRONTENDS)}")
+        if not self.llm_weights or Path(self.llm_weights).name != self.llm_weights:
+            raise SettingsError(f"llm_weights {self.llm_weights!r} must be a file name inside the model directory")
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.cors_allow_credentials and "*" in self.cors_origins:
@@ -213,6 +221,21 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         default_data_dir(env),
     )
     opt("max_voices", "most voices the library holds (default %(default)s)", int, d.max_voices, type=int)
+    opt(
+        "llm_weights",
+        "LLM weights file in the model directory, e.g. llm.rl.pt for Fun-CosyVoice3's RL-tuned LLM "
+        "(default %(default)s)",
+        str,
+        d.llm_weights,
+    )
+    opt(
+        "text_frontend",
+        "text normaliser: auto (wetext when installed), wetext or none (default %(default)s)",
+        str.lower,
+        d.text_frontend,
+        type=str.lower,
+        choices=TEXT_FRONTENDS,
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -232,6 +255,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         pcm_sample_rate=int(args.pcm_sample_rate),
         data_dir=args.data_dir,
         max_voices=int(args.max_voices),
+        llm_weights=args.llm_weights,
+        text_frontend=args.text_frontend,
     )
 
 

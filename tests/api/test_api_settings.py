@@ -46,3 +46,14 @@ def test_credentials_with_wildcard_origin_are_refused():
     with pytest.raises(SettingsError, match="wildcard"):
         Settings(cors_allow_credentials=True)
     assert Settings(cors_origins=("https://app.example",), cors_allow_credentials=True).cors_allow_credentials
+
+
+def test_llm_weights_and_text_frontend_flags():
+    s = load_settings([], environ={"COSYSERVE_LLM_WEIGHTS": "llm.rl.pt", "COSYSERVE_TEXT_FRONTEND": "none"})
+    assert (s.llm_weights, s.text_frontend) == ("llm.rl.pt", "none")
+    s = load_settings(["--llm_weights", "llm.pt", "--text_frontend", "wetext"], environ={})
+    assert (s.llm_weights, s.text_frontend) == ("llm.pt", "wetext")
+    with pytest.raises(SettingsError, match="inside the model directory"):
+        Settings(llm_weights="../elsewhere/llm.pt")
+    with pytest.raises(SettingsError, match="text frontend"):
+        Settings(text_frontend="ttsfrd")
