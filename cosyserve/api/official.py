@@ -25,7 +25,8 @@ from starlette.types import Message
 from cosyserve.api.app import MalformedBody, MissingField, server_state, start_generation
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES
 from cosyserve.audio.io import decode_audio
-from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError, UnsupportedMode
+from cosyserve.engine.pipeline import unsupported_mode
+from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError
 
 MIN_AUDIO_SECONDS = 0.5
 MAX_AUDIO_SECONDS = 30.0  # the speech tokenizer's limit
@@ -115,27 +116,15 @@ FIELD_DOCS = {
     "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
 }
 
-_FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
-_MODE_HINTS = {
-    "sft": "it needs a model that ships built-in speakers in spk2info.pt, such as iic/CosyVoice-300M-SFT; "
-    "use /inference_zero_shot or /inference_cross_lingual with a prompt recording instead",
-    "instruct": "it needs a CosyVoice 1.0 model (only iic/CosyVoice-300M-Instruct is trained for instructions); "
-    "use /inference_instruct2 on CosyVoice2 / CosyVoice3",
-    "instruct2": "it needs a CosyVoice2 or Fun-CosyVoice3 model (e.g. iic/CosyVoice2-0.5B); "
-    "on CosyVoice 1.0 use /inference_instruct with iic/CosyVoice-300M-Instruct",
-}
-
 
 def check_mode(model: Any, mode: str) -> None:
-    if mode in model.modes:
-        return
-    family = _FAMILY_NAMES.get(model.family, model.family)
-    hint = _MODE_HINTS.get(mode, f"it supports {', '.join(sorted(model.modes))}")
-    raise UnsupportedMode(f"the loaded {family} model cannot serve {mode}: {hint}", param=None)
+    """Refuse, before reading uploads, a mode the loaded model cannot serve."""
+    if mode not in model.modes:
+        raise unsupported_mode(model.family, mode, model.modes)
 
 
-async def read_fields(request: Request, max_bytes: int) -> Fields:
-    """Query parameters overlaid with the form body (multipart or urlencoded), size-limited."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole request body, refused as soon as it passes ``max_bytes``."""
     too_large = PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
@@ -148,6 +137,12 @@ async def read_fields(request: Request, max_bytes: int) -> Fields:
                 raise too_large
     except ClientDisconnect as exc:
         raise MalformedBody("the client disconnected during the upload") from exc
+    return bytes(body)
+
+
+async def read_fields(request: Request, max_bytes: int) -> Fields:
+    """Query parameters overlaid with the form body (multipart or urlencoded), size-limited."""
+    body = await read_body(request, max_bytes)
 
     fields: Fields = _urlencoded(request.scope.get("query_string", b""), "query string")
     if not body:

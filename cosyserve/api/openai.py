@@ -31,7 +31,6 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import ClientDisconnect
 from starlette.types import Send
 
 from cosyserve.api.app import (
@@ -43,10 +42,10 @@ from cosyserve.api.app import (
     server_state,
     start_generation,
 )
-from cosyserve.api.official import check_audio, check_mode
+from cosyserve.api.official import check_audio, check_mode, read_body
 from cosyserve.api.voices import voice_object
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
-from cosyserve.errors import InvalidRequest, PayloadTooLarge, TextError, UnknownSpeaker
+from cosyserve.errors import InvalidRequest, TextError, UnknownSpeaker
 from cosyserve.settings import Settings
 
 OPENAI_MODELS = ("tts-1", "tts-1-hd")
@@ -227,22 +226,6 @@ def plan_speech(
 # -- request parsing ------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    too_large = PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    body = bytearray()
-    try:
-        async for piece in request.stream():
-            body += piece
-            if len(body) > max_bytes:
-                raise too_large
-    except ClientDisconnect as exc:
-        raise MalformedBody("the client disconnected during the upload") from exc
-    return bytes(body)
-
-
 def parse_request(body: bytes) -> SpeechRequest:
     if not body.strip():
         raise MalformedBody("send a JSON body (Content-Type: application/json) with at least input and voice")
@@ -381,7 +364,7 @@ _SPEECH_DOC = {
 async def create_speech(request: Request) -> Response:
     state = server_state(request)
     model, settings = state.require_model(), state.settings
-    req = parse_request(await _read_body(request, settings.max_upload_bytes))
+    req = parse_request(await read_body(request, settings.max_upload_bytes))
     if not serves_model(req.model, model, settings):
         names = ", ".join((model_id(model, settings), *OPENAI_MODELS))
         message = f"model '{req.model}' is not served here; use one of: {names}"

@@ -39,6 +39,24 @@ _FAMILIES: dict[str, tuple[str, str, str, type[Synthesizer]]] = {
     "cosyvoice3": ("cosyvoice3.yaml", "cosyserve.models.cosyvoice3.model", "speech_tokenizer_v3.onnx", V3Synthesizer),
 }
 
+FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
+_MODE_HINTS = {
+    "sft": "it needs built-in speakers (iic/CosyVoice-300M-SFT ships them) or a stored voice; "
+    "zero_shot and cross_lingual take a prompt recording instead",
+    "instruct": "it needs a CosyVoice 1.0 model, and only iic/CosyVoice-300M-Instruct is trained for instructions; "
+    "CosyVoice2 / Fun-CosyVoice3 use instruct2",
+    "instruct2": "it needs a CosyVoice2 or Fun-CosyVoice3 model (e.g. iic/CosyVoice2-0.5B); "
+    "CosyVoice 1.0 uses instruct with iic/CosyVoice-300M-Instruct",
+}
+
+
+def unsupported_mode(family: str, mode: str, modes: frozenset[str]) -> UnsupportedMode:
+    """The error for a mode the loaded model cannot serve, saying which model would."""
+    hint = _MODE_HINTS.get(mode, f"it supports {', '.join(sorted(modes))}")
+    name = FAMILY_NAMES.get(family, family)
+    return UnsupportedMode(f"the loaded {name} model ({family}) cannot serve {mode}: {hint}", param="mode")
+
+
 # v3 was trained with a system prompt ending in <|endofprompt|> in front of the text (spec §5.5).
 V3_SYSTEM_PROMPT = "You are a helpful assistant."
 END_OF_PROMPT = "<|endofprompt|>"
@@ -244,17 +262,8 @@ class TTSModel:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require(self, mode: str) -> None:
-        if mode in self.modes:
-            return
-        if mode == "instruct":
-            hint = "instruct needs a CosyVoice 1.0 model (trained for it: CosyVoice-300M-Instruct); use instruct2"
-        elif mode == "instruct2":
-            hint = "instruct2 needs CosyVoice2-0.5B or Fun-CosyVoice3-0.5B; on 1.0 models use instruct"
-        elif mode == "sft":
-            hint = "sft needs stored speakers (CosyVoice-300M-SFT / -Instruct ship them, or add a voice first)"
-        else:
-            hint = f"mode {mode} is unknown"
-        raise UnsupportedMode(f"the loaded model ({self.family}) cannot serve {mode}: {hint}", param="mode")
+        if mode not in self.modes:
+            raise unsupported_mode(self.family, mode, self.modes)
 
     def _segments(self, text: str, text_frontend: bool) -> list[str]:
         segments = self._text(text, "tts_text", split=True, frontend=text_frontend)
