@@ -25,6 +25,8 @@ from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
+from cosyserve.models.cosyvoice2.llm import MAX_TOKEN_TEXT_RATIO
+from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES
 from cosyserve.nn.sampling import Sampler
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
@@ -327,7 +329,17 @@ class TTSModel:
             model_input.get("llm_prompt_speech_token", empty_ids),
             model_input.get("llm_embedding", torch.zeros(0, 192)),
             sampler,
+            max_len=self._max_tokens(model_input),
         )
+
+    def _max_tokens(self, model_input: dict[str, torch.Tensor]) -> int:
+        """The LLM's length bound: 20 tokens per text token, and for v2/v3 no more than the flow's
+        fixed noise covers (300 s, prompt included), so an unsplittable text cannot overrun it."""
+        bound = MAX_TOKEN_TEXT_RATIO * model_input["text"].shape[1]
+        if self.core.token_mel_ratio:
+            prompt = model_input.get("flow_prompt_speech_token", torch.zeros(1, 0)).shape[1]
+            bound = min(bound, FIXED_NOISE_FRAMES // self.core.token_mel_ratio - prompt)
+        return max(bound, 0)
 
     def _generate(
         self,

@@ -339,3 +339,18 @@ def test_v3_llm_weights(engine, name, tmp_path):
     rl_model = load_model(copy, text_frontend="none", llm_weights="llm.rl.pt")
     rl = np.concatenate(list(rl_model.inference_sft(text, speaker, seed=1)))
     assert rl.shape != base.shape or not np.array_equal(rl, base), "llm.rl.pt was not used"
+
+
+@pytest.mark.parametrize("name", _models(("v2", "v3")))
+def test_token_budget_keeps_within_the_flow_noise(engine, name, prompt_wav, monkeypatch):
+    """An unsplittable text cannot make the LLM outrun the flow's fixed noise (a crash mid-stream)."""
+    import cosyserve.engine.pipeline as pipeline
+
+    model = engine(name)
+    prompt = model.prompt(prompt_wav)
+    prompt_tokens = prompt["flow_prompt_speech_token"].shape[1]
+    monkeypatch.setattr(pipeline, "FIXED_NOISE_FRAMES", model.core.token_mel_ratio * (prompt_tokens + 6))
+    tap = LLMTap(model, monkeypatch)
+    chunks = list(model.inference_cross_lingual("今天天气真好，我们一起去公园散步吧。", prompt_wav, seed=1))
+    assert 0 < len(tap.tokens) <= 6
+    _check_chunks(model, chunks)
