@@ -157,9 +157,7 @@ class TTSModel:
                 )
             inputs = [self.frontend.zero_shot(s, None, prompt) for s in segments]
         else:
-            prompt_text = self._v3_prompt_text(
-                self._text(prompt_text, "prompt_text", split=False, frontend=text_frontend)
-            )
+            prompt_text = self._v3_text(self._text(prompt_text, "prompt_text", split=False, frontend=text_frontend))
             prompt = self.prompt(prompt_audio)
             inputs = [self.frontend.zero_shot(s, prompt_text, prompt) for s in segments]
         return self._generate(inputs, stream, speed, seed, draws, sampler)
@@ -253,7 +251,7 @@ class TTSModel:
         voice = self.frontend.process_prompt(audio)
         ref_text = prompt_text.strip() if prompt_text and prompt_text.strip() else None
         if ref_text is not None:
-            text = self._v3_prompt_text(self._text(ref_text, "prompt_text", split=False, frontend=text_frontend))
+            text = self._v3_text(self._text(ref_text, "prompt_text", split=False, frontend=text_frontend))
             voice = self.frontend.zero_shot_speaker(text, voice)
         self.voices.add(spk_id, voice, ref_text=ref_text, duration=audio[0].shape[1] / audio[1])
         return voice
@@ -279,12 +277,10 @@ class TTSModel:
         return self.frontend.normalize(text, split=split, text_frontend=frontend)
 
     def _v3_text(self, text: str) -> str:
+        """v3 target / prompt text with the system prompt the model was trained with."""
         if self.core.version == "v3" and END_OF_PROMPT not in text:
             return V3_SYSTEM_PROMPT + END_OF_PROMPT + text
         return text
-
-    def _v3_prompt_text(self, prompt_text: str) -> str:
-        return self._v3_text(prompt_text)
 
     def _instruct2_text(self, instruct: str) -> str:
         if END_OF_PROMPT in instruct:
