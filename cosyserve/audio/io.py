@@ -74,7 +74,9 @@ def decode_audio(data: AudioInput) -> tuple[np.ndarray, int]:
         try:
             samples, sr = sf.read(src, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
-            raise AudioError(f"could not decode audio (not a supported audio file?): {exc}") from exc
+            # libsndfile's own words, without the repr of our in-memory file object.
+            reason = getattr(exc, "error_string", None) or str(exc).split(": ")[-1]
+            raise AudioError(f"could not decode audio (not a supported audio file?): {reason}") from exc
         wave = np.ascontiguousarray(samples.T)
     if sr <= 0:
         raise AudioError(f"invalid sample rate {sr}")
