@@ -43,6 +43,8 @@ class Settings:
     # The voice library's directory; "" keeps stored voices in memory only (lost at exit).
     data_dir: str = field(default_factory=lambda: default_data_dir())
     max_voices: int = 1000  # stored voices, all model families together
+    max_concurrency: int = 4  # generations running at once; more wait in a queue
+    max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
     text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
@@ -52,6 +54,8 @@ class Settings:
             raise SettingsError(f"port {self.port} is not in 1..65535")
         if self.gpu is not None and self.gpu < -1:
             raise SettingsError(f"gpu {self.gpu} is not a device index (use -1 for the CPU)")
+        if self.max_concurrency < 1 or self.max_queue < 0:
+            raise SettingsError("max_concurrency must be at least 1 and max_queue at least 0")
         if self.max_text_length < 1:
             raise SettingsError("max_text_length must be at least 1")
         if self.max_upload_bytes < 1:
@@ -222,6 +226,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("max_voices", "most voices the library holds (default %(default)s)", int, d.max_voices, type=int)
     opt(
+        "max_concurrency",
+        "generations running at once; more requests wait for a slot (default %(default)s)",
+        int,
+        d.max_concurrency,
+        type=int,
+    )
+    opt("max_queue", "requests that may wait for a slot before 503 (default %(default)s)", int, d.max_queue, type=int)
+    opt(
         "llm_weights",
         "LLM weights file in the model directory, e.g. llm.rl.pt for Fun-CosyVoice3's RL-tuned LLM "
         "(default %(default)s)",
@@ -255,6 +267,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         pcm_sample_rate=int(args.pcm_sample_rate),
         data_dir=args.data_dir,
         max_voices=int(args.max_voices),
+        max_concurrency=int(args.max_concurrency),
+        max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,
         text_frontend=args.text_frontend,
     )

@@ -116,14 +116,55 @@ class InFlight:
         return self._value
 
 
+class ServerBusy(HTTPException):
+    """Every generation slot is taken and the queue is full: 503 with Retry-After."""
+
+    code = "server_busy"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, headers={"Retry-After": "2"})
+
+
+class Admission:
+    """At most ``limit`` generations run at once; up to ``queue`` more wait for a slot, the rest are
+    turned away with 503 (running them all at once would only make every one of them slower)."""
+
+    def __init__(self, limit: int, queue: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self._queue = queue
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def enqueue(self) -> None:
+        with self._lock:
+            if self._waiting >= self._queue:
+                raise ServerBusy(f"the server is busy ({self._waiting} requests waiting), retry shortly")
+            self._waiting += 1
+
+    def wait_for_slot(self, cancelled: threading.Event) -> bool:
+        """Block until a slot is free (True) or the request is cancelled (False); leaves the queue."""
+        try:
+            while not cancelled.is_set():
+                if self._slots.acquire(timeout=0.05):
+                    return True
+            return False
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        self._slots.release()
+
+
 class ServerState:
-    """What the routes share: settings, the model (once loaded) and the in-flight counter."""
+    """What the routes share: settings, the model (once loaded), admission and the in-flight counter."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model: Any = None
         self.load_error: str | None = None
         self.in_flight = InFlight()
+        self.admission = Admission(settings.max_concurrency, settings.max_queue)
 
     def require_model(self) -> Any:
         if self.model is not None:
@@ -176,11 +217,14 @@ class Generation:
     generation stops within one chunk, and it always closes the iterator.
     """
 
-    def __init__(self, start: Callable[[], Iterator[np.ndarray]], rid: str, in_flight: InFlight, label: str) -> None:
+    def __init__(
+        self, start: Callable[[], Iterator[np.ndarray]], rid: str, in_flight: InFlight, admission: Admission, label: str
+    ) -> None:
         self._start = start
         self.rid = rid
         self.label = label
         self._in_flight = in_flight
+        self._admission = admission
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._cancel = threading.Event()
@@ -188,6 +232,7 @@ class Generation:
         self.samples = 0
 
     def start(self) -> None:
+        self._admission.enqueue()
         self._in_flight.enter()
         self._thread.start()
 
@@ -218,6 +263,9 @@ class Generation:
 
     def _run(self) -> None:
         started = time.perf_counter()
+        if not self._admission.wait_for_slot(self._cancel):
+            self._in_flight.leave()
+            return
         try:
             try:
                 iterator = self._start()
@@ -253,6 +301,7 @@ class Generation:
                 time.perf_counter() - started,
             )
         finally:
+            self._admission.release()
             self._in_flight.leave()
             self._put("end")
 
@@ -386,7 +435,7 @@ async def start_generation(
     rate = output_rate(fmt, sample_rate, state.model.sample_rate)  # a bad format / rate fails before any work
     if buffered is None:
         buffered = not stream and fmt in LENGTH_IN_HEADER
-    generation = Generation(start, request_id(request), state.in_flight, label)
+    generation = Generation(start, request_id(request), state.in_flight, state.admission, label)
     generation.start()
     try:
         await generation.ready()
@@ -412,9 +461,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 503: "model_not_ready"}
-        return error_response(
-            str(exc.detail), codes.get(exc.status_code, "http_error"), exc.status_code, headers=exc.headers
-        )
+        code = getattr(exc, "code", None) or codes.get(exc.status_code, "http_error")
+        return error_response(str(exc.detail), code, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -500,3 +500,28 @@ def test_concurrent_requests_overlap_and_get_their_own_audio():
     for seed, body in results.items():
         np.testing.assert_array_equal(decode_wav(body)[0], to_int16(stub.expected(seed)))
     assert len(results) == 8
+
+
+def test_admission_caps_running_generations_and_turns_away_beyond_the_queue():
+    stub = StubModel(chunks=5)
+    stub.delay = 0.05
+    app = create_app(stub, Settings(max_concurrency=2, max_queue=2))
+    with LiveServer(app) as server:
+        statuses: list[int] = []
+
+        def call(seed):
+            resp = requests.post(server.url + "/inference_sft", data=form("sft")[0] | {"seed": str(seed)}, timeout=30)
+            statuses.append(resp.status_code)
+            if resp.status_code == 503:
+                assert_error(resp, 503, "server_busy")
+                assert resp.headers["Retry-After"]
+
+        threads = [threading.Thread(target=call, args=(seed,)) for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        wait_for(lambda: app.state.cosyserve.in_flight.value == 0, 5, "in-flight count back to 0")
+    assert stub.peak <= 2, f"{stub.peak} generations ran at once with max_concurrency=2"
+    assert statuses.count(200) >= 4, statuses  # 2 running + 2 queued at the least
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
