@@ -7,6 +7,7 @@ Every random draw comes from the sampler's own ``torch.Generator``; the global R
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -93,3 +94,29 @@ class RasSampler:
         keep = int(np.count_nonzero(before < np.float32(self.top_p)))
         pick = torch.multinomial(head[:keep], 1, replacement=True, generator=self.generator)
         return int(order[pick])
+
+
+def sample_tokens(
+    next_logp: Callable[[int | None], Tensor],
+    sampler: Sampler,
+    stop_ids: Container[int],
+    min_len: int,
+    max_len: int,
+    mask_early_stop: Callable[[Tensor], Tensor],
+) -> Iterator[int]:
+    """The autoregressive loop shared by every LLM: ``next_logp(previous id or None)`` gives the
+    next step's log-probs; stop ids are masked for the first ``min_len`` steps; at most ``max_len``
+    ids are yielded. Lazy: closing the iterator stops decoding."""
+    history: list[int] = []
+    token: int | None = None
+    for step in range(max_len):
+        # The sampler runs in inference mode too: it may edit the scores in place.
+        with torch.inference_mode():
+            logp = next_logp(token)
+            if step < min_len:
+                logp = mask_early_stop(logp)
+            token = int(sampler(logp, history))
+        if token in stop_ids:
+            return
+        yield token
+        history.append(token)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from cosyserve.config import ConfigError, Node
 from cosyserve.nn.attention import KVCache
 from cosyserve.nn.conformer import ConformerEncoder, TransformerEncoder
-from cosyserve.nn.sampling import RasSampler, Sampler
+from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
 
@@ -198,20 +198,14 @@ class TransformerLM(nn.Module):
         return self._decode(prefix, sampler or self.make_sampler(), min_len, max_len)
 
     def _decode(self, prefix: Tensor, sampler: Sampler, min_len: int, max_len: int) -> Iterator[int]:
-        history: list[int] = []
-        cache: list[KVCache] | None = None
-        token = -1
-        for step in range(max_len):
-            with torch.inference_mode():
-                if cache is None:
-                    hidden, cache = self.prefill(prefix)
-                else:
-                    hidden = self.decode_step(token, cache)
-                logp = self.logp(hidden)
-                if step < min_len:
-                    logp = self.mask_early_stop(logp)
-                token = int(sampler(logp, history))
-            if token == self.eos_token:
-                return
-            yield token
-            history.append(token)
+        cache: list[KVCache] = []
+
+        def next_logp(token: int | None) -> Tensor:
+            if token is None:
+                hidden, state = self.prefill(prefix)
+                cache.append(state)
+            else:
+                hidden = self.decode_step(token, cache[0])
+            return self.logp(hidden)
+
+        return sample_tokens(next_logp, sampler, self.stop_token_ids, min_len, max_len, self.mask_early_stop)

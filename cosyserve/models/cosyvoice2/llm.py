@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cosyserve.config import ConfigError, Node
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
-from cosyserve.nn.sampling import RasSampler, Sampler
+from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
 
@@ -195,22 +195,17 @@ class Qwen2LM(nn.Module):
     def _decode(
         self, prefix: Tensor, sampler: Sampler, min_len: int, max_len: int, reference_eos_mask: bool | None
     ) -> Iterator[int]:
-        stop = self.stop_token_ids
-        history: list[int] = []
-        cache: KVCache | None = None
-        token = -1
-        for step in range(max_len):
-            # The sampler runs in inference mode too: it may edit the scores in place.
-            with torch.inference_mode():
-                if cache is None:
-                    hidden, cache = self.prefill(prefix)
-                else:
-                    hidden = self.decode_step(token, cache)
-                logp = self.logp(hidden)
-                if step < min_len:
-                    logp = self.mask_early_stop(logp, reference_eos_mask)
-                token = int(sampler(logp, history))
-            if token in stop:
-                return
-            yield token
-            history.append(token)
+        cache: list[KVCache] = []
+
+        def next_logp(token: int | None) -> Tensor:
+            if token is None:
+                hidden, state = self.prefill(prefix)
+                cache.append(state)
+            else:
+                hidden = self.decode_step(token, cache[0])
+            return self.logp(hidden)
+
+        def mask(logp: Tensor) -> Tensor:
+            return self.mask_early_stop(logp, reference_eos_mask)
+
+        return sample_tokens(next_logp, sampler, self.stop_token_ids, min_len, max_len, mask)
