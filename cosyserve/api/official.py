@@ -24,13 +24,9 @@ from starlette.types import Message
 
 from cosyserve.api.app import MalformedBody, MissingField, server_state, start_generation
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES
-from cosyserve.audio.io import decode_audio
-from cosyserve.engine.pipeline import unsupported_mode
+from cosyserve.audio.io import MIN_SAMPLE_RATE, decode_audio
+from cosyserve.engine.pipeline import MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, unsupported_mode
 from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError
-
-MIN_AUDIO_SECONDS = 0.5
-MAX_AUDIO_SECONDS = 30.0  # the speech tokenizer's limit
-MIN_AUDIO_RATE = 16000  # prompts are analysed at 16 kHz; upsampling adds nothing
 
 Fields = dict[str, str | UploadFile]
 Audio = tuple[np.ndarray, int]  # (wave (channels, N) float32, sample rate), as decode_audio returns
@@ -203,12 +199,12 @@ def check_audio(name: str, data: bytes) -> Audio:
     except Exception as exc:  # a decoder crash on hostile input is still the input's fault
         raise AudioError(f"{name} does not decode as audio: {exc}", param=name) from exc
     seconds = wave.shape[-1] / sr
-    if sr < MIN_AUDIO_RATE:
-        raise AudioError(f"{name} is sampled at {sr} Hz; at least {MIN_AUDIO_RATE} Hz is needed", param=name)
-    if seconds < MIN_AUDIO_SECONDS:
-        raise AudioError(f"{name} is {seconds:.2f} s long; at least {MIN_AUDIO_SECONDS} s is needed", param=name)
-    if seconds > MAX_AUDIO_SECONDS:
-        raise AudioError(f"{name} is {seconds:.1f} s long; at most {MAX_AUDIO_SECONDS:g} s is accepted", param=name)
+    if sr < MIN_SAMPLE_RATE:
+        raise AudioError(f"{name} is sampled at {sr} Hz; at least {MIN_SAMPLE_RATE} Hz is needed", param=name)
+    if seconds < MIN_PROMPT_SECONDS:
+        raise AudioError(f"{name} is {seconds:.2f} s long; at least {MIN_PROMPT_SECONDS} s is needed", param=name)
+    if seconds > MAX_PROMPT_SECONDS:
+        raise AudioError(f"{name} is {seconds:.1f} s long; at most {MAX_PROMPT_SECONDS:g} s is accepted", param=name)
     return wave, sr
 
 

@@ -64,6 +64,10 @@ V3_SYSTEM_PROMPT = "You are a helpful assistant."
 END_OF_PROMPT = "<|endofprompt|>"
 
 
+MIN_PROMPT_SECONDS = 0.5  # shorter prompts carry too little of the voice
+MAX_PROMPT_SECONDS = 30.0  # the speech tokenizer's limit
+
+
 @dataclass
 class EngineOptions:
     """Behaviour switches; the defaults are what the models were trained for."""
@@ -72,8 +76,8 @@ class EngineOptions:
     prompt_mel_rate: str = "model"  # v1 prompt mel at the model rate, "reference" = HEAD's 24 kHz
     reference_eos_mask: bool = False  # v3: reproduce HEAD's ignore-EOS bug (spec §17.2)
     llm_weights: str = "llm.pt"  # v3: "llm.rl.pt" selects the RL-tuned LLM
-    min_prompt_seconds: float = 0.5
-    max_prompt_seconds: float = 30.0
+    min_prompt_seconds: float = MIN_PROMPT_SECONDS
+    max_prompt_seconds: float = MAX_PROMPT_SECONDS
     data_dir: Path | None = None  # where the voice library lives (None: stored voices kept in memory only)
     max_voices: int = DEFAULT_MAX_VOICES  # cap on the library's voices (all families)
 
