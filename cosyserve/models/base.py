@@ -12,6 +12,26 @@ from cosyserve.config import ConfigError, Node, expect_node
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 
 BLANK_EN = "CosyVoice-BlankEN"  # the Qwen2 folder whose config.json gives the v2/v3 LLM geometry
+MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
+MIN_TOKEN_TEXT_RATIO = 2  # speech tokens per text token the LLM makes at least (stop ids masked before)
+MAX_TOKEN_TEXT_RATIO = 20  # and at most
+
+
+class SilenceFilter:
+    """Keeps a token unless it is a silent id preceded by ``max_run`` or more consecutive silent ids
+    (the flow skips long runs of silence; the LM still conditions on every id)."""
+
+    def __init__(self, silent: frozenset[int], max_run: int) -> None:
+        self.silent = silent
+        self.max_run = max_run
+        self.run = 0
+
+    def keep(self, token: int) -> bool:
+        if token not in self.silent:
+            self.run = 0
+            return True
+        self.run += 1
+        return self.run <= self.max_run
 
 
 @dataclass
@@ -32,6 +52,10 @@ class FamilyModel:
     chunk_tokens: int = 0  # streaming hop in tokens (v2/v3 flow chunk size)
     pre_lookahead_len: int = 0  # look-ahead tokens of the causal flow (v2/v3)
     silent_tokens: frozenset[int] = field(default_factory=frozenset)
+
+    def new_token_filter(self) -> SilenceFilter | None:
+        """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""
+        return SilenceFilter(self.silent_tokens, MAX_SILENT_RUN) if self.silent_tokens else None
 
     def eval(self) -> FamilyModel:
         for module in (self.llm, self.flow, self.hift):

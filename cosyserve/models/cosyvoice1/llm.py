@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.config import ConfigError, Node
+from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.nn.conformer import ConformerEncoder, TransformerEncoder
 from cosyserve.nn.kv_cache import KVCache
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
 
-MIN_TOKEN_TEXT_RATIO = 2
-MAX_TOKEN_TEXT_RATIO = 20
 
 _ENCODERS = {"ConformerEncoder": ConformerEncoder, "TransformerEncoder": TransformerEncoder}
 _TRAINING_KEYS = {"length_normalized_loss", "lsm_weight"}

@@ -12,13 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from cosyserve.config import ConfigError, Node
+from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
-
-MIN_TOKEN_TEXT_RATIO = 2
-MAX_TOKEN_TEXT_RATIO = 20
 
 
 def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
