@@ -94,6 +94,7 @@ def serve(settings: Settings) -> int:
                 max_voices=settings.max_voices,
                 llm_weights=settings.llm_weights,
                 text_frontend=settings.text_frontend,
+                threads=settings.threads or os.cpu_count() or 1,
             )
         except BaseException as exc:
             failures.append(exc)

@@ -32,6 +32,7 @@ class Settings:
     model_dir: str = "iic/CosyVoice-300M"
     # CUDA device index; None picks cuda:0 when CUDA is there (else the CPU), -1 forces the CPU.
     gpu: int | None = None
+    threads: int = 0  # torch intra-op and onnxruntime threads of the engine; 0: every core of the machine
     max_text_length: int = 5000  # characters, per text field
     max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
@@ -52,6 +53,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is not in 1..65535")
+        if self.threads < 0:
+            raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:
             raise SettingsError(f"gpu {self.gpu} is not a device index (use -1 for the CPU)")
         if self.max_concurrency < 1 or self.max_queue < 0:
@@ -174,6 +177,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("gpu", "CUDA device index, -1 for the CPU (default: cuda:0 when available, else the CPU)", int, d.gpu, type=int)
     opt(
+        "threads",
+        "engine threads, torch and onnxruntime; 0: every core (default %(default)s)",
+        int,
+        d.threads,
+        type=int,
+    )
+    opt(
         "max_text_length",
         "longest accepted text field, in characters (default %(default)s)",
         int,
@@ -258,6 +268,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         port=int(args.port),
         model_dir=args.model_dir,
         gpu=None if args.gpu is None else int(args.gpu),
+        threads=int(args.threads),
         max_text_length=int(args.max_text_length),
         max_upload_bytes=int(upload_mb * 1024 * 1024),
         cors_origins=_parse_origins(args.cors_origins),

@@ -80,6 +80,9 @@ class EngineOptions:
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
     data_dir: Path | None = None  # where the voice library lives (None: stored voices kept in memory only)
     max_voices: int = DEFAULT_MAX_VOICES  # cap on the library's voices (all families)
+    # torch intra-op and onnxruntime threads; None leaves torch's process setting alone (ONNX: 1)
+    threads: int | None = None
+    random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
 
 
 class TTSModel:
@@ -317,11 +320,17 @@ def load_model(
 ) -> TTSModel:
     """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...)."""
     options = options or EngineOptions(**option_overrides)
+    if options.threads:
+        # One setting for every kernel: the engine is the only thing computing in this process.
+        torch.set_num_threads(options.threads)
+    onnx_threads = options.threads or 1
     model_dir, family = resolve_model_dir(model, hub=hub)
     yaml_name, module_name, tokenizer_file, _ = _FAMILIES[family]
     try:
         config = load_yaml(model_dir / yaml_name, {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
-        core = importlib.import_module(module_name).load(model_dir, config, llm_weights=options.llm_weights)
+        core = importlib.import_module(module_name).load(
+            model_dir, config, llm_weights=options.llm_weights, random_weights=options.random_weights
+        )
         if family == "cosyvoice3":
             core.llm.reference_eos_mask = options.reference_eos_mask
         tokenizer = load_tokenizer(config, model_dir)
@@ -340,8 +349,8 @@ def load_model(
         version=core.version,
         tokenizer=tokenizer,
         normalizer=TextNormalizer(tokenizer, backend=options.text_frontend),
-        speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file),
-        speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx"),
+        speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file, threads=onnx_threads),
+        speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx", threads=onnx_threads),
         mel_extractor=mel_extractor,
         sample_rate=core.sample_rate,
         prompt_mel_rate=options.prompt_mel_rate,

@@ -11,7 +11,10 @@ so the audio is the same however the scheduler interleaves this work with other 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,13 +100,24 @@ class Synthesizer:
         self.mel_cache = 0  # mel frames carried to the next vocoder call
         self.source_cache = 0  # excitation / waveform samples carried likewise
         self.speech_window = torch.zeros(0)
+        self.timings: dict[str, float] | None = None  # seconds per stage, accumulated when set (bench)
+
+    def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its wall time added to ``timings[stage]`` when timings are kept."""
+        if self.timings is None:
+            return fn(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         hift = self.model.hift
         source = self.draws.next_hift_source()
         if source is not None:
-            return hift.decode(mel, source), source
-        return hift.inference(mel, cache_source=cache_source, generator=self.draws.generator)
+            return self.timed("vocoder", hift.decode, mel, source), source
+        return self.timed("vocoder", hift.inference, mel, cache_source=cache_source, generator=self.draws.generator)
 
     def vocode_with_cache(self, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
         """HiFT with the v1/v2 chunk caches: the last mel frames and excitation of the previous
@@ -164,7 +178,9 @@ class V1Synthesizer(Synthesizer):
 
     def token2wav(self, tokens: list[int], finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel, self.flow_cache = self.model.flow.inference(
+        mel, self.flow_cache = self.timed(
+            "flow",
+            self.model.flow.inference,
             torch.tensor([tokens], dtype=torch.int32),
             c.token,
             c.feat,
@@ -219,7 +235,9 @@ class V2Synthesizer(Synthesizer):
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel = self.model.flow.inference(
+        mel = self.timed(
+            "flow",
+            self.model.flow.inference,
             torch.tensor([tokens], dtype=torch.int32),
             c.token,
             c.feat,
@@ -275,7 +293,8 @@ class V3Synthesizer(V2Synthesizer):
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         self.mel = torch.cat([self.mel, mel], dim=2)
-        speech, _ = self.model.hift.inference(self.mel, finalize=finalize, source=self.draws.next_hift_source())
+        source = self.draws.next_hift_source()
+        speech, _ = self.timed("vocoder", self.model.hift.inference, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]
         return speech
