@@ -28,6 +28,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cosyserve import __version__
+from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
+from cosyserve.api.metrics import AUDIO_SCOPE_KEY, Metrics, MetricsMiddleware
 from cosyserve.audio.encode import make_encoder, output_rate
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.engine.voices import IncompatibleVoice, VoiceExists, VoiceLimitReached
@@ -230,6 +232,7 @@ class Generation:
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"cosyserve-{rid}", daemon=True)
         self.samples = 0
+        self.first_chunk_at: float | None = None  # perf_counter() when the response got its first chunk
 
     def start(self) -> None:
         self._admission.enqueue()
@@ -250,6 +253,8 @@ class Generation:
         while True:
             kind, value = await self._queue.get()
             if kind == "chunk":
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
                 yield value
             elif kind == "failed":
                 raise GenerationFailed(f"generation failed (request {self.rid}): {value}")
@@ -343,6 +348,7 @@ class AudioResponse(Response):
         return (self.encoder.encode(rest) if rest.size else b"") + self.encoder.finish()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[AUDIO_SCOPE_KEY] = self  # for the metrics middleware
         failure: GenerationFailed | None = None
         async with anyio.create_task_group() as group:
 
@@ -486,10 +492,11 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
     With a loader, loading starts in a background thread when the app starts up; until it is done
     ``/health`` answers 503 and the inference routes answer 503 with ``Retry-After``.
     """
-    from cosyserve.api import health, official, openai, voices
+    from cosyserve.api import health, metrics, official, openai, voices, web
 
     settings = settings or Settings()
     state = ServerState(settings)
+    app_metrics = Metrics(lambda: state.model, lambda: state.in_flight.value)
     loader: Callable[[], Any] | None = None
     if callable(model_or_loader) and not hasattr(model_or_loader, "sample_rate"):
         loader = model_or_loader
@@ -506,6 +513,7 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
             logger.debug("model loading traceback", exc_info=exc)
             return
         state.model = model
+        app_metrics.model_load.set(time.perf_counter() - started)
         logger.info(
             "model ready in %.1f s: %s, %d Hz, modes %s",
             time.perf_counter() - started,
@@ -528,11 +536,16 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.cosyserve = state
+    app.state.metrics = app_metrics
     _install_error_handlers(app)
     app.include_router(official.router)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(voices.router)
+    app.include_router(metrics.router)
+    app.include_router(web.router)
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.api_keys, (*settings.auth_exempt, *web.PUBLIC_PATHS)))
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(
