@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -32,7 +32,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("cosyserve.api")
@@ -57,12 +57,22 @@ def mode_of(label: str) -> str:
     return (match.group(1) or match.group(2)) if match else ""
 
 
+def iter_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes, those of included routers inlined (FastAPI >= 0.16x keeps included routers whole)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from iter_routes(included.routes)
+        else:
+            yield route
+
+
 def route_template(scope: Scope) -> str:
     """The path template of the route a request went to, or would have (refused before routing, e.g. 401)."""
     route = scope.get("route")
     if route is None:  # as the router picks: the first full match, else the first partial one (405)
         partial = None
-        for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        for candidate in iter_routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
             match = candidate.matches(scope)[0]
             if match == Match.FULL:
                 route = candidate

@@ -172,4 +172,3 @@ def test_web_page_with_api_key(page: Any, server: LiveServer) -> None:
         page.click(button)
         page.wait_for_selector(f"#voice-list li[data-voice='{name}']", state="detached")
     assert page.evaluate("[...document.querySelectorAll('#voice option')].map(o => o.value)").count("Web Voice") == 0
-
