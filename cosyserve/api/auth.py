@@ -7,36 +7,40 @@ clients send them that way (a browser's WebSocket cannot set headers at all). Ex
 
 Keys are compared in constant time and never logged. A refusal is a 401 in the OpenAI error shape
 with ``WWW-Authenticate: Bearer``; a refused WebSocket handshake is closed with code 1008 (policy
-violation) before it is accepted. WebSocket routes that want to check the key themselves (e.g. to
-answer with a JSON error message first) call :func:`scope_has_valid_key` or :meth:`ApiKeys.allows`.
+violation) before it is accepted. WebSocket routes that want to check the key themselves (e.g. on an
+exempt path, to answer with a JSON error message first) call :func:`scope_has_valid_key`. The
+``api_key`` query parameter is removed from the request once read, so no access log shows it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Routes whose clients (ElevenLabs SDKs, LiveKit, Pipecat) send the key as xi-api-key or ?api_key=.
 ELEVENLABS_PREFIX = "/v1/text-to-speech/"
-SCOPE_KEY = "cosyserve.api_keys"  # where the middleware leaves the ApiKeys for routes to use
+QUERY_KEY = "api_key"
+VALID_KEY_SCOPE = "cosyserve.valid_api_key"  # the middleware's verdict on the key, for routes to read
 
 
 class ApiKeys:
     """The accepted keys and the paths open without one."""
 
     def __init__(self, keys: Iterable[str], exempt: Iterable[str] = ()) -> None:
-        self._keys = tuple(k.encode() for k in keys)
+        # Digests, so every comparison is between equal lengths and the key lengths do not leak either.
+        self._digests = tuple(_digest(k) for k in keys)
         exempt = tuple(exempt)
         self._exact = frozenset(p for p in exempt if not p.endswith("*"))
         self._prefixes = tuple(p[:-1] for p in exempt if p.endswith("*"))
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._digests)
 
     def exempt(self, path: str) -> bool:
         return path in self._exact or path.startswith(self._prefixes)
@@ -45,19 +49,22 @@ class ApiKeys:
         """Whether ``key`` is one of the keys; the time taken does not depend on where they differ."""
         if not key:
             return False
-        candidate = key.encode("utf-8", "replace")
+        candidate = _digest(key)
         found = False
-        for known in self._keys:  # no early exit: how many keys were tried does not leak either
+        for known in self._digests:  # no early exit: which key matched does not leak either
             found |= hmac.compare_digest(candidate, known)
         return found
 
-    def allows(self, scope: Scope) -> bool:
-        """Whether an HTTP request or WebSocket handshake may go on."""
+    def open(self, scope: Scope) -> bool:
+        """Whether an HTTP request or WebSocket handshake may go on without a key."""
         if not self.enabled or self.exempt(scope.get("path", "")):
             return True
-        if scope["type"] == "http" and scope.get("method") == "OPTIONS":
-            return True  # CORS preflights never carry credentials; no route answers OPTIONS otherwise
-        return self.valid(key_from_scope(scope))
+        # CORS preflights never carry credentials; no route answers OPTIONS otherwise.
+        return scope["type"] == "http" and scope.get("method") == "OPTIONS"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "replace")).digest()
 
 
 def key_from_scope(scope: Scope) -> str | None:
@@ -73,13 +80,22 @@ def key_from_scope(scope: Scope) -> str | None:
     if xi := headers.get(b"xi-api-key", b"").decode("latin-1").strip():
         return xi
     query = scope.get("query_string", b"").decode("latin-1")
-    return dict(parse_qsl(query)).get("api_key") or None
+    return dict(parse_qsl(query)).get(QUERY_KEY) or None
+
+
+def _drop_query_key(scope: Scope) -> None:
+    """Remove ``api_key`` from the query string, so the server's access log never shows it."""
+    raw = scope.get("query_string", b"")
+    if QUERY_KEY.encode() not in raw:
+        return
+    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+    scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != QUERY_KEY]).encode("latin-1")
 
 
 def scope_has_valid_key(scope: Scope) -> bool:
-    """For routes (e.g. WebSocket ones) that check on their own: True when no keys are configured."""
-    keys: ApiKeys | None = scope.get(SCOPE_KEY)
-    return keys is None or keys.allows(scope)
+    """Whether the request or handshake carried a valid key (True when no keys are configured), whatever
+    the exemptions: for routes, e.g. WebSocket ones on an exempt path, that check on their own."""
+    return scope.get(VALID_KEY_SCOPE, True)
 
 
 def unauthorized_response(has_key: bool) -> JSONResponse:
@@ -103,10 +119,12 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        scope[SCOPE_KEY] = self.keys
-        if self.keys.allows(scope):
+        key = key_from_scope(scope)
+        scope[VALID_KEY_SCOPE] = valid = not self.keys.enabled or self.keys.valid(key)
+        _drop_query_key(scope)  # uvicorn logs the path and query from this scope once the response starts
+        if valid or self.keys.open(scope):
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
-            await unauthorized_response(key_from_scope(scope) is not None)(scope, receive, send)
+            await unauthorized_response(key is not None)(scope, receive, send)
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": "missing or invalid API key"})

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from api_helpers import LiveServer
-from fastapi import WebSocket
+from fastapi import Request, WebSocket
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -181,7 +181,38 @@ def test_key_helpers() -> None:
     assert keys.exempt("/health") and keys.exempt("/docs/oauth2-redirect") and not keys.exempt("/healthz")
     scope = {"type": "http", "path": "/v1/text-to-speech/x", "headers": [], "query_string": b"api_key=a%20b"}
     assert key_from_scope(scope) == "a b"
-    assert not ApiKeys(()).enabled and ApiKeys(()).allows({"type": "http", "path": "/speakers"})
+    assert not ApiKeys(()).enabled and ApiKeys(()).open({"type": "http", "path": "/speakers"})
+
+
+def test_query_key_is_removed_before_logging(model: Any) -> None:
+    app = _app(model)
+    queries: list[str] = []
+
+    async def echo(request: Request) -> dict[str, str]:
+        queries.append(request.url.query)
+        return {}
+
+    app.add_api_route("/v1/text-to-speech/{voice_id}/echo", echo, methods=["GET"])
+    client = TestClient(app)
+    assert client.get("/v1/text-to-speech/x/echo", params={"a": "1", "api_key": KEYS[0], "b": "2"}).status_code == 200
+    assert client.get("/v1/text-to-speech/x/echo", params={"api_key": "wrong"}).status_code == 401
+    assert queries == ["a=1&b=2"]
+
+
+def test_exempt_websocket_route_checks_on_its_own(model: Any) -> None:
+    app = _app(model, auth_exempt=("/health", "/ws*"))
+
+    async def guarded(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"valid_key": scope_has_valid_key(websocket.scope)})
+        await websocket.close()
+
+    app.add_api_websocket_route("/ws", guarded)
+    client = TestClient(app)
+    with client.websocket_connect("/ws") as ws:
+        assert ws.receive_json() == {"valid_key": False}
+    with client.websocket_connect("/ws", headers={"Authorization": f"Bearer {KEYS[0]}"}) as ws:
+        assert ws.receive_json() == {"valid_key": True}
 
 
 def test_keys_never_logged(model: Any, caplog: pytest.LogCaptureFixture) -> None:
