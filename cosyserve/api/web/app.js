@@ -246,6 +246,7 @@
     try {
       form = buildForm(mode, spec, format);
     } catch (error) {
+      player.error = error.message;
       showError(error);
       return;
     }
