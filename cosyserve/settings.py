@@ -119,12 +119,8 @@ def _parse_bool(text: str) -> bool:
     raise SettingsError(f"{text!r} is not a boolean (use true/false)")
 
 
-def _parse_origins(text: str) -> tuple[str, ...]:
-    return tuple(o.strip() for o in text.split(",") if o.strip())
-
-
 def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in text.split(",") if k.strip())
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def read_api_key_file(path: str) -> tuple[str, ...]:
@@ -308,7 +304,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         gpu=None if args.gpu is None else int(args.gpu),
         max_text_length=int(args.max_text_length),
         max_upload_bytes=int(upload_mb * 1024 * 1024),
-        cors_origins=_parse_origins(args.cors_origins),
+        cors_origins=_comma_list(args.cors_origins),
         cors_allow_credentials=bool(args.cors_allow_credentials),
         log_level=args.log_level,
         voice_map=tuple(args.voice_map),
