@@ -49,6 +49,10 @@ class Settings:
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
     text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
+    # Accepted API keys; empty: no authentication. Never in the repr, so never in a log line.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Paths open without a key; an entry ending in '*' is a prefix.
+    auth_exempt: tuple[str, ...] = ("/health", "/metrics")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -75,6 +79,12 @@ class Settings:
             raise SettingsError("CORS credentials cannot be allowed with the wildcard origin '*': list the origins")
         if self.max_voices < 1:
             raise SettingsError(f"max_voices must be at least 1, not {self.max_voices}")
+        for key in self.api_keys:
+            if not key or any(c.isspace() or not c.isprintable() for c in key) or not key.isascii():
+                # A header value cannot carry it intact, so no client could ever send it.
+                raise SettingsError("an API key must be non-empty printable ASCII without spaces")
+        if any(not path.startswith("/") for path in self.auth_exempt):
+            raise SettingsError("auth_exempt entries are URL paths starting with '/'")
         if self.pcm_sample_rate not in OUTPUT_RATES:
             rates = ", ".join(map(str, OUTPUT_RATES))
             raise SettingsError(f"pcm sample rate {self.pcm_sample_rate} is not one of {rates}")
@@ -112,8 +122,26 @@ def _parse_bool(text: str) -> bool:
     raise SettingsError(f"{text!r} is not a boolean (use true/false)")
 
 
-def _parse_origins(text: str) -> tuple[str, ...]:
-    return tuple(o.strip() for o in text.split(",") if o.strip())
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def read_api_key_file(path: str) -> tuple[str, ...]:
+    """The keys in ``path``: one a line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read the API key file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return tuple(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+class _AppendOverDefault(argparse.Action):
+    """A repeatable flag whose command-line values replace its (environment) default instead of extending it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        current = getattr(namespace, self.dest)
+        kept = [] if current is self.default else list(current)
+        setattr(namespace, self.dest, [*kept, values])
 
 
 def parse_voice_map(text: str) -> tuple[tuple[str, str], ...]:
@@ -258,6 +286,22 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         type=str.lower,
         choices=TEXT_FRONTENDS,
     )
+    opt(
+        "api_key",
+        "API key clients must send (Authorization: Bearer KEY); repeat for several; the env twin takes a "
+        "comma-separated list (default: none, no authentication)",
+        _comma_list,
+        d.api_keys,
+        action=_AppendOverDefault,
+        metavar="KEY",
+    )
+    opt("api_key_file", "file of API keys, one a line, added to --api_key", str, None, metavar="PATH")
+    opt(
+        "auth_exempt",
+        "comma-separated paths open without an API key, '*' at the end for a prefix (default %(default)s)",
+        str,
+        ",".join(d.auth_exempt),
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -271,7 +315,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         threads=int(args.threads),
         max_text_length=int(args.max_text_length),
         max_upload_bytes=int(upload_mb * 1024 * 1024),
-        cors_origins=_parse_origins(args.cors_origins),
+        cors_origins=_comma_list(args.cors_origins),
         cors_allow_credentials=bool(args.cors_allow_credentials),
         log_level=args.log_level,
         voice_map=tuple(args.voice_map),
@@ -282,6 +326,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,
         text_frontend=args.text_frontend,
+        api_keys=tuple(args.api_key) + (read_api_key_file(args.api_key_file) if args.api_key_file else ()),
+        auth_exempt=_comma_list(args.auth_exempt),
     )
 
 
