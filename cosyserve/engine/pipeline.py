@@ -19,6 +19,7 @@ import torch
 from cosyserve.audio.io import decode_audio
 from cosyserve.config import ConfigError, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
+from cosyserve.families import FAMILIES
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.frontend import Frontend
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
@@ -29,19 +30,12 @@ from cosyserve.nn.sampling import Sampler
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
+from . import streaming
 from .request import GenerationOptions, SynthesisRequest
 from .scheduler import Scheduler, Sequence, new_sequence, run_alone
-from .streaming import Draws, Synthesizer, V1Synthesizer, V2Synthesizer, V3Synthesizer
+from .streaming import Draws, Synthesizer
 from .voices import DEFAULT_MAX_VOICES, Voice, VoiceLibrary, VoiceStore, read_spk2info
 
-_FAMILIES: dict[str, tuple[str, str, str, type[Synthesizer]]] = {
-    # family: (yaml, model module, speech tokenizer file, synthesizer)
-    "cosyvoice1": ("cosyvoice.yaml", "cosyserve.models.cosyvoice1.model", "speech_tokenizer_v1.onnx", V1Synthesizer),
-    "cosyvoice2": ("cosyvoice2.yaml", "cosyserve.models.cosyvoice2.model", "speech_tokenizer_v2.onnx", V2Synthesizer),
-    "cosyvoice3": ("cosyvoice3.yaml", "cosyserve.models.cosyvoice3.model", "speech_tokenizer_v3.onnx", V3Synthesizer),
-}
-
-FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
 _MODE_HINTS = {
     "sft": "it needs built-in speakers (iic/CosyVoice-300M-SFT ships them) or a stored voice; "
     "zero_shot and cross_lingual take a prompt recording instead",
@@ -55,7 +49,7 @@ _MODE_HINTS = {
 def unsupported_mode(family: str, mode: str, modes: frozenset[str]) -> UnsupportedMode:
     """The error for a mode the loaded model cannot serve, saying which model would."""
     hint = _MODE_HINTS.get(mode, f"it supports {', '.join(sorted(modes))}")
-    name = FAMILY_NAMES.get(family, family)
+    name = FAMILIES[family].display if family in FAMILIES else family
     return UnsupportedMode(f"the loaded {name} model ({family}) cannot serve {mode}: {hint}", param="mode")
 
 
@@ -93,7 +87,8 @@ class TTSModel:
         self.frontend = frontend
         self.voices = voices
         self.options = options
-        self._synthesizer = _FAMILIES[core.family][3]
+        self.family_info = FAMILIES[core.family]
+        self._synthesizer: type[Synthesizer] = getattr(streaming, self.family_info.synthesizer)
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -116,7 +111,7 @@ class TTSModel:
     @property
     def modes(self) -> frozenset[str]:
         modes = {"zero_shot", "cross_lingual", "vc"}
-        modes.add("instruct" if self.core.version == "v1" else "instruct2")
+        modes.add(self.family_info.instruct_mode)
         if self.voices.ids():
             modes.add("sft")
         return frozenset(modes)
@@ -267,14 +262,14 @@ class TTSModel:
 
     def _v3_text(self, text: str) -> str:
         """v3 target / prompt text with the system prompt the model was trained with."""
-        if self.core.version == "v3" and END_OF_PROMPT not in text:
+        if self.family_info.system_prompt and END_OF_PROMPT not in text:
             return V3_SYSTEM_PROMPT + END_OF_PROMPT + text
         return text
 
     def _instruct2_text(self, instruct: str) -> str:
         if END_OF_PROMPT in instruct:
             return instruct
-        if self.core.version == "v3" and not instruct.startswith(V3_SYSTEM_PROMPT):
+        if self.family_info.system_prompt and not instruct.startswith(V3_SYSTEM_PROMPT):
             instruct = f"{V3_SYSTEM_PROMPT} {instruct}"
         return instruct + END_OF_PROMPT
 
@@ -325,7 +320,8 @@ def load_model(
         torch.set_num_threads(options.threads)
     onnx_threads = options.threads or 1
     model_dir, family = resolve_model_dir(model, hub=hub)
-    yaml_name, module_name, tokenizer_file, _ = _FAMILIES[family]
+    info = FAMILIES[family]
+    yaml_name, module_name, tokenizer_file = info.yaml, info.model_module, info.speech_tokenizer
     try:
         config = load_yaml(model_dir / yaml_name, {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
         core = importlib.import_module(module_name).load(
