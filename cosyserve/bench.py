@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated request counts (default 1,4,8)")
     parser.add_argument("--decode-batches", default="1,4,8", help="batch sizes for the decode-step timing")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads (default 2)")
+    parser.add_argument("--dtype", default="fp32", help="precision: fp32, bf16, or llm=int8,flow=bf16 (default fp32)")
+    parser.add_argument("--flow-steps", type=int, help="Euler steps of the flow (default: the model's 10)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
     parser.add_argument("--stream-only", action="store_true", help="skip the non-streaming runs")
     parser.add_argument("--seed", type=int, default=0)
@@ -227,9 +229,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.random_weights:
         directory = _bench_dir(model_dir, args.frontend_from, args.blank_en)
-        model = load_model(directory, random_weights=True, threads=args.threads, text_frontend="none")
+        model = load_model(
+            directory,
+            random_weights=True,
+            threads=args.threads,
+            text_frontend="none",
+            dtype=args.dtype,
+            flow_steps=args.flow_steps,
+        )
     else:
-        model = load_model(model_dir, threads=args.threads)
+        model = load_model(model_dir, threads=args.threads, dtype=args.dtype, flow_steps=args.flow_steps)
     load_s = time.perf_counter() - started
     report: dict[str, Any] = {
         "model": str(args.model),
@@ -237,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         "random_weights": bool(args.random_weights),
         "mode": args.mode,
         "threads": args.threads,
+        "dtype": args.dtype,
+        "flow_steps": args.flow_steps,
         "load_s": round(load_s, 2),
         "runs": [],
     }
@@ -277,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(report: dict[str, Any]) -> None:
     print(
         f"model {report['model']} ({report['family']}, random weights: {report['random_weights']}, "
-        f"{report['mode']}), {report['threads']} threads, load {report['load_s']} s"
+        f"{report['mode']}), {report['threads']} threads, dtype {report['dtype']}, "
+        f"flow steps {report['flow_steps'] or 'default'}, load {report['load_s']} s"
     )
     print("kind        N  audio_s  wall_s  audio_s/s   RTF  first p50/p95 s  total p50/p95 s")
     for r in report["runs"]:

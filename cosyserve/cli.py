@@ -96,6 +96,8 @@ def serve(settings: Settings) -> int:
                 llm_weights=settings.llm_weights,
                 text_frontend=settings.text_frontend,
                 threads=settings.threads or os.cpu_count() or 1,
+                dtype=settings.dtype,
+                flow_steps=settings.flow_steps or None,
             )
         except BaseException as exc:
             failures.append(exc)

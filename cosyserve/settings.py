@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyserve.precision import parse_dtypes
+
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 TEXT_FRONTENDS = ("auto", "wetext", "none")
@@ -33,6 +35,8 @@ class Settings:
     # CUDA device index; None picks cuda:0 when CUDA is there (else the CPU), -1 forces the CPU.
     gpu: int | None = None
     threads: int = 0  # torch intra-op and onnxruntime threads of the engine; 0: every core of the machine
+    dtype: str = "fp32"  # precision per stage: fp32 | bf16 | "llm=int8,flow=bf16" (cosyserve.precision)
+    flow_steps: int = 0  # Euler steps of the flow; 0: the model's own (10)
     max_text_length: int = 5000  # characters, per text field
     max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
@@ -57,6 +61,12 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is not in 1..65535")
+        try:
+            parse_dtypes(self.dtype)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+        if self.flow_steps < 0:
+            raise SettingsError(f"flow_steps must be 0 (the model's) or a positive count, not {self.flow_steps}")
         if self.threads < 0:
             raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:
@@ -205,6 +215,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("gpu", "CUDA device index, -1 for the CPU (default: cuda:0 when available, else the CPU)", int, d.gpu, type=int)
     opt(
+        "dtype",
+        "precision: fp32, bf16 (LLM and flow), or per stage like llm=int8,flow=bf16 (default %(default)s)",
+        str.lower,
+        d.dtype,
+    )
+    opt("flow_steps", "Euler steps of the flow; 0: the model's 10 (default %(default)s)", int, d.flow_steps, type=int)
+    opt(
         "threads",
         "engine threads, torch and onnxruntime; 0: every core (default %(default)s)",
         int,
@@ -313,6 +330,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         model_dir=args.model_dir,
         gpu=None if args.gpu is None else int(args.gpu),
         threads=int(args.threads),
+        dtype=args.dtype,
+        flow_steps=int(args.flow_steps),
         max_text_length=int(args.max_text_length),
         max_upload_bytes=int(upload_mb * 1024 * 1024),
         cors_origins=_comma_list(args.cors_origins),

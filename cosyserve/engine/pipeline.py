@@ -27,6 +27,7 @@ from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
 from cosyserve.nn.sampling import Sampler
+from cosyserve.precision import parse_dtypes
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
@@ -77,6 +78,8 @@ class EngineOptions:
     # torch intra-op and onnxruntime threads; None leaves torch's process setting alone (ONNX: 1)
     threads: int | None = None
     random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
+    dtype: str = "fp32"  # precision per stage: "bf16" or "llm=int8,flow=bf16" (cosyserve.precision)
+    flow_steps: int | None = None  # Euler steps of the flow (None: the model's, 10)
 
 
 class TTSModel:
@@ -337,6 +340,15 @@ def load_model(
         # A yaml value of the wrong type or an undecodable file: still a load error naming the yaml.
         reason = f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(f"{model_dir}: {yaml_name} does not describe a usable {family} model ({reason})") from exc
+    try:
+        dtypes = parse_dtypes(options.dtype)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    core.set_precision(**dtypes)
+    if options.flow_steps is not None:
+        if options.flow_steps < 1:
+            raise ModelLoadError(f"flow_steps must be at least 1, not {options.flow_steps}")
+        core.flow.decoder.n_timesteps = options.flow_steps
     if device != "cpu":
         core.llm.to(device)
         core.flow.to(device)
