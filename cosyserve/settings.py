@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyserve.engine.voice_library import check_voice_store
+
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 TEXT_FRONTENDS = ("auto", "wetext", "none")
@@ -43,6 +45,8 @@ class Settings:
     # The voice library's directory; "" keeps stored voices in memory only (lost at exit).
     data_dir: str = field(default_factory=lambda: default_data_dir())
     max_voices: int = 1000  # stored voices, all model families together
+    # Where voices are stored: "" the SQLite library under data_dir; a postgresql:// URL a shared database.
+    voice_store: str = ""
     max_concurrency: int = 4  # generations running at once; more wait in a queue
     max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
@@ -72,6 +76,10 @@ class Settings:
             raise SettingsError("CORS credentials cannot be allowed with the wildcard origin '*': list the origins")
         if self.max_voices < 1:
             raise SettingsError(f"max_voices must be at least 1, not {self.max_voices}")
+        try:
+            check_voice_store(self.voice_store)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
         if self.pcm_sample_rate not in OUTPUT_RATES:
             rates = ", ".join(map(str, OUTPUT_RATES))
             raise SettingsError(f"pcm sample rate {self.pcm_sample_rate} is not one of {rates}")
@@ -226,6 +234,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("max_voices", "most voices the library holds (default %(default)s)", int, d.max_voices, type=int)
     opt(
+        "voice_store",
+        "a postgresql://user:password@host:port/db URL to keep voices in a PostgreSQL database shared by several "
+        "servers (pip install 'cosyserve[postgres]'); empty: the SQLite library under --data_dir (the default)",
+        str,
+        d.voice_store,
+    )
+    opt(
         "max_concurrency",
         "generations running at once; more requests wait for a slot (default %(default)s)",
         int,
@@ -267,6 +282,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         pcm_sample_rate=int(args.pcm_sample_rate),
         data_dir=args.data_dir,
         max_voices=int(args.max_voices),
+        voice_store=args.voice_store,
         max_concurrency=int(args.max_concurrency),
         max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,

@@ -32,7 +32,8 @@ from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
 from .streaming import Draws, PromptCondition, Synthesizer, V1Synthesizer, V2Synthesizer, V3Synthesizer
-from .voices import DEFAULT_MAX_VOICES, Voice, VoiceLibrary, VoiceStore, read_spk2info
+from .voice_library import open_voice_library
+from .voices import DEFAULT_MAX_VOICES, Voice, VoiceStore, read_spk2info
 
 _FAMILIES: dict[str, tuple[str, str, str, type[Synthesizer]]] = {
     # family: (yaml, model module, speech tokenizer file, synthesizer)
@@ -80,6 +81,7 @@ class EngineOptions:
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
     data_dir: Path | None = None  # where the voice library lives (None: stored voices kept in memory only)
     max_voices: int = DEFAULT_MAX_VOICES  # cap on the library's voices (all families)
+    voice_store: str = ""  # a postgresql:// URL: voices in that shared database instead of under data_dir
 
 
 class TTSModel:
@@ -411,7 +413,7 @@ def load_model(
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    library = VoiceLibrary(options.data_dir, options.max_voices)
+    library = open_voice_library(options.voice_store, options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt")
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)
