@@ -60,6 +60,20 @@ WORKER = textwrap.dedent(
                 except VoiceLimitReached:
                     results[name] = "full"
             say(json.dumps(results))
+        elif command == "churn":  # create, and at the cap delete own voices: the count crosses the cap often
+            created = full = most = 0
+            mine = []
+            for i in range(int(arg)):
+                try:
+                    add(f"{role} churn {i}")
+                    mine.append(f"{role} churn {i}")
+                    created += 1
+                    most = max(most, library.count())
+                except VoiceLimitReached:
+                    full += 1
+                    if mine:
+                        library.remove(mine.pop(0))
+            say(json.dumps({"created": created, "full": full, "most": most}))
         elif command == "read":  # every voice: who made it, and the marker its tensors hold
             say(json.dumps({v.id: [v.model, library.tensors(v)["marker"][0].item()] for v in library.list()}))
         elif command == "create":
@@ -81,6 +95,8 @@ WORKER = textwrap.dedent(
     """
 )
 TIMEOUT_S = 60
+CHURN = 400  # creates per worker in the churn test
+CAP, RACE_NAMES = 42, 30  # 60 creates per worker, 90 distinct names, 40 places
 
 
 class Worker:
@@ -140,8 +156,7 @@ def workers(tmp_path, pg_url):
 
 
 def test_two_processes_race_for_the_same_names_under_a_cap(workers, pg_url):
-    cap, names = 22, [f"voice {i}" for i in range(30)]
-    a, b = workers("a", cap, 1.0), workers("b", cap, 2.0)
+    a, b = workers("a", CAP, 1.0), workers("b", CAP, 2.0)
     assert (a.expect(), b.expect()) == ("ready", "ready")
     # Each reads what the other made.
     a.send("create from a")
@@ -150,34 +165,53 @@ def test_two_processes_race_for_the_same_names_under_a_cap(workers, pg_url):
     assert b.expect() == "created FROM B"
     a.send("read")
     b.send("read")
-    assert json.loads(a.expect()) == json.loads(b.expect()) == {"from a": ["a", 1.0], "FROM B": ["b", 2.0]}
+    expected = {"from a": ["a", 1.0], "FROM B": ["b", 2.0]}
+    assert json.loads(a.expect()) == json.loads(b.expect()) == expected
 
-    # Both create the same 30 names at once, b in upper case: 20 places left under the cap.
-    a.send("race " + json.dumps(names))
-    b.send("race " + json.dumps([n.upper() for n in names]))
+    # Both create the same names at once (b in upper case), each with names of its own in between (creates
+    # that block no one, so the cap is tested by writers that really overlap), past the cap.
+    shared = [f"voice {i}" for i in range(RACE_NAMES)]
+    names_a = [n for i, name in enumerate(shared) for n in (name, f"a only {i}")]
+    names_b = [n for i, name in enumerate(shared) for n in (name.upper(), f"b only {i}")]
+    a.send("race " + json.dumps(names_a))
+    b.send("race " + json.dumps(names_b))
     won_a, won_b = json.loads(a.expect()), json.loads(b.expect())
-    created = {}
-    for name in names:
+    for name in shared:
         outcomes = (won_a[name], won_b[name.upper()])
         assert outcomes in {("created", "exists"), ("exists", "created"), ("full", "full")}, (name, outcomes)
-        if "created" in outcomes:
-            created[name if outcomes[0] == "created" else name.upper()] = "a" if outcomes[0] == "created" else "b"
-    assert len(created) == cap - 2  # the cap holds exactly: no more, and no place lost
+    created = {n: "a" for n, r in won_a.items() if r == "created"} | {
+        n: "b" for n, r in won_b.items() if r == "created"
+    }
+    assert len(created) == CAP - 2  # the cap holds exactly: no more, and no place lost
+    assert {r for r in [*won_a.values(), *won_b.values()]} <= {"created", "exists", "full"}
 
-    expected = {"from a": ["a", 1.0], "FROM B": ["b", 2.0]}
     expected |= {name: [maker, {"a": 1.0, "b": 2.0}[maker]] for name, maker in created.items()}
     a.send("read")
     b.send("read")
     assert json.loads(a.expect()) == json.loads(b.expect()) == expected
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT count(*), count(DISTINCT key) FROM cosyserve_voices").fetchone() == (cap, cap)
+        assert conn.execute("SELECT count(*), count(DISTINCT key) FROM cosyserve_voices").fetchone() == (CAP, CAP)
+    outcomes = [*won_a.values(), *won_b.values()]
     by_a = sum(1 for m in created.values() if m == "a")
-    conflicts = sum(1 for r in [*won_a.values(), *won_b.values()] if r == "exists")
-    full = sum(1 for r in [*won_a.values(), *won_b.values()] if r == "full")
     print(
-        f"\nrace of 2 processes x {len(names)} names, cap {cap} (2 taken): a created {by_a}, b created "
-        f"{len(created) - by_a}; {conflicts} refused as existing (by the unique key), {full} refused by the cap"
+        f"\nrace of 2 processes x {len(names_a)} creates ({RACE_NAMES} names shared in two cases), cap {CAP} "
+        f"(2 taken): a created {by_a}, b created {len(created) - by_a}; {outcomes.count('exists')} refused as "
+        f"existing (by the unique key), {outcomes.count('full')} refused by the cap"
     )
+
+
+def test_the_cap_holds_while_two_processes_create_and_delete_at_it(workers, pg_url):
+    cap = 4
+    a, b = workers("a", cap, 1.0), workers("b", cap, 2.0)
+    assert (a.expect(), b.expect()) == ("ready", "ready")
+    a.send(f"churn {CHURN}")
+    b.send(f"churn {CHURN}")
+    churn_a, churn_b = json.loads(a.expect()), json.loads(b.expect())
+    # Counted after each create committed: over the cap only if two creates passed the check together.
+    assert churn_a["most"] <= cap and churn_b["most"] <= cap, (churn_a, churn_b)
+    assert churn_a["full"] > 0 and churn_b["full"] > 0  # both really ran into the cap
+    assert PostgresVoiceLibrary(pg_url).count() <= cap
+    print(f"\nchurn of 2 processes x {CHURN} creates at cap {cap}: a {churn_a}, b {churn_b}")
 
 
 def test_a_voice_survives_a_sigkill_after_its_create_returned(workers, pg_url):
