@@ -218,17 +218,24 @@ def test_unreachable_database_fails_to_open_without_showing_the_password(postgre
     )
 
 
+def _terminate_cosyserve_sessions(url: str) -> list[tuple]:
+    """What a database restart does to a server's connection."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        return admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cosyserve'"
+        ).fetchall()
+
+
 def test_a_lost_connection_is_reopened(pg_url):
     library = PostgresVoiceLibrary(pg_url)
     library.add(info("kept"), voice(1))
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        killed = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cosyserve'"
-        ).fetchall()
-    assert killed == [(True,)]
+    assert _terminate_cosyserve_sessions(pg_url) == [(True,)]
     assert [v.id for v in library.list()] == ["kept"]  # the read reconnects
     library.add(info("after"), voice(2))
     assert library.count() == 2
+    _terminate_cosyserve_sessions(pg_url)
+    library.add(info("first after"), voice(3))  # a write reconnects too: nothing was sent on the dead one
+    assert [v.id for v in library.list()] == ["kept", "after", "first after"]
 
 
 def test_missing_psycopg_names_the_extra(pg_url, monkeypatch):

@@ -214,6 +214,19 @@ class PostgresVoiceLibrary(VoiceBackend):
         self._conn = conn
         return conn
 
+    def _live_connection(self) -> psycopg.Connection:
+        """The connection, checked with a round trip first and reopened if it was lost: a write is then
+        never sent on a connection already known dead (writes are rare, the round trip is cheap)."""
+        conn = self._connection()
+        try:
+            conn.execute("SELECT 1")
+            return conn
+        except self._psycopg.OperationalError as exc:
+            if not conn.closed:
+                raise
+            logger.warning("voice library connection lost (%s); reconnecting", exc)
+            return self._connection()
+
     def _error(self, what: str, exc: Exception) -> VoiceLibraryError:
         if isinstance(exc, self._psycopg.errors.LockNotAvailable):
             wait = f"{LOCK_TIMEOUT_MS / 1000:g} s"
@@ -226,7 +239,7 @@ class PostgresVoiceLibrary(VoiceBackend):
         of a COMMIT is unknown, so the caller gets the error (a create can be repeated: 409 if it won)."""
         with self._lock:
             try:
-                conn = self._connection()
+                conn = self._live_connection()
                 with conn.transaction():
                     yield conn
             except self._psycopg.Error as exc:
