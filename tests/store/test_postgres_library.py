@@ -251,5 +251,6 @@ def test_one_setting_picks_the_back_end(tmp_path, pg_url):
     assert settings.voice_store == pg_url
     assert isinstance(open_voice_library(settings.voice_store, tmp_path, 5), PostgresVoiceLibrary)
     assert load_settings(["--voice_store", "postgres://h/db"]).voice_store == "postgres://h/db"
-    with pytest.raises(SettingsError, match="not a postgresql:// URL"):
-        load_settings(["--voice-store", "mysql://h/db"])
+    with pytest.raises(SettingsError, match=r"must be a postgresql:// URL, not mysql://\.\.\.") as err:
+        load_settings(["--voice-store", "mysql://u:hunter2@h/db"])
+    assert "hunter2" not in str(err.value)

@@ -19,8 +19,9 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 def check_voice_store(voice_store: str) -> str:
     """``voice_store`` if it names a back-end (empty: SQLite; a PostgreSQL URL); else ValueError."""
     if voice_store and not voice_store.startswith(POSTGRES_SCHEMES):
-        raise ValueError(
-            f"voice store {voice_store[:40]!r} is not a postgresql:// URL (leave it empty for the SQLite library "
+        shown = voice_store.split("://", 1)[0] + "://..." if "://" in voice_store else "a plain string"
+        raise ValueError(  # the value may hold a password: only its scheme is shown
+            f"the voice store must be a postgresql:// URL, not {shown} (leave it empty for the SQLite library "
             "under the data directory)"
         )
     return voice_store
