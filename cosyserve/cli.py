@@ -93,6 +93,7 @@ def serve(settings: Settings) -> int:
                 device=device,
                 data_dir=data_dir,
                 max_voices=settings.max_voices,
+                voice_store=settings.voice_store,
                 llm_weights=settings.llm_weights,
                 text_frontend=settings.text_frontend,
                 threads=settings.threads or os.cpu_count() or 1,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyserve.engine.voice_library import check_voice_store
 from cosyserve.precision import parse_dtypes
 
 ENV_PREFIX = "COSYSERVE_"
@@ -48,6 +49,8 @@ class Settings:
     # The voice library's directory; "" keeps stored voices in memory only (lost at exit).
     data_dir: str = field(default_factory=lambda: default_data_dir())
     max_voices: int = 1000  # stored voices, all model families together
+    # Where voices are stored: "" the SQLite library under data_dir; a postgresql:// URL a shared database.
+    voice_store: str = ""
     max_concurrency: int = 4  # generations running at once; more wait in a queue
     max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
@@ -95,6 +98,10 @@ class Settings:
                 raise SettingsError("an API key must be non-empty printable ASCII without spaces")
         if any(not path.startswith("/") for path in self.auth_exempt):
             raise SettingsError("auth_exempt entries are URL paths starting with '/'")
+        try:
+            check_voice_store(self.voice_store)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
         if self.pcm_sample_rate not in OUTPUT_RATES:
             rates = ", ".join(map(str, OUTPUT_RATES))
             raise SettingsError(f"pcm sample rate {self.pcm_sample_rate} is not one of {rates}")
@@ -281,6 +288,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("max_voices", "most voices the library holds (default %(default)s)", int, d.max_voices, type=int)
     opt(
+        "voice_store",
+        "a postgresql://user:password@host:port/db URL to keep voices in a PostgreSQL database shared by several "
+        "servers (pip install 'cosyserve[postgres]'); empty: the SQLite library under --data_dir (the default)",
+        str,
+        d.voice_store,
+    )
+    opt(
         "max_concurrency",
         "generations running at once; more requests wait for a slot (default %(default)s)",
         int,
@@ -341,6 +355,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         pcm_sample_rate=int(args.pcm_sample_rate),
         data_dir=args.data_dir,
         max_voices=int(args.max_voices),
+        voice_store=args.voice_store,
         max_concurrency=int(args.max_concurrency),
         max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,

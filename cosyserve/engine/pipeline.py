@@ -35,7 +35,8 @@ from . import streaming
 from .request import GenerationOptions, SynthesisRequest
 from .scheduler import Scheduler, Sequence, new_sequence, run_alone
 from .streaming import Draws, Synthesizer
-from .voices import DEFAULT_MAX_VOICES, Voice, VoiceLibrary, VoiceStore, read_spk2info
+from .voice_library import open_voice_library
+from .voices import DEFAULT_MAX_VOICES, Voice, VoiceStore, read_spk2info
 
 _MODE_HINTS = {
     "sft": "it needs built-in speakers (iic/CosyVoice-300M-SFT ships them) or a stored voice; "
@@ -80,6 +81,7 @@ class EngineOptions:
     random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
     dtype: str = "fp32"  # precision per stage: "bf16" or "llm=int8,flow=bf16" (cosyserve.precision)
     flow_steps: int | None = None  # Euler steps of the flow (None: the model's, 10)
+    voice_store: str = ""  # a postgresql:// URL: voices in that shared database instead of under data_dir
 
 
 class TTSModel:
@@ -365,7 +367,7 @@ def load_model(
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    library = VoiceLibrary(options.data_dir, options.max_voices)
+    library = open_voice_library(options.voice_store, options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt")
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)
