@@ -55,14 +55,15 @@ class ConditionalCFM(nn.Module):
         self.n_timesteps = int(n_timesteps)
         self._fixed_noise: Tensor | None = None  # v2/v3 starting noise, built on first use
 
-    def fixed_noise(self, frames: int) -> Tensor:
-        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on the CPU.
+    def fixed_noise(self, frames: int, device: torch.device | str = "cpu") -> Tensor:
+        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on ``device``.
 
-        Built once per module from the private seed-0 generator (module-level :func:`fixed_noise`).
-        Not a buffer, so it stays out of the state dict; callers move the slice to their device.
+        Built once per module and device from the private seed-0 generator (module-level
+        :func:`fixed_noise`), so no call copies it. Not a buffer: it stays out of the state dict.
         """
-        if self._fixed_noise is None:
-            self._fixed_noise = fixed_noise()
+        device = torch.device(device)
+        if self._fixed_noise is None or self._fixed_noise.device != device:
+            self._fixed_noise = fixed_noise().to(device)
         available = self._fixed_noise.size(2)
         if frames > available:
             raise ValueError(

@@ -12,7 +12,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from golden import assert_close, model_dir
+from golden import TEST_DEVICE, assert_close, model_dir
 
 from cosyserve.engine.client import AsyncEngine
 from cosyserve.engine.core import EngineCore, Work
@@ -33,7 +33,7 @@ TEXTS = (
 
 @cache
 def _model(name: str) -> TTSModel:
-    return load_model(model_dir(name), text_frontend="none")
+    return load_model(model_dir(name), text_frontend="none", device=TEST_DEVICE)
 
 
 def _sft(model: TTSModel, text: str, seed: int = 0, stream: bool = False) -> SynthesisRequest:
