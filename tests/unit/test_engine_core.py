@@ -276,3 +276,22 @@ def test_async_client_streams_and_aborts_on_close():
         assert not engine.core.scheduler.has_work
     finally:
         engine.core.stop()
+
+
+def test_abort_of_a_long_non_streaming_request_takes_effect_within_a_second():
+    model = _model("v2-tiny")
+    core = EngineCore(model, max_running=2, max_queue=2).start()
+    try:
+        sink = CollectingSink()
+        long_text = "我们一起去公园散步吧" * 100  # one long sentence: minutes of tokens, no audio until the end
+        core.submit(Work("long", sink, request=_sft(model, long_text, seed=1)))
+        _wait(lambda: core.scheduler.llm_steps >= 5, 60, "decoding to start")
+        aborted_at = time.monotonic()
+        core.abort("long")
+        assert sink.done.wait(5)
+        _wait(lambda: core.stats().running == 0 and not core.scheduler.has_work, 5, "the request to leave")
+        assert time.monotonic() - aborted_at < 1.0
+        assert [kind for kind, _ in sink.events] == ["started", "finished"], "no audio, a clean end"
+        assert core.scheduler.batch.cache is None
+    finally:
+        core.stop()
