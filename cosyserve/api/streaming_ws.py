@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -55,6 +56,8 @@ SEGMENTS_AHEAD = 2  # segments generating at once per session: the one being sen
 MAX_SEGMENT_CHARS = 300  # a buffer this long without a boundary is cut at its last space
 CLAUSE_CHARS = 80  # a clause mark (comma, colon) ends a segment only after this many characters
 CLOSE_TIMEOUT_S = 2.0
+# The pipeline generation a task sends for; frames of a cancelled one are dropped (see SpeechSession.send).
+_SENDER_EPOCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("sender_epoch", default=None)
 
 # The marks the model's own splitter cuts after (text/normalize.py), in two strengths: sentence ends
 # cut at once, clause marks only once a segment is long enough (a comma every few words is too often).
@@ -178,6 +181,7 @@ class SpeechSession:
         self.mode = ""
         self.close_code = 1000
         self.ended: SessionEnd | None = None
+        self.epoch = 0
         self._reset_pipeline()
 
     # ---- protocol hooks
@@ -234,6 +238,7 @@ class SpeechSession:
 
     async def cancel(self) -> None:
         """Barge-in: abort every segment generating, drop the text not yet spoken."""
+        self.epoch += 1
         self.pipeline_scope.cancel()
         for segment in list(self.open_segments):
             await self._close_segment(segment)
@@ -263,6 +268,7 @@ class SpeechSession:
     async def _send(self) -> None:
         assert self.setup is not None
         ordered, slots = self.ordered, self.slots
+        _SENDER_EPOCH.set(self.epoch)
         while (segment := await ordered.get()) is not None:
             try:
                 if segment.error is not None:
@@ -278,9 +284,7 @@ class SpeechSession:
                     await self.segment_failed(segment, exc)
                     continue
                 await self._send_audio(resampler(np.zeros(0, np.float32), last=True))
-                seconds = segment.stream.samples / self.engine.info.sample_rate
-                self._record(segment, seconds)
-                await self.segment_done(segment, seconds)
+                await self.segment_done(segment, segment.stream.samples / self.engine.info.sample_rate)
             finally:
                 await self._close_segment(segment)
                 slots.release()
@@ -300,6 +304,7 @@ class SpeechSession:
         if segment in self.open_segments:
             self.open_segments.discard(segment)
             self.state.in_flight.leave()
+            self._record(segment)
         if segment.stream is not None:
             await segment.stream.aclose()
 
@@ -315,6 +320,8 @@ class SpeechSession:
         """Sends one frame; a client that does not take it within the send timeout ends the session."""
         limit = SEND_TIMEOUT_S if timeout is None else timeout
         async with self.send_lock:
+            if _SENDER_EPOCH.get() not in (None, self.epoch):
+                return  # a cancelled pipeline's sender that ran once more before its cancellation arrived
             try:
                 with anyio.fail_after(limit):
                     if isinstance(message, bytes):
@@ -417,10 +424,12 @@ class SpeechSession:
         await self.finished()
 
     # ---- metrics
-    def _record(self, segment: Segment, seconds: float) -> None:
+    def _record(self, segment: Segment) -> None:
+        """A segment's generation in the metrics, whether its audio was all sent or not."""
         metrics = getattr(self.ws.app.state, "metrics", None)
-        if metrics is None or segment.stream is None:
+        if metrics is None or segment.stream is None or self.engine is None:
             return
+        seconds = segment.stream.samples / self.engine.info.sample_rate
         route, mode = route_template(self.ws.scope), mode_of(self.setup.label if self.setup else "")
         if segment.stream.first_chunk_at is not None:
             metrics.first_chunk.labels(route, mode).observe(
@@ -603,12 +612,12 @@ class ElevenLabsSession(SpeechSession):
         except ValueError:
             inactivity = -1.0
         try:
+            first = await self._next_message(inactivity if 0 < inactivity <= _INACTIVITY_MAX else _INACTIVITY_DEFAULT)
             if not 0 < inactivity <= _INACTIVITY_MAX:
                 raise InvalidRequest(
                     f"inactivity_timeout must be a number of seconds within 1..{_INACTIVITY_MAX:g}",
                     param="inactivity_timeout",
                 )
-            first = await self._next_message(inactivity)
             self._check_key(first)
             self.start(self._open(first))
             if (first.get("text") or "").strip():
