@@ -56,6 +56,7 @@ SEGMENTS_AHEAD = 2  # segments generating at once per session: the one being sen
 MAX_SEGMENT_CHARS = 300  # a buffer this long without a boundary is cut at its last space
 CLAUSE_CHARS = 80  # a clause mark (comma, colon) ends a segment only after this many characters
 CLOSE_TIMEOUT_S = 2.0
+OPEN_TIMEOUT_S = 30.0  # the native route's session.config must come within this long
 # The pipeline generation a task sends for; frames of a cancelled one are dropped (see SpeechSession.send).
 _SENDER_EPOCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("sender_epoch", default=None)
 
@@ -333,6 +334,12 @@ class SpeechSession:
             except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # closed under us (uvicorn raises these)
                 raise SessionEnd(1006, reason="client went away") from exc
 
+    async def _watch_disconnect(self) -> None:
+        """After the client's last text: frames are ignored, a disconnect still aborts what is generating."""
+        while (await self.ws.receive())["type"] != "websocket.disconnect":
+            pass
+        raise SessionEnd(1006, reason="client went away")
+
     async def receive_json(self) -> Any:
         """The next client frame as JSON; a ProtocolError for one that is not JSON text."""
         message = await self.ws.receive()
@@ -415,6 +422,7 @@ class SpeechSession:
         assert self.setup is not None
         self.queue_text(self.setup.segmenter.flush())
         self.end_of_text()
+        self.group.start_soon(self._guard, self._watch_disconnect)
         drained = self.drained
         await drained.wait()
         if self.encoder is not None:
@@ -718,7 +726,11 @@ class NativeSession(SpeechSession):
         if not scope_has_valid_key(self.ws.scope):
             raise SessionEnd(1008, _AuthError("missing or invalid API key: send 'Authorization: Bearer <key>'"))
         try:
-            first = await self.receive_json()
+            try:
+                with anyio.fail_after(OPEN_TIMEOUT_S):
+                    first = await self.receive_json()
+            except TimeoutError as exc:
+                raise ProtocolError(f"no session.config within {OPEN_TIMEOUT_S:g} s", param="type") from exc
             if not isinstance(first, dict) or first.get("type") != "session.config":
                 raise ProtocolError('the first message must be {"type": "session.config", "voice": ...}', param="type")
             self.start(self._open(first))

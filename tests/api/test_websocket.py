@@ -320,11 +320,14 @@ def test_native_bad_session_config_is_an_error_and_a_close(first, code, words_in
     assert ws.close_code == 1008
 
 
-def test_disconnect_mid_audio_aborts_generation(server_for):
+@pytest.mark.parametrize("after_close", [False, True])
+def test_disconnect_mid_audio_aborts_generation(after_close, server_for):
     server = server_for("v2-tiny")
     before = metric_value(server, "cosyserve_requests_total", route="/v1/audio/speech/stream", status="1006")
     with _native(server, "v2-tiny") as ws:
         ws.send(json.dumps({"type": "text", "text": "A sentence to speak. " * 12}))
+        if after_close:  # the text is complete: the server no longer waits for frames, only sends
+            ws.send(json.dumps({"type": "close"}))
         while not isinstance(ws.recv(TIMEOUT), bytes):
             pass
         ws.socket.shutdown(socket.SHUT_RDWR)  # gone without a close frame
