@@ -179,7 +179,6 @@ class SpeechSession:
         self.send_lock = anyio.Lock()
         self.open_segments: set[Segment] = set()
         self.next_index = 0
-        self.mode = ""
         self.close_code = 1000
         self.ended: SessionEnd | None = None
         self.epoch = 0
@@ -249,16 +248,19 @@ class SpeechSession:
 
     async def _generate(self) -> None:
         assert self.setup is not None and self.engine is not None
-        pending, ordered, slots = self.pending, self.ordered, self.slots
+        pending, ordered, slots, epoch = self.pending, self.ordered, self.slots, self.epoch
         while (text := await pending.get()) is not None:
             await slots.acquire()
+            if epoch != self.epoch:  # cancelled while waiting (before the cancellation reached this task)
+                return
             segment = Segment(self.next_index, text, submitted_at=time.perf_counter())
             self.next_index += 1
             self.pending_chars -= len(text)
             try:
-                request = self.setup.plan(text)
-                self.mode = self.mode or request.mode
-                segment.stream = await self.engine.synthesize(request)
+                segment.stream = await self.engine.synthesize(self.setup.plan(text))
+                if epoch != self.epoch:
+                    await segment.stream.aclose()
+                    return
                 self.open_segments.add(segment)
                 self.state.in_flight.enter()
             except CosyServeError as exc:

@@ -23,7 +23,7 @@ import pytest
 import requests
 import soundfile as sf
 import websockets
-from api_helpers import LiveServer, decode_pcm, wait_for
+from api_helpers import LiveServer, decode_pcm, decode_wav, wait_for
 from golden import golden_root
 from websockets.sync.client import connect
 
@@ -257,6 +257,18 @@ def test_native_flush_keeps_the_session_open(server_for):
         ws.send(json.dumps({"type": "close"}))
         assert _until(ws, "session.closed")[-1] == {"type": "session.closed"}
     assert ws.close_code == 1000
+
+
+def test_native_wav_is_one_stream_over_the_session(server_for):
+    server = server_for("v2-tiny")
+    with _native(server, "v2-tiny", response_format="wav", sample_rate=22050) as ws:
+        ws.send(json.dumps({"type": "text", "text": " ".join(SENTENCES[:2])}))
+        ws.send(json.dumps({"type": "close"}))
+        seen = _until(ws, "session.closed")
+    samples, rate = decode_wav(b"".join(m for m in seen if isinstance(m, bytes)))
+    want = np.concatenate([http_pcm(server, "v2-tiny", text, 22050) for text in SENTENCES[:2]])
+    assert rate == 22050
+    np.testing.assert_array_equal(samples, want)
 
 
 def test_native_cancel_aborts_generation_and_drops_the_buffer(server_for):
