@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -457,6 +458,38 @@ def test_elevenlabs_bad_frame_closes(server_for):
         with pytest.raises(websockets.ConnectionClosed):
             ws.recv(TIMEOUT)
     assert ws.close_code == 1008
+
+
+def test_elevenlabs_inactivity_timeout(server_for):
+    server = server_for("v2-tiny")
+    url = _eleven_url(server, "中文女", output_format="pcm_16000", inactivity_timeout=1)
+    with connect(url, open_timeout=TIMEOUT) as ws:
+        ws.send(json.dumps({"text": " "}))
+        message = json.loads(ws.recv(TIMEOUT))  # nothing more is sent: the server gives up after 1 s
+        assert message["error"] == "input_timeout_exceeded" and "1 seconds" in message["message"]
+        with pytest.raises(websockets.ConnectionClosed):
+            ws.recv(TIMEOUT)
+    assert ws.close_code == 1008
+
+
+def test_model_still_loading_is_try_again_later():
+    loaded = threading.Event()
+
+    def loader() -> Any:
+        loaded.wait(TIMEOUT)
+        return model("v2-tiny")
+
+    with LiveServer(create_app(loader, Settings())) as server:
+        try:
+            with connect(ws_url(server, "/v1/audio/speech/stream"), open_timeout=TIMEOUT) as ws:
+                ws.send(json.dumps({"type": "session.config", "voice": "中文女"}))
+                error = json.loads(ws.recv(TIMEOUT))
+                assert error["error"]["code"] == "model_not_ready", error
+                with pytest.raises(websockets.ConnectionClosed):
+                    ws.recv(TIMEOUT)
+            assert ws.close_code == 1013
+        finally:
+            loaded.set()
 
 
 def test_elevenlabs_sdk_convert_realtime(server_for):
