@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
-from cosyserve.models.config_checks import FamilyConfig, build_hift, feat_extractor_args
+from cosyserve.models.config_checks import FamilyConfig, StageNumbers, build_hift, feat_extractor_args
 
 
-@dataclass
-class FamilyModel:
-    """The LLM, flow and vocoder of one model directory, plus the numbers the engine schedules by."""
+@dataclass(kw_only=True)
+class FamilyModel(StageNumbers):
+    """The LLM, flow and vocoder of one model directory, plus the numbers the engine schedules by (the base)."""
 
     family: str  # "cosyvoice1" | "cosyvoice2" | "cosyvoice3"
     version: str  # "v1" | "v2" | "v3" (frontend conventions)
@@ -24,12 +24,6 @@ class FamilyModel:
     llm: nn.Module
     flow: nn.Module
     hift: nn.Module
-    sample_rate: int
-    hop_size: int  # waveform samples per mel frame
-    token_frame_rate: int  # speech tokens per second
-    token_mel_ratio: int = 0  # mel frames per token (v2/v3; v1 interpolates)
-    chunk_tokens: int = 0  # streaming hop in tokens (v2/v3 flow chunk size)
-    pre_lookahead_len: int = 0  # look-ahead tokens of the causal flow (v2/v3)
     silent_tokens: frozenset[int] = field(default_factory=frozenset)
 
     def eval(self) -> FamilyModel:
@@ -69,13 +63,8 @@ class FamilySpec:
             llm=llm,
             flow=flow,
             hift=hift,
-            sample_rate=cfg.sample_rate,
-            hop_size=cfg.hop_size,
-            token_frame_rate=cfg.token_frame_rate,
-            token_mel_ratio=cfg.token_mel_ratio,
-            chunk_tokens=cfg.chunk_tokens,
-            pre_lookahead_len=cfg.pre_lookahead_len,
             silent_tokens=self.silent_tokens,
+            **asdict(cfg.numbers),
         ).eval()
 
 

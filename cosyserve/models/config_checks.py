@@ -94,17 +94,17 @@ def feat_extractor_args(config: dict[str, Any]) -> dict[str, Any]:
     return dict(node.args)
 
 
-def stage_numbers(config: dict[str, Any], flow: Node, causal: bool) -> dict[str, int]:
-    """The :class:`FamilyConfig` numbers beside the networks; ``causal`` for the chunk-causal flows (v2/v3)."""
-    numbers = {
-        "sample_rate": config_int(config, "sample_rate"),
-        "hop_size": config_int(feat_extractor_args(config), "hop_size", "feat_extractor"),
-        "token_frame_rate": require_int(flow, "input_frame_rate", "flow"),
-    }
+def stage_numbers(config: dict[str, Any], flow: Node, causal: bool) -> StageNumbers:
+    """The numbers beside the networks; ``causal`` for the chunk-causal flows (v2/v3)."""
+    numbers = StageNumbers(
+        sample_rate=config_int(config, "sample_rate"),
+        hop_size=config_int(feat_extractor_args(config), "hop_size", "feat_extractor"),
+        token_frame_rate=require_int(flow, "input_frame_rate", "flow"),
+    )
     if causal:
-        numbers["token_mel_ratio"] = require_int(flow, "token_mel_ratio", "flow")
-        numbers["chunk_tokens"] = int(config.get("chunk_size", 25))
-        numbers["pre_lookahead_len"] = require_int(flow, "pre_lookahead_len", "flow")
+        numbers.token_mel_ratio = require_int(flow, "token_mel_ratio", "flow")
+        numbers.chunk_tokens = int(config.get("chunk_size", 25))
+        numbers.pre_lookahead_len = require_int(flow, "pre_lookahead_len", "flow")
     return numbers
 
 
@@ -296,6 +296,18 @@ def build_hift(cls: type[nn.Module], config: HiFTConfig) -> nn.Module:
         return cls(**config.args, f0_predictor=cls.f0_predictor_cls(**config.f0_predictor))
 
 
+@dataclass(kw_only=True)
+class StageNumbers:
+    """The numbers the engine schedules a family by."""
+
+    sample_rate: int
+    hop_size: int  # waveform samples per mel frame
+    token_frame_rate: int  # speech tokens per second
+    token_mel_ratio: int = 0  # mel frames per token (v2/v3; v1 interpolates)
+    chunk_tokens: int = 0  # streaming hop in tokens (v2/v3 flow chunk size)
+    pre_lookahead_len: int = 0  # look-ahead tokens of the causal flow (v2/v3)
+
+
 @dataclass(frozen=True)
 class FamilyConfig:
     """A family's yaml, checked: one config per network, and the numbers the engine schedules by."""
@@ -303,9 +315,12 @@ class FamilyConfig:
     llm: Any  # the family's LLM config dataclass
     flow: Any  # the family's flow config dataclass
     hift: HiFTConfig
-    sample_rate: int
-    hop_size: int  # waveform samples per mel frame
-    token_frame_rate: int  # speech tokens per second
-    token_mel_ratio: int = 0  # mel frames per token (v2/v3; v1 interpolates)
-    chunk_tokens: int = 0  # streaming hop in tokens (v2/v3 flow chunk size)
-    pre_lookahead_len: int = 0  # look-ahead tokens of the causal flow (v2/v3)
+    numbers: StageNumbers
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeechLMConfig:
+    """What every speech LLM config holds: the speech vocabulary and the yaml's sampler."""
+
+    speech_token_size: int
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # RasSampler arguments

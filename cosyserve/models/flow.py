@@ -20,12 +20,13 @@ from cosyserve.nn.flow_matching import ConditionalCFM
 
 @dataclass(frozen=True, kw_only=True)
 class FlowConfig:
-    """The sizes of every flow: token embedding, mel channels, speaker projection, CFM guidance."""
+    """The sizes of every flow: token embedding and rate, mel channels, speaker projection, CFM guidance."""
 
     vocab_size: int
     input_size: int
     output_size: int = 80
     spk_embed_dim: int = 192
+    input_frame_rate: int = 25  # speech tokens per second
     inference_cfg_rate: float = 0.7
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from cosyserve.config import ConfigError, Node
 from cosyserve.models.config_checks import (
     EncoderConfig,
     FamilyConfig,
+    SpeechLMConfig,
     cfm_rate,
     check_known,
     encoder_config,
@@ -31,19 +32,17 @@ _TRAINING_KEYS = {"length_normalized_loss", "lsm_weight"}
 _LLM_SIZES = ("text_encoder_input_size", "llm_input_size", "llm_output_size", "text_token_size", "speech_token_size")
 
 
-@dataclass(frozen=True)
-class TransformerLMConfig:
+@dataclass(frozen=True, kw_only=True)
+class TransformerLMConfig(SpeechLMConfig):
     """The yaml's ``llm: !new:...TransformerLM``."""
 
     text_encoder_input_size: int
     llm_input_size: int
     llm_output_size: int
     text_token_size: int
-    speech_token_size: int
     text_encoder: EncoderConfig
     llm: EncoderConfig
     spk_embed_dim: int = 192
-    sampling: Mapping[str, Any] = field(default_factory=dict)  # RasSampler arguments
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,4 +102,4 @@ def parse(config: dict[str, Any], model_dir: Path) -> FamilyConfig:
     flow_node = expect_node(config, "flow", "MaskedDiffWithXvec")
     flow = flow_config(flow_node)
     hift = hift_config(expect_node(config, "hift", "HiFTGenerator"), HiFTGenerator)
-    return FamilyConfig(llm, flow, hift, **stage_numbers(config, flow_node, causal=False))
+    return FamilyConfig(llm, flow, hift, stage_numbers(config, flow_node, causal=False))

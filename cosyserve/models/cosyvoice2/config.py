@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from cosyserve.config import ConfigError, Node
 from cosyserve.models.config_checks import (
     EncoderConfig,
     FamilyConfig,
+    SpeechLMConfig,
     cfm_rate,
     expect_class,
     expect_node,
@@ -30,13 +31,12 @@ from cosyserve.nn.qwen2 import Qwen2Config
 BLANK_EN = "CosyVoice-BlankEN"  # the Qwen2 folder whose config.json gives the v2/v3 LLM geometry
 
 
-@dataclass(frozen=True)
-class Qwen2LMConfig:
+@dataclass(frozen=True, kw_only=True)
+class Qwen2LMConfig(SpeechLMConfig):
     """The yaml's ``llm: !new:...Qwen2LM`` (or v3's ``CosyVoice3LM``), with the Qwen2 body's geometry."""
 
     qwen: Qwen2Config
     speech_token_size: int = 6561
-    sampling: Mapping[str, Any] = field(default_factory=dict)  # RasSampler arguments
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +44,6 @@ class V2FlowConfig(CausalFlowConfig):
     """The yaml's ``flow: !new:...CausalMaskedDiffWithXvec``."""
 
     input_size: int = 512
-    input_frame_rate: int = 25
     encoder: EncoderConfig
     estimator: Mapping[str, Any]  # ConditionalDecoder arguments, causal
 
@@ -101,7 +100,7 @@ def llm_config(node: Node, blank_en_dir: str | Path, cls: str = "Qwen2LM") -> Qw
             raise ConfigError(f"llm.{key} is {size} but the Qwen2 hidden size is {qwen.hidden_size}")
     sampling = node.get("sampling")
     return Qwen2LMConfig(
-        qwen,
+        qwen=qwen,
         speech_token_size=positive_int(node.get("speech_token_size", 6561), "llm.speech_token_size"),
         sampling={} if sampling is None else sampling_args(sampling),
     )
@@ -147,4 +146,4 @@ def parse(config: dict[str, Any], model_dir: Path) -> FamilyConfig:
     flow_node = expect_node(config, "flow", "CausalMaskedDiffWithXvec")
     flow = flow_config(flow_node)
     hift = hift_config(expect_node(config, "hift", "HiFTGenerator"), HiFTGenerator)
-    return FamilyConfig(llm, flow, hift, **stage_numbers(config, flow_node, causal=True))
+    return FamilyConfig(llm, flow, hift, stage_numbers(config, flow_node, causal=True))

@@ -50,7 +50,14 @@ class V3FlowConfig(CausalFlowConfig):
 def flow_config(node: Node) -> V3FlowConfig:
     node = expect_class(node, ("CausalMaskedDiffWithDiT",), "flow")
     args = node_kwargs(
-        node, "input_size", "output_size", "spk_embed_dim", "vocab_size", "token_mel_ratio", "pre_lookahead_len"
+        node,
+        "input_size",
+        "output_size",
+        "spk_embed_dim",
+        "vocab_size",
+        "input_frame_rate",
+        "token_mel_ratio",
+        "pre_lookahead_len",
     )
     pre = expect_class(node.require("pre_lookahead_layer", "flow"), ("PreLookaheadLayer",), "flow.pre_lookahead_layer")
     decoder = expect_class(node.require("decoder", "flow"), ("CausalConditionalCFM",), "flow.decoder")
@@ -81,4 +88,4 @@ def parse(config: dict[str, Any], model_dir: Path) -> FamilyConfig:
     flow_node = expect_node(config, "flow", "CausalMaskedDiffWithDiT")
     flow = flow_config(flow_node)
     hift = hift_config(expect_node(config, "hift", "CausalHiFTGenerator"), CausalHiFTGenerator)
-    return FamilyConfig(llm, flow, hift, **stage_numbers(config, flow_node, causal=True))
+    return FamilyConfig(llm, flow, hift, stage_numbers(config, flow_node, causal=True))
