@@ -10,6 +10,7 @@ flows (v2, v3; :class:`CausalFlow`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,15 @@ class FlowConfig:
     input_frame_rate: int = 25  # speech tokens per second
     inference_cfg_rate: float = 0.7
 
+    # The flow node's keys that hold these numbers (the rest of the config comes from its sub-nodes).
+    SIZE_KEYS: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "input_size",
+        "output_size",
+        "spk_embed_dim",
+        "input_frame_rate",
+    )
+
 
 @dataclass(frozen=True, kw_only=True)
 class CausalFlowConfig(FlowConfig):
@@ -37,6 +47,8 @@ class CausalFlowConfig(FlowConfig):
     vocab_size: int = 6561
     token_mel_ratio: int = 2
     pre_lookahead_len: int = 3
+
+    SIZE_KEYS: ClassVar[tuple[str, ...]] = (*FlowConfig.SIZE_KEYS, "token_mel_ratio", "pre_lookahead_len")
 
 
 @dataclass

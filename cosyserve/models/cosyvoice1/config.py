@@ -79,7 +79,7 @@ def llm_config(node: Node) -> TransformerLMConfig:
 
 def flow_config(node: Node) -> V1FlowConfig:
     node = expect_class(node, ("MaskedDiffWithXvec",), "flow")
-    args = node_kwargs(node, "input_size", "output_size", "spk_embed_dim", "vocab_size", "input_frame_rate")
+    args = node_kwargs(node, *V1FlowConfig.SIZE_KEYS)
     regulator = expect_class(
         node.require("length_regulator", "flow"), ("InterpolateRegulator",), "flow.length_regulator"
     )

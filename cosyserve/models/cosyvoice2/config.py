@@ -114,16 +114,7 @@ def flow_config(node: Node) -> V2FlowConfig:
     it is the encoder's token chunk times ``token_mel_ratio``).
     """
     node = expect_class(node, ("CausalMaskedDiffWithXvec",), "flow")
-    args = node_kwargs(
-        node,
-        "input_size",
-        "output_size",
-        "spk_embed_dim",
-        "vocab_size",
-        "input_frame_rate",
-        "token_mel_ratio",
-        "pre_lookahead_len",
-    )
+    args = node_kwargs(node, *V2FlowConfig.SIZE_KEYS)
     encoder = flow_encoder_config(node, args.get("input_size", 512), "UpsampleConformerEncoder")
     decoder = expect_class(node.require("decoder", "flow"), ("CausalConditionalCFM",), "flow.decoder")
     estimator = expect_class(

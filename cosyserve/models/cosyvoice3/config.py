@@ -49,16 +49,7 @@ class V3FlowConfig(CausalFlowConfig):
 
 def flow_config(node: Node) -> V3FlowConfig:
     node = expect_class(node, ("CausalMaskedDiffWithDiT",), "flow")
-    args = node_kwargs(
-        node,
-        "input_size",
-        "output_size",
-        "spk_embed_dim",
-        "vocab_size",
-        "input_frame_rate",
-        "token_mel_ratio",
-        "pre_lookahead_len",
-    )
+    args = node_kwargs(node, *V3FlowConfig.SIZE_KEYS)
     pre = expect_class(node.require("pre_lookahead_layer", "flow"), ("PreLookaheadLayer",), "flow.pre_lookahead_layer")
     decoder = expect_class(node.require("decoder", "flow"), ("CausalConditionalCFM",), "flow.decoder")
     estimator = expect_class(decoder.require("estimator", "flow.decoder"), ("DiT",), "flow.decoder.estimator")
