@@ -12,6 +12,27 @@ from torch import nn
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 from cosyserve.models.config_checks import FamilyConfig, StageNumbers, build_hift, feat_extractor_args
 
+MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
+MIN_TOKEN_TEXT_RATIO = 2  # speech tokens per text token the LLM makes at least (stop ids masked before)
+MAX_TOKEN_TEXT_RATIO = 20  # and at most
+
+
+class SilenceFilter:
+    """Keeps a token unless it is a silent id preceded by ``max_run`` or more consecutive silent ids
+    (the flow skips long runs of silence; the LM still conditions on every id)."""
+
+    def __init__(self, silent: frozenset[int], max_run: int) -> None:
+        self.silent = silent
+        self.max_run = max_run
+        self.run = 0
+
+    def keep(self, token: int) -> bool:
+        if token not in self.silent:
+            self.run = 0
+            return True
+        self.run += 1
+        return self.run <= self.max_run
+
 
 @dataclass(kw_only=True)
 class FamilyModel(StageNumbers):
@@ -25,6 +46,10 @@ class FamilyModel(StageNumbers):
     flow: nn.Module
     hift: nn.Module
     silent_tokens: frozenset[int] = field(default_factory=frozenset)
+
+    def new_token_filter(self) -> SilenceFilter | None:
+        """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""
+        return SilenceFilter(self.silent_tokens, MAX_SILENT_RUN) if self.silent_tokens else None
 
     def eval(self) -> FamilyModel:
         for module in (self.llm, self.flow, self.hift):

@@ -90,17 +90,17 @@ def test_e2e(entry, monkeypatch):
         return out
 
     monkeypatch.setattr(model.core.flow, "inference", recording_flow)
-    generated: list[int] = []
-    llm_inference = model.core.llm.inference
+    # The engine picks every id through the request's sampler: record what it picks (stop ids excluded).
+    picked: list[int] = []
+    stop_ids = model.core.llm.stop_token_ids
 
-    def recording_llm(*args, **kwargs):
-        for token in llm_inference(*args, **kwargs):
-            generated.append(token)
-            yield token
+    def recording_sampler(logp, history):
+        token = sampler(logp, history)
+        picked.append(int(token))
+        return token
 
-    monkeypatch.setattr(model.core.llm, "inference", recording_llm)
-
-    chunks = list(_request(model, meta, entry["name"], draws=GoldenDraws(case), sampler=sampler))
+    chunks = list(_request(model, meta, entry["name"], draws=GoldenDraws(case), sampler=recording_sampler))
+    generated = [t for t in picked if t not in stop_ids]
 
     if meta.get("greedy_last_token") is not None:
         np.testing.assert_array_equal(np.array(generated), case["speech_tokens"].reshape(-1), "speech tokens")

@@ -12,14 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.models.cosyvoice1.config import TransformerLMConfig
-from cosyserve.nn.attention import KVCache
+from cosyserve.nn.kv_cache import KVCache
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
-
-MIN_TOKEN_TEXT_RATIO = 2
-MAX_TOKEN_TEXT_RATIO = 20
 
 
 def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
@@ -82,15 +80,20 @@ class TransformerLM(nn.Module):
         parts = [table[0:1], spk, text_part, table[1:2], self.speech_embedding(as_ids(prompt_speech_token, device))]
         return torch.cat(parts, dim=0)[None]
 
-    def prefill(self, prefix: Tensor) -> tuple[Tensor, list[KVCache]]:
+    def prefill(self, prefix: Tensor) -> tuple[Tensor, KVCache]:
         """Run the prefix (1, L0, D) causally through a fresh cache; return the last hidden (D,) and the cache."""
         cache = self.llm.new_cache()
         return self.llm.forward_chunk(prefix, cache)[0, -1], cache
 
-    def decode_step(self, token_id: int, cache: list[KVCache]) -> Tensor:
-        """Feed one speech token after ``cache`` (extended in place); return its hidden state (D,)."""
-        x = self.speech_embedding.weight[int(token_id)].reshape(1, 1, -1)
-        return self.llm.forward_chunk(x, cache)[0, -1]
+    def decode_batch(self, token_ids: Tensor, cache: KVCache) -> Tensor:
+        """Feed one speech token per cache row, ids (B,), after each row's own history (the cache is
+        extended in place); return the new hidden states (B, D)."""
+        x = self.speech_embedding(token_ids.to(self.speech_embedding.weight.device))[:, None, :]
+        return self.llm.forward_chunk(x, cache)[:, -1]
+
+    def decode_step(self, token_id: int, cache: KVCache) -> Tensor:
+        """One row's :meth:`decode_batch`: its hidden state (D,)."""
+        return self.decode_batch(torch.tensor([int(token_id)]), cache)[0]
 
     def logp(self, hidden: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., V) log-probabilities; V = speech_token_size + 1 (eos last)."""
