@@ -102,6 +102,11 @@ class TTSModel:
         return self.core.sample_rate
 
     @property
+    def token_rate(self) -> int:
+        """Speech tokens per second."""
+        return self.core.token_frame_rate
+
+    @property
     def model_dir(self) -> Path:
         return self.core.model_dir
 

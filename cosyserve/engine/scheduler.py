@@ -138,9 +138,10 @@ class Scheduler:
 
     def remove(self, sequence: Sequence) -> None:
         """Drop a sequence (finished, failed or aborted): its batch row and caches are freed now."""
-        for segment in sequence.segments:
-            if segment in self.batch.segments:
-                self.batch.leave(segment)
+        with torch.inference_mode():  # the cache's tensors are inference tensors
+            for segment in sequence.segments:
+                if segment in self.batch.segments:
+                    self.batch.leave(segment)
         sequence.segments.clear()
         if sequence in self.sequences:
             self.sequences.remove(sequence)
