@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from cosyserve import __version__
-from cosyserve.api import health, official, openai, voices
+from cosyserve.api import health, metrics, official, openai, voices, web
+from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
 from cosyserve.api.deps import EXPOSED_HEADERS, RequestIdMiddleware, ServerState, install_error_handlers
 from cosyserve.engine.client import AsyncEngine, EngineClient
 from cosyserve.settings import Settings
@@ -41,6 +42,7 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
     """
     settings = settings or Settings()
     state = ServerState(settings)
+    app_metrics = metrics.Metrics(lambda: state.engine, lambda: state.in_flight.value)
     loader: Callable[[], Any] | None = None
     if (
         callable(model_or_loader)
@@ -61,6 +63,7 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
             logger.debug("model loading traceback", exc_info=exc)
             return
         state.engine = engine = engine_client(model, settings)
+        app_metrics.model_load.set(time.perf_counter() - started)
         logger.info(
             "model ready in %.1f s: %s, %d Hz, modes %s",
             time.perf_counter() - started,
@@ -74,8 +77,8 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
         if loader is not None and state.engine is None and state.load_error is None:
             threading.Thread(target=load, name="cosyserve-model-loader", daemon=True).start()
         yield
-        if state.engine is not None:
-            await state.engine.close()
+        if state.engine is not None and not isinstance(model_or_loader, EngineClient):
+            await state.engine.close()  # the engine this app made (a given client belongs to its maker)
 
     app = FastAPI(
         title="cosyserve",
@@ -85,11 +88,16 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.cosyserve = state
+    app.state.metrics = app_metrics
     install_error_handlers(app)
     app.include_router(official.router)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(voices.router)
+    app.include_router(metrics.router)
+    app.include_router(web.router)
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.api_keys, (*settings.auth_exempt, *web.PUBLIC_PATHS)))
+    app.add_middleware(metrics.MetricsMiddleware, metrics=app_metrics)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(

@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from cosyserve.api.deps import InFlight, error_response, request_id, server_state
+from cosyserve.api.metrics import AUDIO_SCOPE_KEY
 from cosyserve.audio.encode import make_encoder, output_rate
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.engine.client import AudioStream
@@ -72,6 +73,7 @@ class AudioResponse(Response):
         return (self.encoder.encode(rest) if rest.size else b"") + self.encoder.finish()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[AUDIO_SCOPE_KEY] = self  # for the metrics middleware
         failure: GenerationFailed | None = None
         disconnected = False
         try:

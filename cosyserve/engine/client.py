@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class AudioStream:
         self._queue = queue
         self._abort = abort
         self.samples = 0
+        self.first_chunk_at: float | None = None  # perf_counter() when the first chunk arrived
         self.done = False
 
     def __aiter__(self) -> AudioStream:
@@ -62,6 +64,8 @@ class AudioStream:
             raise StopAsyncIteration
         kind, value = await self._queue.get()
         if kind == "chunk":
+            if self.first_chunk_at is None:
+                self.first_chunk_at = time.perf_counter()
             chunk = np.asarray(value, dtype=np.float32)
             self.samples += chunk.shape[0]
             return chunk

@@ -19,6 +19,7 @@ import torch
 from cosyserve.audio.io import decode_audio
 from cosyserve.config import ConfigError, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
+from cosyserve.families import FAMILIES
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.frontend import Frontend
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
@@ -26,22 +27,17 @@ from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
 from cosyserve.nn.sampling import Sampler
+from cosyserve.precision import parse_dtypes
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
+from . import streaming
 from .request import GenerationOptions, SynthesisRequest
 from .scheduler import Scheduler, Sequence, new_sequence, run_alone
-from .streaming import Draws, Synthesizer, V1Synthesizer, V2Synthesizer, V3Synthesizer
-from .voices import DEFAULT_MAX_VOICES, Voice, VoiceLibrary, VoiceStore, read_spk2info
+from .streaming import Draws, Synthesizer
+from .voice_library import open_voice_library
+from .voices import DEFAULT_MAX_VOICES, Voice, VoiceStore, read_spk2info
 
-_FAMILIES: dict[str, tuple[str, str, str, type[Synthesizer]]] = {
-    # family: (yaml, model module, speech tokenizer file, synthesizer)
-    "cosyvoice1": ("cosyvoice.yaml", "cosyserve.models.cosyvoice1.model", "speech_tokenizer_v1.onnx", V1Synthesizer),
-    "cosyvoice2": ("cosyvoice2.yaml", "cosyserve.models.cosyvoice2.model", "speech_tokenizer_v2.onnx", V2Synthesizer),
-    "cosyvoice3": ("cosyvoice3.yaml", "cosyserve.models.cosyvoice3.model", "speech_tokenizer_v3.onnx", V3Synthesizer),
-}
-
-FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
 _MODE_HINTS = {
     "sft": "it needs built-in speakers (iic/CosyVoice-300M-SFT ships them) or a stored voice; "
     "zero_shot and cross_lingual take a prompt recording instead",
@@ -55,7 +51,7 @@ _MODE_HINTS = {
 def unsupported_mode(family: str, mode: str, modes: frozenset[str]) -> UnsupportedMode:
     """The error for a mode the loaded model cannot serve, saying which model would."""
     hint = _MODE_HINTS.get(mode, f"it supports {', '.join(sorted(modes))}")
-    name = FAMILY_NAMES.get(family, family)
+    name = FAMILIES[family].display if family in FAMILIES else family
     return UnsupportedMode(f"the loaded {name} model ({family}) cannot serve {mode}: {hint}", param="mode")
 
 
@@ -80,6 +76,12 @@ class EngineOptions:
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
     data_dir: Path | None = None  # where the voice library lives (None: stored voices kept in memory only)
     max_voices: int = DEFAULT_MAX_VOICES  # cap on the library's voices (all families)
+    # torch intra-op and onnxruntime threads; None leaves torch's process setting alone (ONNX: 1)
+    threads: int | None = None
+    random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
+    dtype: str = "fp32"  # precision per stage: "bf16" or "llm=int8,flow=bf16" (cosyserve.precision)
+    flow_steps: int | None = None  # Euler steps of the flow (None: the model's, 10)
+    voice_store: str = ""  # a postgresql:// URL: voices in that shared database instead of under data_dir
 
 
 class TTSModel:
@@ -90,7 +92,8 @@ class TTSModel:
         self.frontend = frontend
         self.voices = voices
         self.options = options
-        self._synthesizer = _FAMILIES[core.family][3]
+        self.family_info = FAMILIES[core.family]
+        self._synthesizer: type[Synthesizer] = getattr(streaming, self.family_info.synthesizer)
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -113,7 +116,7 @@ class TTSModel:
     @property
     def modes(self) -> frozenset[str]:
         modes = {"zero_shot", "cross_lingual", "vc"}
-        modes.add("instruct" if self.core.version == "v1" else "instruct2")
+        modes.add(self.family_info.instruct_mode)
         if self.voices.ids():
             modes.add("sft")
         return frozenset(modes)
@@ -264,14 +267,14 @@ class TTSModel:
 
     def _v3_text(self, text: str) -> str:
         """v3 target / prompt text with the system prompt the model was trained with."""
-        if self.core.version == "v3" and END_OF_PROMPT not in text:
+        if self.family_info.system_prompt and END_OF_PROMPT not in text:
             return V3_SYSTEM_PROMPT + END_OF_PROMPT + text
         return text
 
     def _instruct2_text(self, instruct: str) -> str:
         if END_OF_PROMPT in instruct:
             return instruct
-        if self.core.version == "v3" and not instruct.startswith(V3_SYSTEM_PROMPT):
+        if self.family_info.system_prompt and not instruct.startswith(V3_SYSTEM_PROMPT):
             instruct = f"{V3_SYSTEM_PROMPT} {instruct}"
         return instruct + END_OF_PROMPT
 
@@ -317,11 +320,18 @@ def load_model(
 ) -> TTSModel:
     """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...)."""
     options = options or EngineOptions(**option_overrides)
+    if options.threads:
+        # One setting for every kernel: the engine is the only thing computing in this process.
+        torch.set_num_threads(options.threads)
+    onnx_threads = options.threads or 1
     model_dir, family = resolve_model_dir(model, hub=hub)
-    yaml_name, module_name, tokenizer_file, _ = _FAMILIES[family]
+    info = FAMILIES[family]
+    yaml_name, module_name, tokenizer_file = info.yaml, info.model_module, info.speech_tokenizer
     try:
         config = load_yaml(model_dir / yaml_name, {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
-        core = importlib.import_module(module_name).load(model_dir, config, llm_weights=options.llm_weights)
+        core = importlib.import_module(module_name).load(
+            model_dir, config, llm_weights=options.llm_weights, random_weights=options.random_weights
+        )
         if family == "cosyvoice3":
             core.llm.reference_eos_mask = options.reference_eos_mask
         tokenizer = load_tokenizer(config, model_dir)
@@ -332,6 +342,15 @@ def load_model(
         # A yaml value of the wrong type or an undecodable file: still a load error naming the yaml.
         reason = f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(f"{model_dir}: {yaml_name} does not describe a usable {family} model ({reason})") from exc
+    try:
+        dtypes = parse_dtypes(options.dtype)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    core.set_precision(**dtypes)
+    if options.flow_steps is not None:
+        if options.flow_steps < 1:
+            raise ModelLoadError(f"flow_steps must be at least 1, not {options.flow_steps}")
+        core.flow.decoder.n_timesteps = options.flow_steps
     if device != "cpu":
         core.llm.to(device)
         core.flow.to(device)
@@ -340,15 +359,15 @@ def load_model(
         version=core.version,
         tokenizer=tokenizer,
         normalizer=TextNormalizer(tokenizer, backend=options.text_frontend),
-        speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file),
-        speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx"),
+        speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file, threads=onnx_threads),
+        speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx", threads=onnx_threads),
         mel_extractor=mel_extractor,
         sample_rate=core.sample_rate,
         prompt_mel_rate=options.prompt_mel_rate,
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    library = VoiceLibrary(options.data_dir, options.max_voices)
+    library = open_voice_library(options.voice_store, options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt")
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)

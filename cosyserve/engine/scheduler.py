@@ -43,7 +43,7 @@ PREFILL_TOKENS_PER_STEP = 2048  # prefix positions prefilled per step, beyond th
 _arrivals = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a segment is one object in a batch, not a value
 class Segment:
     """One text segment of a sequence: its model input, token rules and token-to-audio state."""
 
@@ -55,7 +55,7 @@ class Segment:
     done: bool = False  # its last chunk is out
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One request's generation state; lives as long as the request."""
 
@@ -131,6 +131,8 @@ class Scheduler:
         self.llm_steps = 0
         self.llm_tokens = 0
         self.last_batch_size = 0
+        # Seconds per stage (prefill, decode, flow, vocoder), accumulated when not None (bench).
+        self.timings: dict[str, float] | None = None
 
     # -- membership --------------------------------------------------------------------------------
     def add(self, sequence: Sequence) -> None:
@@ -166,6 +168,15 @@ class Scheduler:
                 out.append((sequence, None))
         return out
 
+    def _timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.timings is None:
+            return fn(*args)
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
     def _guarded(self, sequence: Sequence, work: Callable[[], Any]) -> Any:
         try:
             return work()
@@ -196,6 +207,7 @@ class Scheduler:
             embedding=model_input["flow_embedding"],
         )
         synthesizer = self.synthesizer(self.model, condition, sequence.draws, sequence.speed, sequence.stream)
+        synthesizer.timings = self.timings
         segment = Segment(model_input, synthesizer)
         sequence.segments.append(segment)
         if "source_speech_token" in model_input:  # vc: the tokens are given
@@ -222,7 +234,7 @@ class Scheduler:
         if segment.rules.stopped:
             segment.decoded = True
             return 0
-        hidden, row_cache = llm.prefill(prefix)
+        hidden, row_cache = self._timed("prefill", llm.prefill, prefix)
         if self._pick(sequence, segment, llm.logp(hidden)):
             self.batch.join(sequence, segment, row_cache)
         return int(prefix.shape[1])
@@ -257,7 +269,7 @@ class Scheduler:
             return
         self.last_batch_size = len(self.batch)
         try:
-            logp = self.batch.step()
+            logp = self._timed("decode", self.batch.step)
         except Exception as exc:
             # A failure of the shared step cannot be pinned on one row: every row in it fails.
             logger.exception("batched decode step failed for %d rows", len(self.batch))

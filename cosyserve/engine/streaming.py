@@ -11,7 +11,10 @@ so the audio is the same however the scheduler interleaves this work with other 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +84,9 @@ class PromptCondition:
     feat: torch.Tensor
     embedding: torch.Tensor
 
+    def to(self, device: torch.device) -> PromptCondition:
+        return PromptCondition(self.token.to(device), self.feat.to(device), self.embedding.to(device))
+
 
 class Synthesizer:
     """Base class: pulls tokens and turns them into float32 audio chunks."""
@@ -90,20 +96,33 @@ class Synthesizer:
     ) -> None:
         self.model = model
         self.stream = stream
-        self.condition = condition
+        # Every tensor this state makes lives where the flow's weights are (the one place inputs move).
+        self.device = next(model.flow.parameters()).device
+        self.condition = condition.to(self.device)
         self.draws = draws
         self.speed = speed
         self.hift_cache: dict[str, torch.Tensor] | None = None
         self.mel_cache = 0  # mel frames carried to the next vocoder call
         self.source_cache = 0  # excitation / waveform samples carried likewise
         self.speech_window = torch.zeros(0)
+        self.timings: dict[str, float] | None = None  # seconds per stage, accumulated when set (bench)
+
+    def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its wall time added to ``timings[stage]`` when timings are kept."""
+        if self.timings is None:
+            return fn(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         hift = self.model.hift
         source = self.draws.next_hift_source()
         if source is not None:
-            return hift.decode(mel, source), source
-        return hift.inference(mel, cache_source=cache_source, generator=self.draws.generator)
+            return self.timed("vocoder", hift.decode, mel, source), source
+        return self.timed("vocoder", hift.inference, mel, cache_source=cache_source, generator=self.draws.generator)
 
     def vocode_with_cache(self, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
         """HiFT with the v1/v2 chunk caches: the last mel frames and excitation of the previous
@@ -154,18 +173,20 @@ class V1Synthesizer(Synthesizer):
         frame_rate = model.token_frame_rate
         self.token_hop = 2 * frame_rate
         self.mel_overlap = int(self.TOKEN_OVERLAP / frame_rate * model.sample_rate / model.hop_size)
-        self.mel_window = hamming(2 * self.mel_overlap)
+        self.mel_window = hamming(2 * self.mel_overlap).to(self.device)
         self.mel_cache = 20
         self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache)
+        self.speech_window = hamming(2 * self.source_cache).to(self.device)
         self.flow_cache: torch.Tensor | None = None
         self.mel_tail: torch.Tensor | None = None
         self.pending: list[int] = []
 
     def token2wav(self, tokens: list[int], finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel, self.flow_cache = self.model.flow.inference(
-            torch.tensor([tokens], dtype=torch.int32),
+        mel, self.flow_cache = self.timed(
+            "flow",
+            self.model.flow.inference,
+            torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
             c.embedding,
@@ -210,7 +231,7 @@ class V2Synthesizer(Synthesizer):
         self.mel_ratio = model.token_mel_ratio
         self.mel_cache = 8
         self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache)
+        self.speech_window = hamming(2 * self.source_cache).to(self.device)
         self.kept: list[int] = []  # the ids the flow sees
         self.offset = 0  # tokens already turned into audio
         prompt_len = condition.token.shape[1]
@@ -219,8 +240,10 @@ class V2Synthesizer(Synthesizer):
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel = self.model.flow.inference(
-            torch.tensor([tokens], dtype=torch.int32),
+        mel = self.timed(
+            "flow",
+            self.model.flow.inference,
+            torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
             c.embedding,
@@ -263,7 +286,7 @@ class V3Synthesizer(V2Synthesizer):
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
     ) -> None:
         super().__init__(model, condition, draws, speed, stream)
-        self.mel = torch.zeros(1, 80, 0)
+        self.mel = torch.zeros(1, 80, 0, device=self.device)
         self.samples_out = 0
         self.token_filter = model.new_token_filter()
 
@@ -275,7 +298,8 @@ class V3Synthesizer(V2Synthesizer):
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         self.mel = torch.cat([self.mel, mel], dim=2)
-        speech, _ = self.model.hift.inference(self.mel, finalize=finalize, source=self.draws.next_hift_source())
+        source = self.draws.next_hift_source()
+        speech, _ = self.timed("vocoder", self.model.hift.inference, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]
         return speech

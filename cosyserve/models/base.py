@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
-from cosyserve.models.config_checks import FamilyConfig, StageNumbers, build_hift, feat_extractor_args
+from cosyserve.models.config_checks import BLANK_EN, FamilyConfig, StageNumbers, build_hift, feat_extractor_args
 
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
 MIN_TOKEN_TEXT_RATIO = 2  # speech tokens per text token the LLM makes at least (stop ids masked before)
 MAX_TOKEN_TEXT_RATIO = 20  # and at most
@@ -50,6 +52,27 @@ class FamilyModel(StageNumbers):
     def new_token_filter(self) -> SilenceFilter | None:
         """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""
         return SilenceFilter(self.silent_tokens, MAX_SILENT_RUN) if self.silent_tokens else None
+
+    def set_precision(self, llm: str = "fp32", flow: str = "fp32") -> FamilyModel:
+        """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`).
+
+        The flow keeps its ODE state in fp32 and only evaluates the estimator in ``flow``; the vocoder
+        is left in fp32 (its f0 predictor in fp64)."""
+        if llm == "int8":
+            # Dynamic quantization: int8 weights, fp32 activations, for the LLM's linear layers (but the
+            # rel-pos projection, whose weight the attention reads directly).
+            qconfig = torch.ao.quantization.default_dynamic_qconfig
+            spec = {
+                name: qconfig
+                for name, module in self.llm.named_modules()
+                if isinstance(module, nn.Linear) and not name.endswith("linear_pos")
+            }
+            self.llm = torch.ao.quantization.quantize_dynamic(self.llm, spec, dtype=torch.qint8)
+        elif llm != "fp32":
+            self.llm.to(_TORCH_DTYPES[llm])
+        if flow != "fp32":
+            self.flow.decoder.estimator.to(_TORCH_DTYPES[flow])
+        return self
 
     def eval(self) -> FamilyModel:
         for module in (self.llm, self.flow, self.hift):
@@ -99,4 +122,4 @@ def load_weights(module: nn.Module, path: Path, state: dict | None = None) -> nn
     return module
 
 
-__all__ = ["FamilyModel", "FamilySpec", "feat_extractor_args", "load_weights"]
+__all__ = ["BLANK_EN", "FamilyModel", "FamilySpec", "feat_extractor_args", "load_weights"]

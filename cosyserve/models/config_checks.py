@@ -25,6 +25,8 @@ from cosyserve.nn.conformer import (
 )
 from cosyserve.nn.sampling import RasSampler
 
+BLANK_EN = "CosyVoice-BlankEN"  # the Qwen2 folder whose config.json gives the v2/v3 LLM geometry
+
 
 def expect_node(config: dict[str, Any], key: str, *classes: str) -> Node:
     """Return ``config[key]`` as a Node whose class is one of ``classes`` (or raise)."""

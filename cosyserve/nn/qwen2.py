@@ -100,13 +100,15 @@ class Qwen2Attention(nn.Module):
         k = _apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, Hkv, S, hd), S = longest row after this step
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:
-            # Query head h reads key/value head h // rep.
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # Query head h reads key/value head h // (heads / kv heads), without copying the keys (GQA).
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.head_dim**-0.5
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and t > 1,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 

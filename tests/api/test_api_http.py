@@ -566,3 +566,37 @@ def test_admission_caps_running_generations_and_turns_away_beyond_the_queue():
     assert stub.peak <= 2, f"{stub.peak} generations ran at once with max_concurrency=2"
     assert statuses.count(200) >= 4, statuses  # 2 running + 2 queued at the least
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+
+
+def test_waiting_requests_are_served_first_come_first_served():
+    """16 identical clients, one slot: every request waits at most about one round of the others
+    (FIFO), and every client completes as many requests as the others."""
+    stub = StubModel(chunks=2)
+    stub.delay = 0.01
+    clients, rounds = 16, 3
+    app = create_app(stub, Settings(max_concurrency=1, max_queue=clients))
+    waits: dict[int, list[float]] = {c: [] for c in range(clients)}
+    with LiveServer(app) as server:
+        start = threading.Barrier(clients)
+        began = time.monotonic()
+
+        def client(c):
+            session = requests.Session()
+            start.wait(10)
+            for _ in range(rounds):
+                sent = time.monotonic()
+                resp = session.post(server.url + "/inference_sft", data=form("sft")[0] | {"format": "pcm"}, timeout=60)
+                assert resp.status_code == 200
+                waits[c].append(time.monotonic() - sent)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        elapsed = time.monotonic() - began
+    assert all(len(w) == rounds for w in waits.values()), {c: len(w) for c, w in waits.items()}
+    service = elapsed / (clients * rounds)  # one slot: the requests were served one after another
+    ideal = clients * service  # FIFO: a request waits for the one request of each other client at most
+    worst = max(x for w in waits.values() for x in w)
+    assert worst <= 1.5 * ideal, f"max wait {worst:.2f} s, FIFO ideal {ideal:.2f} s"

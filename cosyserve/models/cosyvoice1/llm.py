@@ -72,7 +72,7 @@ class TransformerLM(nn.Module):
         x, _ = self.text_encoder(x, torch.tensor([ids.numel()], device=device))
         text_part = self.text_encoder_affine_layer(x)[0]
         if embedding is not None and embedding.numel() > 0:
-            emb = embedding.reshape(1, -1).to(device=device, dtype=self.spk_embed_affine_layer.weight.dtype)
+            emb = embedding.reshape(1, -1).to(device=device, dtype=self.speech_embedding.weight.dtype)
             spk = self.spk_embed_affine_layer(F.normalize(emb, dim=1))
         else:
             spk = text_part.new_zeros(0, text_part.size(1))
@@ -97,7 +97,10 @@ class TransformerLM(nn.Module):
 
     def logp(self, hidden: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., V) log-probabilities; V = speech_token_size + 1 (eos last)."""
-        return self.llm_decoder(hidden).log_softmax(dim=-1)
+        # In fp32 whatever the LLM's precision: the sampler's nucleus cut-off needs it.
+        # 2-D for the int8 (dynamically quantized) linear layer.
+        logits = self.llm_decoder(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
+        return logits.float().log_softmax(dim=-1)
 
     def mask_early_stop(self, logp: Tensor) -> Tensor:
         """The scores the sampler sees before ``min_len``: eos at -inf."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from cosyserve.config import ConfigError, Node
 from cosyserve.models.config_checks import (
+    BLANK_EN,
     EncoderConfig,
     FamilyConfig,
     SpeechLMConfig,
@@ -27,8 +28,6 @@ from cosyserve.models.config_checks import (
 from cosyserve.models.flow import CausalFlowConfig
 from cosyserve.nn.hift import HiFTGenerator
 from cosyserve.nn.qwen2 import Qwen2Config
-
-BLANK_EN = "CosyVoice-BlankEN"  # the Qwen2 folder whose config.json gives the v2/v3 LLM geometry
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -123,7 +123,10 @@ class Qwen2LM(nn.Module):
 
     def logp(self, hidden: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., V) log-probabilities over the speech vocabulary."""
-        return self.llm_decoder(hidden).log_softmax(dim=-1)
+        # In fp32 whatever the LLM's precision: the sampler's nucleus cut-off needs it.
+        # 2-D for the int8 (dynamically quantized) linear layer.
+        logits = self.llm_decoder(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
+        return logits.float().log_softmax(dim=-1)
 
     def mask_early_stop(self, logp: Tensor, reference_eos_mask: bool | None = None) -> Tensor:
         """Scores the sampler sees before ``min_len``: the stop ids (or the reference's one id) at -inf."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from cosyserve.config import ConfigError, Node
 from cosyserve.models.config_checks import (
+    BLANK_EN,
     FamilyConfig,
     cfm_rate,
     expect_class,
@@ -17,7 +18,7 @@ from cosyserve.models.config_checks import (
     node_kwargs,
     stage_numbers,
 )
-from cosyserve.models.cosyvoice2.config import BLANK_EN, llm_config
+from cosyserve.models.cosyvoice2.config import llm_config
 from cosyserve.models.flow import CausalFlowConfig
 from cosyserve.nn.hift_causal import CausalHiFTGenerator
 
