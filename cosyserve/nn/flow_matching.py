@@ -8,12 +8,9 @@ and an unconditional (mu, speaker and prompt zeroed) row in one batch of two.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from cosyserve.config import ConfigError, Node
 
 # The official v2/v3 samplers draw this buffer once at construction: 15000 frames = 300 s of mel
 # at 50 frames/s, from a generator seeded with 0.
@@ -72,16 +69,6 @@ class ConditionalCFM(nn.Module):
             )
         return self._fixed_noise[:, :, :frames]
 
-    @classmethod
-    def from_config(cls, node: Node, estimator: nn.Module) -> ConditionalCFM:
-        """Build from the yaml ``decoder`` node (``ConditionalCFM`` / ``CausalConditionalCFM``)."""
-        params = _cfm_params(node)
-        solver = params.get("solver", "euler")
-        scheduler = params.get("t_scheduler", "cosine")
-        if solver != "euler" or scheduler != "cosine":
-            raise ConfigError(f"{node.target}: only the euler solver on the cosine schedule is supported")
-        return cls(estimator, inference_cfg_rate=params.get("inference_cfg_rate", 0.7))
-
     @torch.no_grad()
     def solve(
         self,
@@ -125,13 +112,3 @@ class ConditionalCFM(nn.Module):
             if step < len(t_span) - 1:
                 dt = t_span[step + 1] - t
         return x.float()
-
-
-def _cfm_params(node: Node) -> dict[str, Any]:
-    """The ``cfm_params`` mapping: an ``omegaconf.DictConfig`` node holding ``content``, or a plain dict."""
-    params = node.get("cfm_params", {})
-    if isinstance(params, Node):
-        params = params.get("content", params.args)
-    if not isinstance(params, dict):
-        raise ConfigError(f"{node.target}: cfm_params must be a mapping")
-    return params

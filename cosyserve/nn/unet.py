@@ -209,7 +209,7 @@ def chunk_attention_mask(size: int, chunk_size: int, num_left_chunks: int = -1, 
 
 
 class ConditionalDecoder(nn.Module):
-    """U-Net velocity estimator. ``causal=True`` builds the v2 CausalConditionalDecoder.
+    """U-Net velocity estimator. ``causal=True`` is the v2 estimator (the reference's CausalConditionalDecoder).
 
     forward(x, mask, mu, t, spks, cond, streaming): x / mu / cond (B, 80, T), mask (B, 1, T),
     t (B,), spks (B, 80) -> (B, out_channels, T). ``streaming`` matters only for the causal variant
@@ -372,36 +372,3 @@ class ConditionalDecoder(nn.Module):
 
         x = self.final_block(x, mask_up)
         return self.final_proj(x * mask_up) * mask
-
-
-class CausalConditionalDecoder(ConditionalDecoder):
-    """The v2 estimator: ``ConditionalDecoder`` with ``causal=True`` (chunk size 50 frames by default)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        channels: Sequence[int] = (256, 256),
-        dropout: float = 0.0,
-        attention_head_dim: int = 64,
-        n_blocks: int = 1,
-        num_mid_blocks: int = 2,
-        num_heads: int = 4,
-        act_fn: str = "gelu",
-        static_chunk_size: int = 50,
-        num_decoding_left_chunks: int = -1,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            channels,
-            dropout,
-            attention_head_dim,
-            n_blocks,
-            num_mid_blocks,
-            num_heads,
-            act_fn,
-            causal=True,
-            static_chunk_size=static_chunk_size,
-            num_decoding_left_chunks=num_decoding_left_chunks,
-        )
