@@ -316,9 +316,13 @@ def load_model(
     device: str = "cpu",
     hub: str = "auto",
     options: EngineOptions | None = None,
+    library: VoiceLibrary | None = None,
     **option_overrides: Any,
 ) -> TTSModel:
-    """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...)."""
+    """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...).
+
+    ``library``: the voice library to use, shared by the models of one server (None: one opened on
+    ``options.data_dir``)."""
     options = options or EngineOptions(**option_overrides)
     if options.threads:
         # One setting for every kernel: the engine is the only thing computing in this process.
@@ -357,7 +361,7 @@ def load_model(
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    library = VoiceLibrary(options.data_dir, options.max_voices)
+    library = library or VoiceLibrary(options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt")
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)
