@@ -126,8 +126,12 @@ def app_builder(settings: Settings) -> Callable[[], Any]:
         from cosyserve.cli import model_loaders, resolve_device
 
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        loaders = model_loaders(settings, resolve_device(settings.gpu))
-        app = create_app(loaders if len(loaders) > 1 else next(iter(loaders.values())), settings)
+        models = model_loaders(settings, resolve_device(settings.gpu))
+        if not settings.lazy_load:
+            # Loaded before the replica counts as started: Serve sends it no request before, and a
+            # model that cannot load fails the replica's start (Serve retries, then reports the deployment).
+            models = {name: load() for name, load in models.items()}
+        app = create_app(models if len(models) > 1 else next(iter(models.values())), settings)
         app.add_middleware(ServedByMiddleware)
         return app
 

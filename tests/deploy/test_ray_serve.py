@@ -187,10 +187,12 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(cluster):
     in_flight_at_kill = [r for r in results if r[0] <= killed_at <= r[1]]
     after = collections.Counter(r[3] for r in results if r[0] > killed_at and r[2] == "ok")
     print(
-        f"[ray] kill: {len(results)} requests, {len(in_flight_at_kill)} in flight at the kill, "
+        f"[ray] kill at t={killed_at:.3f}: {len(results)} requests, {len(in_flight_at_kill)} in flight at the kill, "
         f"{len(failed)} failed {collections.Counter(r[2] for r in failed)}; replacement serving "
         f"{replaced_at - killed_at:.1f} s after the kill; ok after the kill per replica: {dict(after)}"
     )
+    for start, end, outcome, by in sorted(failed):
+        print(f"[ray]   failed: started {start - killed_at:+.3f} s, ended {end - killed_at:+.3f} s: {outcome} {by}")
     assert not [r for r in results if r[2] == "hang"], "a request hung"
     assert set(after) - before, "no new replica took over"
     # Only requests already running when the replica died may fail (at most all of those in flight).
