@@ -22,7 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cosyserve.settings import ENV_PREFIX, Settings, SettingsError, _parse_bool, load_settings
+from cosyserve.settings import (
+    ENV_PREFIX,
+    Settings,
+    SettingsError,
+    _parse_bool,
+    add_server_arguments,
+    settings_from_args,
+)
 
 logger = logging.getLogger("cosyserve.ray")
 
@@ -185,21 +192,30 @@ _RAY_ARGS = {
 }
 
 
-def build(args: dict[str, Any]) -> Any:
-    """Application builder for ``serve deploy`` / ``serve run cosyserve.deploy.ray_serve:build``: ``args``
-    holds the server flags by name (``model_dir``, ``data_dir``, ``voice_store``...) and the scaling
-    options above; the environment twins (``COSYSERVE_*``) apply as for ``cosyserve serve``."""
+def settings_from_build_args(args: Mapping[str, Any] | None) -> tuple[Settings, RayOptions]:
+    """The server settings and scaling options of a Serve config's ``args``."""
     args = dict(args or {})
     ray_args = {k: parse(args.pop(k)) for k, parse in _RAY_ARGS.items() if k in args}
+    parser = argparse.ArgumentParser(prog="cosyserve.deploy.ray_serve:build", add_help=False)
+    add_server_arguments(parser)
+    if "voice_store" in args and not any(a.dest == "voice_store" for a in parser._actions):
+        # A server without the store flag reads the store from the environment (the replicas' too).
+        os.environ[ENV_PREFIX + "VOICE_STORE"] = str(args.pop("voice_store"))
     argv: list[str] = []
     for key, value in args.items():
-        values = value if isinstance(value, list) else [value]
-        for item in values:
+        for item in value if isinstance(value, list) else [value]:
             argv += [f"--{key}", str(item).lower() if isinstance(item, bool) else str(item)]
-    settings = load_settings(argv)
-    if "voice_store" in args and not getattr(settings, "voice_store", None):
-        os.environ[ENV_PREFIX + "VOICE_STORE"] = str(args["voice_store"])  # before the store setting existed
-    return deployment(settings, _ray_options(ray_args))
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise SettingsError(f"unknown args in the Serve config: {' '.join(a for a in unknown if a.startswith('--'))}")
+    return settings_from_args(namespace), _ray_options(ray_args)
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder for ``serve deploy`` / ``serve run cosyserve.deploy.ray_serve:build``: ``args``
+    holds the server flags by name (``model_dir``, a list when repeated; ``data_dir``, ``voice_store``...)
+    and the scaling options above; the environment twins (``COSYSERVE_*``) apply as for ``cosyserve serve``."""
+    return deployment(*settings_from_build_args(args))
 
 
 def _ray_options(values: Mapping[str, Any], address: str = "local") -> RayOptions:

@@ -237,3 +237,29 @@ def test_the_plain_server_never_imports_ray():
         "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_serve_config_args_become_settings(monkeypatch):
+    from cosyserve.deploy.ray_serve import settings_from_build_args
+
+    monkeypatch.setenv("COSYSERVE_VOICE_STORE", "")  # restored after the test: the builder sets it
+    args = {
+        "model_dir": ["a=/m/one", "/m/two"],
+        "default_model": "a",
+        "lazy_load": True,
+        "max_concurrency": 8,
+        "voice_store": "postgresql://u@db/voices",
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "ray_num_gpus": 1,
+    }
+    settings, options = settings_from_build_args(args)
+    assert (settings.model_dir, settings.default_model, settings.lazy_load) == ("a=/m/one,/m/two", "a", True)
+    assert settings.max_concurrency == 8
+    assert (options.min_replicas, options.max_replicas, options.num_gpus, options.num_cpus) == (1, 3, 1.0, 1.0)
+    from cosyserve.deploy.ray_serve import check_shared_store, voice_store
+
+    assert voice_store(settings) == "postgresql://u@db/voices"
+    check_shared_store(settings, options)
+    with pytest.raises(SettingsError, match="--no_such_flag"):
+        settings_from_build_args({"no_such_flag": 1})
