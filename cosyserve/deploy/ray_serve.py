@@ -161,7 +161,9 @@ def deployment(settings: Settings, options: RayOptions) -> Any:
         }
     else:
         scaling = {"num_replicas": options.num_replicas}
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}  # e.g. COSYSERVE_VOICE_STORE
+    # What replicas read from the environment themselves (asset and cache folders, the voice store);
+    # API keys travel in the settings only, never in the runtime env that the dashboard shows.
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX) and "API_KEY" not in k}
     ingress = serve.ingress(app_builder(settings))(type(DEPLOYMENT_NAME, (), {}))
     return serve.deployment(
         ingress,
