@@ -4,11 +4,15 @@ loading, the settings, and the Ray deployment's shared-store rule (no Ray needed
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+import requests
+from api_helpers import wait_for
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
 
@@ -179,8 +183,6 @@ def test_failed_model_makes_health_503_and_names_it(models):
 
     settings = Settings(model_dir=f"good={model_dir('v2-tiny')},bad=/nowhere")
     with TestClient(create_app({"good": models["v2"], "bad": broken}, settings)) as c:
-        from api_helpers import wait_for
-
         wait_for(lambda: c.get("/health").json()["status"] == "error", 10, "the load failure")
         health = c.get("/health")
         assert health.status_code == 503 and "bad: no such weights" in health.json()["error"]
@@ -263,3 +265,39 @@ def test_serve_config_args_become_settings(monkeypatch):
     check_shared_store(settings, options)
     with pytest.raises(SettingsError, match="--no_such_flag"):
         settings_from_build_args({"no_such_flag": 1})
+
+
+def test_cosyserve_serve_with_two_models_and_the_env_twin(tmp_path):
+    """The command line: two --model_dir, a third model from the env twin would be replaced by them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    command = [
+        sys.executable, "-m", "cosyserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--model_dir", f"one={model_dir('v1-tiny')}", "--model_dir", f"two={model_dir('v2-tiny')}",
+        "--default_model", "two", "--data_dir", str(tmp_path / "voices"), "--text_frontend", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COSYSERVE_MODEL_DIR": "/not/used"}
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+
+        def ready() -> bool:
+            assert server.poll() is None, log.read_text()
+            try:
+                return requests.get(f"{url}/health", timeout=5).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(ready, 120, "both models to load")
+        health = requests.get(f"{url}/health").json()
+        assert [(m["name"], m["family"]) for m in health["models"]] == [("one", "cosyvoice1"), ("two", "cosyvoice2")]
+        assert health["family"] == "cosyvoice2"
+        ids = [card["id"] for card in requests.get(f"{url}/v1/models").json()["data"]]
+        assert ids == ["one", "two", "tts-1", "tts-1-hd"]
+        speech = {"model": "one", "input": TEXT, "voice": SPEAKER, "response_format": "wav"}
+        assert requests.post(f"{url}/v1/audio/speech", json=speech).headers["x-sample-rate"] == "22050"
+    finally:
+        server.terminate()
+        server.wait(30)
