@@ -16,7 +16,7 @@ from cosyserve.api.deps import InFlight, error_response, request_id, server_stat
 from cosyserve.api.metrics import AUDIO_SCOPE_KEY
 from cosyserve.audio.encode import make_encoder, output_rate
 from cosyserve.audio.resample import OutputResampler
-from cosyserve.engine.client import AudioStream
+from cosyserve.engine.client import AudioStream, EngineClient
 from cosyserve.engine.request import SynthesisRequest
 from cosyserve.errors import GenerationFailed
 
@@ -169,15 +169,17 @@ async def start_generation(
     *,
     buffered: bool | None = None,
     response_class: type[AudioResponse] = AudioResponse,
+    engine: EngineClient | None = None,
 ) -> AudioResponse:
     """Submit ``synthesis`` to the engine and wrap its audio in a response; the engine's validation
     errors (and ServerBusy) propagate as HTTP errors before any byte is sent.
 
     ``sample_rate``: the rate to send (None: the model's, or the nearest the format takes);
-    ``buffered`` (None: formats with the length in their header, unless streaming).
+    ``buffered`` (None: formats with the length in their header, unless streaming); ``engine``: the
+    model's (None: the default model's).
     """
     state = server_state(request)
-    engine = state.require_engine()
+    engine = engine or state.require_engine()
     fmt = fmt.lower()
     model_rate = engine.info.sample_rate
     rate = output_rate(fmt, sample_rate, model_rate)  # a bad format / rate fails before any work

@@ -106,6 +106,11 @@ FIELD_DOCS = {
     "mp3, opus (Ogg), flac, or aac (if the server has PyAV).",
     "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
 }
+# Not among the documented fields (servers with one model have nothing to choose): said in each description.
+MODEL_NOTE = (
+    " On a server with several models, an optional field (or query parameter) model names the one to use "
+    "(its name, id or family, as GET /v1/models lists them); without it the default model answers."
+)
 
 
 # The engine request field each form field fills.
@@ -281,10 +286,13 @@ def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple
 
 async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     state = server_state(request)
-    engine = state.require_engine()
-    check_mode(engine, endpoint.mode)
+    if len(state.slots) == 1 or "model" in request.query_params:
+        # A mode the model cannot serve is refused before the uploads are read (a form's model is not known yet).
+        check_mode(await state.engine_for(request.query_params.get("model")), endpoint.mode)
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
+        engine = await state.engine_for(_option(fields, "model"))
+        check_mode(engine, endpoint.mode)
         spk_id, replaced = _voice_option(fields, endpoint)
         values: dict[str, Any] = {
             REQUEST_FIELDS[name]: None if name in replaced else text_field(fields, name, state.settings.max_text_length)
@@ -301,7 +309,7 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
             if isinstance(value, UploadFile):
                 await value.close()
     synthesis = SynthesisRequest(endpoint.mode, options=GenerationOptions(**options), **values)
-    return await start_generation(request, endpoint.path.lstrip("/"), synthesis, fmt, sample_rate)
+    return await start_generation(request, endpoint.path.lstrip("/"), synthesis, fmt, sample_rate, engine=engine)
 
 
 def _schema(name: str) -> dict[str, Any]:
@@ -403,7 +411,7 @@ for _endpoint in ENDPOINTS:
             _handler(_endpoint),
             methods=[_method],
             summary=_endpoint.summary,
-            description=_endpoint.summary + (_get_note if _method == "GET" else ""),
+            description=_endpoint.summary + (_get_note if _method == "GET" else "") + MODEL_NOTE,
             operation_id=f"inference_{_endpoint.mode}_{_method.lower()}",
             response_class=Response,
             responses=_RESPONSES,

@@ -40,7 +40,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from cosyserve.api.auth import ApiKeys, scope_has_valid_key
 from cosyserve.api.deps import ServerState
 from cosyserve.api.metrics import mode_of, route_template
-from cosyserve.api.openai import model_id, resolve_voice, serves_model
+from cosyserve.api.openai import resolve_voice
 from cosyserve.audio.encode import AudioEncoder, make_encoder, output_rate
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.engine.client import AudioStream, EngineClient
@@ -470,12 +470,14 @@ def make_planner(
     return plan, f"({mode}, {spk_id})"
 
 
-def session_engine(state: ServerState) -> EngineClient:
-    if state.engine is not None:
-        return state.engine
-    if state.load_error is not None:
-        raise _NotReady(f"the model failed to load: {state.load_error}")
-    raise _NotReady("the model is still loading, retry shortly")
+def session_engine(state: ServerState, model: str | None = None) -> EngineClient:
+    """The engine of the model a session names (default: the server's default model)."""
+    slot = state.find(model)  # an unknown name: ModelNotFound, listing the served ones
+    if slot.engine is not None:
+        return slot.engine
+    if slot.load_error is not None:
+        raise _NotReady(f"the model {slot.name} failed to load: {slot.load_error}")
+    raise _NotReady(f"the model {slot.name} is still loading, retry shortly")
 
 
 def close_code_for(error: CosyServeError) -> int:
@@ -553,13 +555,9 @@ class ElevenLabsSession(SpeechSession):
         return self.ws.query_params.get(name)
 
     def _open(self, first: dict[str, Any]) -> SessionSetup:
-        engine = self.engine = session_engine(self.state)
         model = self._query("model_id")
-        if model and not (model.startswith("eleven_") or serves_model(model, engine, self.settings)):
-            raise InvalidRequest(
-                f"model_id '{model}' is not served here; use an eleven_* id or {model_id(engine, self.settings)}",
-                param="model_id",
-            )
+        # ElevenLabs' own model ids (eleven_*) mean the default model; otherwise a served model's name.
+        engine = self.engine = session_engine(self.state, None if not model or model.startswith("eleven_") else model)
         fmt, rate = parse_output_format(self._query("output_format") or "mp3_44100_128", engine.info.sample_rate)
         seed = self._query("seed")
         if seed is not None and not (seed.isdigit() and int(seed) < 2**63):
@@ -708,9 +706,7 @@ class NativeSession(SpeechSession):
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise InvalidRequest(f"session.config {param}: {first['msg']}", param=param) from exc
-        engine = self.engine = session_engine(self.state)
-        if not serves_model(config.model, engine, self.settings):
-            raise InvalidRequest(f"model '{config.model}' is not served here", param="model")
+        engine = self.engine = session_engine(self.state, config.model)
         fmt = config.response_format.strip().lower()
         rate = output_rate(
             fmt,

@@ -433,7 +433,7 @@ def test_elevenlabs_frames_replayed(version, server_for):
     [
         ("nobody", {"output_format": "pcm_16000"}, "unknown_speaker"),
         ("中文女", {"output_format": "ulaw_8000"}, "invalid_request"),
-        ("中文女", {"model_id": "gpt-9"}, "invalid_request"),
+        ("中文女", {"model_id": "gpt-9"}, "model_not_found"),
         ("中文女", {"inactivity_timeout": "999"}, "invalid_request"),
     ],
 )
