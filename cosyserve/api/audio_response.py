@@ -24,6 +24,8 @@ logger = logging.getLogger("cosyserve.api")
 
 # Formats whose header holds the length: sent whole (exact header) unless the client asked to stream.
 LENGTH_IN_HEADER = ("wav", "flac")
+# Formats whose body carries 16-bit little-endian samples as such (compressed ones do not).
+PCM_SAMPLE_FORMATS = ("wav", "pcm")
 
 
 class AudioResponse(Response):
@@ -54,15 +56,10 @@ class AudioResponse(Response):
         self.sent = False  # the whole response is out
         self.resampler = OutputResampler(sample_rate, self.sample_rate)
         self.encoder = make_encoder(fmt, self.sample_rate)
-        super().__init__(
-            media_type=self.body_media_type(),
-            headers={
-                "X-Sample-Rate": str(self.sample_rate),
-                "X-Channels": "1",
-                "X-Sample-Format": "s16le",
-                "Cache-Control": "no-store",
-            },
-        )
+        headers = {"X-Sample-Rate": str(self.sample_rate), "X-Channels": "1", "Cache-Control": "no-store"}
+        if fmt in PCM_SAMPLE_FORMATS:  # only where the body holds the samples as they are
+            headers["X-Sample-Format"] = "s16le"
+        super().__init__(media_type=self.body_media_type(), headers=headers)
 
     def body_media_type(self) -> str:
         return self.encoder.media_type
