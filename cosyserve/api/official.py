@@ -9,6 +9,7 @@ is a 4xx JSON error instead of a truncated 200.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -123,7 +124,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole request body, refused as soon as it passes ``max_bytes``."""
     too_large = PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if _ASCII_INTEGER.fullmatch(declared) and (len(declared) > 18 or int(declared) > max_bytes):
         raise too_large
     body = bytearray()
     try:
@@ -220,6 +221,30 @@ async def audio_field(fields: Fields, name: str) -> Audio:
     return await anyio.to_thread.run_sync(check_audio, name, data)
 
 
+MAX_SEED = 2**63 - 1
+MAX_SAMPLE_RATE = 10**6  # far above every output rate; the format check names the ones it takes
+# Numbers from a query string or a form field are ASCII: str.isdigit() and float() also take other
+# scripts' digits, and "²" passes isdigit() but not int().
+_ASCII_INTEGER = re.compile(r"[0-9]+", re.ASCII)
+_ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def parse_integer(raw: str, name: str, maximum: int, what: str) -> int:
+    """A field's non-negative decimal integer, at most ``maximum``; anything else is a 400 naming ``what``."""
+    # The length check comes first: int() refuses strings of over 4300 digits with a ValueError.
+    if not _ASCII_INTEGER.fullmatch(raw) or len(raw) > len(str(maximum)) or int(raw) > maximum:
+        raise InvalidRequest(f"{name} must be {what}, not {raw!r}", param=name)
+    return int(raw)
+
+
+def parse_number(raw: str, name: str, what: str) -> float:
+    """A field's finite decimal number (no inf / nan / non-ASCII digits); anything else is a 400."""
+    value = float(raw) if len(raw) <= 64 and _ASCII_NUMBER.fullmatch(raw) else math.nan
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be {what}, not {raw!r}", param=name)
+    return value
+
+
 def _option(fields: Fields, name: str) -> str | None:
     value = fields.get(name)
     if isinstance(value, UploadFile):
@@ -236,17 +261,12 @@ def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
         stream = raw.lower() in ("true", "1", "yes", "on")
     speed = 1.0
     if (raw := _option(fields, "speed")) is not None:
-        try:
-            speed = float(raw)
-        except ValueError:
-            speed = math.nan
-        if not math.isfinite(speed) or speed <= 0:
+        speed = parse_number(raw, "speed", "a positive number")
+        if speed <= 0:
             raise InvalidRequest(f"speed must be a positive number, not {raw!r}", param="speed")
     seed = None
     if (raw := _option(fields, "seed")) is not None:
-        if not raw.isdigit() or int(raw) >= 2**63:
-            raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {raw!r}", param="seed")
-        seed = int(raw)
+        seed = parse_integer(raw, "seed", MAX_SEED, "an integer in 0..2^63-1")
     fmt = (_option(fields, "format") or "wav").lower()
     if fmt not in ENCODERS:
         raise InvalidRequest(f"format must be one of {', '.join(ENCODERS)}, not {fmt!r}", param="format")
@@ -258,9 +278,7 @@ def parse_sample_rate(fields: Fields) -> int | None:
     raw = _option(fields, "sample_rate")
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise InvalidRequest(f"sample_rate must be an integer number of Hz, not {raw!r}", param="sample_rate")
-    return int(raw)
+    return parse_integer(raw, "sample_rate", MAX_SAMPLE_RATE, "an integer number of Hz")
 
 
 def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple[str, ...]]:

@@ -1,0 +1,54 @@
+"""Regression tests of issue 14's API findings, against the stub engine of test_api_http.py."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from test_api_http import ALL_MODES, StubModel, assert_error, form
+
+from cosyserve.api import create_app
+from cosyserve.settings import Settings
+
+# str.isdigit() takes these, int() / float() refuse or misread some of them: each must be a 400, never a 500.
+NOT_ASCII_NUMBERS = ("²", "1²", "١٢", "𝟙", "½", "Ⅻ", "9" * 5000, "1_000", " 1 2", "0x10", "1e999", "nan", "-inf")
+
+
+@pytest.fixture
+def stub():
+    return StubModel()
+
+
+@pytest.fixture
+def client(stub):
+    with TestClient(create_app(stub, Settings(max_text_length=50, max_upload_bytes=1_000_000))) as c:
+        yield c
+
+
+@pytest.mark.parametrize("name", ["seed", "sample_rate", "speed"])
+@pytest.mark.parametrize("raw", NOT_ASCII_NUMBERS, ids=lambda r: ascii(r)[:12])
+def test_non_ascii_numbers_are_422_by_query_and_by_form(client, stub, name, raw):
+    data, files = form("sft")
+    by_query = client.get("/inference_sft", params={**data, name: raw})
+    assert_error(by_query, 422, "invalid_request", name)
+    data, files = form("zero_shot")
+    by_multipart = client.post("/inference_zero_shot", data={**data, name: raw}, files=files)
+    assert_error(by_multipart, 422, "invalid_request", name)
+    assert stub.calls == []
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_plain_numbers_still_parse(client, stub, mode):
+    data, files = form(mode, seed="12", speed="1.25", sample_rate="16000", format="pcm")
+    resp = client.post(f"/inference_{mode}", data=data, files=files)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Sample-Rate"] == "16000"
+    assert stub.calls[-1][2] == {"stream": False, "speed": 1.25, "seed": 12}
+
+
+@pytest.mark.parametrize("field", ["seed", "sample_rate", "speed"])
+@pytest.mark.parametrize("raw", ["²", "١٢", "1e999", 1e300, "9" * 5000], ids=lambda r: ascii(r)[:12])
+def test_openai_route_numbers_are_400(client, stub, field, raw):
+    resp = client.post("/v1/audio/speech", json={"input": "hello", "voice": "spk_a", field: raw})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == field
+    assert stub.calls == []
