@@ -194,7 +194,7 @@ def text_field(fields: Fields, name: str, max_length: int) -> str:
 
 def check_audio(name: str, data: bytes) -> Audio:
     try:
-        wave, sr = decode_audio(data)
+        wave, sr = decode_audio(data, max_seconds=MAX_PROMPT_SECONDS)
     except AudioError as exc:
         raise AudioError(f"{name}: {exc.message}", param=name) from exc
     except Exception as exc:  # a decoder crash on hostile input is still the input's fault
