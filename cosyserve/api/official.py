@@ -108,8 +108,9 @@ FIELD_DOCS = {
     "stream": "Token-level streaming: audio starts after the first chunk of speech tokens instead of whole sentences.",
     "speed": "Speaking rate factor (1.0 = normal).",
     "seed": "Random seed: the same request with the same seed gives the same audio.",
-    "format": "wav (default; header then 16-bit PCM), pcm (raw int16 little-endian, as the official server), "
-    "mp3, opus (Ogg), flac, or aac (if the server has PyAV).",
+    "format": "wav (default; header then 16-bit PCM), pcm (raw int16 little-endian, as the official server; "
+    "the default when the server runs with --official_format pcm), mp3, opus (Ogg), flac, or aac (if the server "
+    "has PyAV).",
     "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
 }
 
@@ -252,8 +253,8 @@ def _option(fields: Fields, name: str) -> str | None:
     return value.strip() if value is not None and value.strip() else None
 
 
-def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
-    """``({stream, speed, seed}, format)`` from the optional fields."""
+def parse_options(fields: Fields, default_format: str = "wav") -> tuple[dict[str, Any], str]:
+    """``({stream, speed, seed}, format)`` from the optional fields; ``default_format`` when none is named."""
     stream = False
     if (raw := _option(fields, "stream")) is not None:
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
@@ -267,7 +268,7 @@ def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
     seed = None
     if (raw := _option(fields, "seed")) is not None:
         seed = parse_integer(raw, "seed", MAX_SEED, "an integer in 0..2^63-1")
-    fmt = (_option(fields, "format") or "wav").lower()
+    fmt = (_option(fields, "format") or default_format).lower()
     if fmt not in ENCODERS:
         raise InvalidRequest(f"format must be one of {', '.join(ENCODERS)}, not {fmt!r}", param="format")
     return {"stream": stream, "speed": speed, "seed": seed}, fmt
@@ -302,7 +303,7 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
             None if name in replaced else text_field(fields, name, state.settings.max_text_length)
             for name in endpoint.texts
         ]
-        options, fmt = parse_options(fields)
+        options, fmt = parse_options(fields, state.settings.official_format)
         sample_rate = parse_sample_rate(fields)
         audios = [None if name in replaced else await audio_field(fields, name) for name in endpoint.audios]
         if spk_id is not None:
@@ -325,7 +326,7 @@ def _schema(name: str) -> dict[str, Any]:
         "stream": {"type": "boolean", "default": False},
         "speed": {"type": "number", "default": 1.0, "exclusiveMinimum": 0},
         "seed": {"type": "integer", "minimum": 0},
-        "format": {"type": "string", "enum": list(ENCODERS), "default": "wav"},
+        "format": {"type": "string", "enum": list(ENCODERS)},
         "sample_rate": {"type": "integer", "enum": list(OUTPUT_RATES)},
     }.get(name, {"type": "string"})
 

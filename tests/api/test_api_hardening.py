@@ -7,7 +7,8 @@ from fastapi.testclient import TestClient
 from test_api_http import ALL_MODES, StubModel, assert_error, form
 
 from cosyserve.api import create_app
-from cosyserve.settings import Settings
+from cosyserve.audio.encode import to_int16
+from cosyserve.settings import Settings, SettingsError, load_settings
 
 # str.isdigit() takes these, int() / float() refuse or misread some of them: each must be a 400, never a 500.
 NOT_ASCII_NUMBERS = ("²", "1²", "١٢", "𝟙", "½", "Ⅻ", "9" * 5000, "1_000", " 1 2", "0x10", "1e999", "nan", "-inf")
@@ -52,3 +53,34 @@ def test_openai_route_numbers_are_400(client, stub, field, raw):
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == field
     assert stub.calls == []
+
+
+# -- --official_format ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_official_format_pcm_makes_bodies_raw_int16(stub, mode):
+    with TestClient(create_app(stub, Settings(official_format="pcm"))) as client:
+        data, files = form(mode, seed="5")
+        resp = client.post(f"/inference_{mode}", data=data, files=files)
+        assert resp.status_code == 200, resp.text
+        # The official server's body: the int16 samples, nothing else.
+        assert resp.content == to_int16(stub.expected(5)).astype("<i2").tobytes()
+        explicit = client.post(f"/inference_{mode}", data={**data, "format": "wav"}, files=files)
+        assert explicit.content[:4] == b"RIFF"
+
+
+def test_official_format_default_stays_wav(client):
+    data, files = form("sft")
+    assert client.post("/inference_sft", data=data, files=files).content[:4] == b"RIFF"
+
+
+def test_official_format_setting_and_env_twin():
+    assert load_settings([]).official_format == "wav"
+    assert load_settings(["--official_format", "PCM"]).official_format == "pcm"
+    assert load_settings([], {"COSYSERVE_OFFICIAL_FORMAT": "pcm"}).official_format == "pcm"
+    assert load_settings(["--official_format", "wav"], {"COSYSERVE_OFFICIAL_FORMAT": "pcm"}).official_format == "wav"
+    with pytest.raises(SettingsError):
+        Settings(official_format="mp3")
+    with pytest.raises(SettingsError):
+        load_settings([], {"COSYSERVE_OFFICIAL_FORMAT": "mp3"})
