@@ -157,6 +157,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_HOSTS = {"modelscope": "https://www.modelscope.cn", "huggingface": "https://huggingface.co"}
 
 
+def is_hub_id(text: str) -> bool:
+    """``owner/name`` as the hubs spell model ids, and not a local directory of that relative name."""
+    return _HUB_ID.match(text) is not None and not Path(text).expanduser().is_dir()
+
+
 def detect_family(model_dir: Path) -> str:
     """The family of an official model directory, from the yaml it holds."""
     for yaml_name, family in FAMILY_YAMLS:
@@ -241,7 +246,7 @@ def resolve_model_dir(
     text = str(model)
     if path.exists():
         raise ModelLoadError(f"{text} is not a directory (a model is a directory holding a cosyvoice*.yaml)")
-    if not _HUB_ID.match(text):
+    if not is_hub_id(text):
         raise ModelLoadError(f"model directory {text} does not exist and is not a hub id like iic/CosyVoice-300M")
     errors = []
     for name in _hub_for(text, hub):

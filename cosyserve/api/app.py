@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cosyserve import __version__
@@ -462,7 +463,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 503: "model_not_ready"}
         code = getattr(exc, "code", None) or codes.get(exc.status_code, "http_error")
-        return error_response(str(exc.detail), code, exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(str(exc.detail), code, exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -478,6 +482,48 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(
             f"internal server error (request {rid})", "internal_error", 500, headers={REQUEST_ID_HEADER: rid}
         )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers at this path (a path may have one route per method)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
+
+
+# Voice-library writes change what every client of the server hears: a cross-origin web page may make
+# them only when its origin is listed in cors_origins (the wildcard opens synthesis, not these).
+VOICE_LIBRARY_PATH = "/v1/audio/voices"
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CrossOriginWriteGuard:
+    """Refuses (403, no CORS headers) browser requests and preflights for voice-library writes from an
+    origin that is neither the server's own nor explicitly trusted. Clients without ``Origin`` pass."""
+
+    def __init__(self, app: ASGIApp, trusted: tuple[str, ...]) -> None:
+        self.app = app
+        self.trusted = frozenset(o for o in trusted if o != "*")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(VOICE_LIBRARY_PATH):
+            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            origin = headers.get(b"origin", "")
+            method = scope["method"]
+            if method == "OPTIONS":
+                method = headers.get(b"access-control-request-method", "").upper()
+            own = origin.split("://", 1)[-1] == headers.get(b"host", "")
+            if origin and method in _WRITE_METHODS and origin not in self.trusted and not own:
+                message = (
+                    f"voice-library changes from the web origin {origin} are not allowed; "
+                    "list it in --cors_origins to allow them"
+                )
+                await error_response(message, "cross_origin_forbidden", 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAPI:
@@ -543,4 +589,5 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
         )
+    app.add_middleware(CrossOriginWriteGuard, trusted=settings.cors_origins)
     return app

@@ -46,6 +46,7 @@ from cosyserve.api.official import check_audio, check_mode, read_body
 from cosyserve.api.voices import voice_object
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
 from cosyserve.errors import InvalidRequest, TextError, UnknownSpeaker
+from cosyserve.hub import is_hub_id
 from cosyserve.settings import Settings
 
 OPENAI_MODELS = ("tts-1", "tts-1-hd")
@@ -108,10 +109,12 @@ def _normalized(name: str) -> str:
 
 
 def model_id(model: Any, settings: Settings) -> str:
-    """The loaded model's name: the hub id it was started with, else its directory name."""
+    """The loaded model's name: the hub id it was started with, else its directory's name (never a local
+    path: that tells clients nothing and shows them the server's file system)."""
     directory = Path(str(model.model_dir)).name
-    if settings.model_dir and _normalized(settings.model_dir) == _normalized(directory):
-        return settings.model_dir
+    given = settings.model_dir
+    if given and is_hub_id(given) and _normalized(given) == _normalized(directory):
+        return given
     return directory
 
 

@@ -84,3 +84,88 @@ def test_official_format_setting_and_env_twin():
         Settings(official_format="mp3")
     with pytest.raises(SettingsError):
         load_settings([], {"COSYSERVE_OFFICIAL_FORMAT": "mp3"})
+
+
+# -- /v1/models ids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("started_with", "model_dir", "expected"),
+    [
+        ("/srv/models/CosyVoice2-0.5B", "/srv/models/CosyVoice2-0.5B", "CosyVoice2-0.5B"),
+        ("./relative/v2-tiny", "/home/u/relative/v2-tiny", "v2-tiny"),
+        ("iic/CosyVoice2-0.5B", "/root/.cache/modelscope/hub/iic/CosyVoice2-0___5B", "iic/CosyVoice2-0.5B"),
+        ("FunAudioLLM/CosyVoice2-0.5B", "/hf/snapshots/abc123", "abc123"),  # a snapshot dir: never a path
+    ],
+)
+def test_model_id_is_a_name_never_a_local_path(stub, started_with, model_dir, expected):
+    stub.model_dir = model_dir
+    with TestClient(create_app(stub, Settings(model_dir=started_with))) as client:
+        ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert ids == [expected, "tts-1", "tts-1-hd"]
+        assert client.get(f"/v1/models/{expected}").json()["id"] == expected
+    assert not any(i.startswith(("/", ".")) for i in ids)
+
+
+# -- 405 answers name every method of the path --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/inference_sft", "GET, POST"),
+        ("DELETE", "/inference_zero_shot", "GET, POST"),
+        ("PUT", "/v1/audio/voices", "GET, POST"),
+        ("GET", "/v1/audio/speech", "POST"),
+    ],
+)
+def test_405_lists_every_allowed_method(client, method, path, allowed):
+    resp = client.request(method, path)
+    assert_error(resp, 405, "method_not_allowed")
+    assert resp.headers["Allow"] == allowed
+
+
+# -- CORS: voice-library writes are not open cross-origin by default --------------------------------------
+
+
+def _unloaded_app(settings: Settings) -> TestClient:
+    """An app whose model failed to load: every route that gets past the CORS guard answers 503."""
+
+    def loader():
+        raise RuntimeError("no model in this test")
+
+    return TestClient(create_app(loader, settings))
+
+
+EVIL = {"Origin": "https://evil.example"}
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/audio/voices"), ("DELETE", "/v1/audio/voices/someone")])
+def test_cross_origin_voice_writes_are_refused_with_the_default_wildcard(method, path):
+    with _unloaded_app(Settings()) as client:
+        preflight = client.options(path, headers={**EVIL, "Access-Control-Request-Method": method})
+        assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+        write = client.request(method, path, headers=EVIL)
+        assert_error(write, 403, "cross_origin_forbidden")
+        assert "access-control-allow-origin" not in write.headers
+        # Without Origin (curl, SDKs) or from the server's own pages, the write reaches the route.
+        assert client.request(method, path).status_code == 503
+        assert client.request(method, path, headers={"Origin": "http://testserver"}).status_code == 503
+
+
+def test_cross_origin_reads_and_synthesis_stay_open():
+    with _unloaded_app(Settings()) as client:
+        listing = client.get("/v1/audio/voices", headers=EVIL)
+        assert listing.headers["access-control-allow-origin"] == "*"
+        preflight = client.options("/v1/audio/speech", headers={**EVIL, "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+
+
+def test_listed_origins_may_write_voices():
+    settings = Settings(cors_origins=("https://studio.example",))
+    with _unloaded_app(settings) as client:
+        good = {"Origin": "https://studio.example", "Access-Control-Request-Method": "DELETE"}
+        preflight = client.options("/v1/audio/voices/someone", headers=good)
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://studio.example"
+        assert client.delete("/v1/audio/voices/someone", headers=EVIL).status_code == 403
