@@ -319,13 +319,21 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     return await start_generation(request, endpoint.path.lstrip("/"), start, fmt, options["stream"], sample_rate)
 
 
+# What text_field accepts: something besides white space (schema-driven clients must not send "").
+NON_BLANK_TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": r"\S"}
+
+
 def _schema(name: str) -> dict[str, Any]:
     if name.endswith("_wav"):
         return {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
     return {
+        "tts_text": NON_BLANK_TEXT,
+        "prompt_text": NON_BLANK_TEXT,
+        "instruct_text": NON_BLANK_TEXT,
+        "spk_id": NON_BLANK_TEXT,
         "stream": {"type": "boolean", "default": False},
         "speed": {"type": "number", "default": 1.0, "exclusiveMinimum": 0},
-        "seed": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
         "format": {"type": "string", "enum": list(ENCODERS)},
         "sample_rate": {"type": "integer", "enum": list(OUTPUT_RATES)},
     }.get(name, {"type": "string"})

@@ -414,7 +414,11 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models/{name:path}", summary="One model of GET /v1/models.")
+@router.get(
+    "/v1/models/{name:path}",
+    summary="One model of GET /v1/models.",
+    responses={404: {**_ERROR, "description": "Not a model this server serves (OpenAI error shape)."}},
+)
 async def get_model(name: str, request: Request) -> JSONResponse:
     state = server_state(request)
     model = state.require_model()

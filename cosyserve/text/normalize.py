@@ -230,9 +230,12 @@ class _WeText:
                     cls._normalizer = Normalizer(remove_erhua=False)
         try:
             return cls._normalizer.normalize(text, lang=lang)
-        except Exception:
-            # An FST without a path for some input must not fail the request: keep the text as is.
-            log.warning("wetext failed on a %d-character text; using it unnormalised", len(text), exc_info=True)
+        except Exception as exc:
+            # An FST without a path for some input must not fail the request: keep the text as is. Ordinary
+            # user text can do this, so one line (the traceback only at debug level).
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning("wetext failed on a %d-character text (%s); using it unnormalised", len(text), reason)
+            log.debug("wetext traceback", exc_info=True)
             return text
 
 
