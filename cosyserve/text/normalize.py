@@ -36,11 +36,13 @@ _CLOSING_QUOTES = frozenset('"”')
 TOKEN_MAX_N = 80
 TOKEN_MIN_N = 60
 MERGE_LEN = 20
-# No segment is ever longer than this (characters for zh, text tokens for en), punctuation or not:
-# the LLM may generate up to 20 speech tokens per text token and the flow attends over all of them,
-# so one unpunctuated 4,000-character "sentence" would otherwise cost tens of gigabytes. Twice the
-# reference's merge target leaves every ordinarily punctuated text split exactly as the reference does.
-SEGMENT_MAX_N = 2 * TOKEN_MAX_N
+# No segment is ever longer than this many text tokens, punctuation or not, in either language (a rare
+# CJK character can be three tokens). The LLM may generate up to 20 speech tokens per text token and the
+# flow attends over all of them, so one unpunctuated 4,000-character "sentence" would otherwise cost tens
+# of gigabytes. It is well above what the reference's splitting gives ordinary text (its merge target is
+# 80; a 96-character Chinese sentence of the golden set is 178 Qwen tokens), so such text is split
+# exactly as the reference splits it.
+SEGMENT_MAX_N = 200
 # Where an over-long run is cut when it has one of these (else anywhere within the bound).
 _SOFT_BREAKS = frozenset(" ，,、\n\t")
 
@@ -127,14 +129,17 @@ def split_paragraph(
     """Cut ``text`` after sentence punctuation, then greedily merge the pieces (spec §5.3).
 
     Lengths are characters for ``lang='zh'`` and ``len(tokenize(piece))`` otherwise. Unlike the
-    reference, a run without sentence punctuation longer than ``segment_max_n`` is cut too, and no
-    merge makes a sentence longer than that.
+    reference, a run without sentence punctuation longer than ``segment_max_n`` text tokens is cut
+    too, and no merge makes a sentence longer than that.
     """
     if not text:
         return []
 
+    def tokens(piece: str) -> int:
+        return len(tokenize(piece))
+
     def length(piece: str) -> int:
-        return len(piece) if lang == "zh" else len(tokenize(piece))
+        return len(piece) if lang == "zh" else tokens(piece)
 
     stops = _ZH_STOPS if lang == "zh" else _EN_STOPS
     if comma_split:
@@ -156,17 +161,18 @@ def split_paragraph(
         else:
             start = i + 1
 
-    pieces = [bounded for piece in pieces for bounded in cut_to_bound(piece, length, segment_max_n)]
+    pieces = [bounded for piece in pieces for bounded in cut_to_bound(piece, tokens, segment_max_n)]
     sentences: list[str] = []
     current = ""
     for piece in pieces:
-        merged = length(current + piece)
-        if current and ((merged > token_max_n and length(current) > token_min_n) or merged > segment_max_n):
+        merged = current + piece
+        reference_flush = length(merged) > token_max_n and length(current) > token_min_n
+        if current and (reference_flush or tokens(merged) > segment_max_n):
             sentences.append(current)
             current = ""
         current += piece
     if current:
-        if sentences and length(current) < merge_len and length(sentences[-1] + current) <= segment_max_n:
+        if sentences and length(current) < merge_len and tokens(sentences[-1] + current) <= segment_max_n:
             sentences[-1] += current
         else:
             sentences.append(current)

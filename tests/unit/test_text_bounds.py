@@ -62,8 +62,7 @@ def test_4000_unpunctuated_characters_give_bounded_segments(model, kind):
     text = unpunctuated(kind)
     assert len(text) == LENGTH
     segments = norm.normalize(text)
-    zh = kind == "cjk"
-    lengths = [len(s) if zh else len(tok.encode(s)) for s in segments]
+    lengths = [len(tok.encode(s)) for s in segments]  # text tokens, whatever the language
     assert len(segments) > 1 and max(lengths) <= SEGMENT_MAX_N, lengths
     if kind == "tagged":
         assert all(s.startswith("<|en|>") for s in segments)
@@ -78,15 +77,14 @@ def test_wetext_backend_bounds_too(model):
     norm = TextNormalizer(tok, backend="auto")
     for kind in ("words", "cjk"):
         segments = norm.normalize(unpunctuated(kind)[:1500])
-        zh = kind == "cjk"
-        assert max(len(s) if zh else len(tok.encode(s)) for s in segments) <= SEGMENT_MAX_N
+        assert max(len(tok.encode(s)) for s in segments) <= SEGMENT_MAX_N
 
 
 def test_ordinary_text_is_split_as_the_reference_does():
     """Within the bound, split_paragraph is the reference's (its own tests and the parity set pin the details)."""
     text = "这是一个句子，" * 30 + "结束。"  # one 213-character "sentence": over the bound, so it is cut
     parts = split_paragraph(text, list, "zh")
-    assert parts == [text[:154], text[154:]]  # cut after the last comma within the bound
+    assert SEGMENT_MAX_N == 200 and parts == [text[:196], text[196:]]  # cut after the last comma within the bound
     short = "短句。" * 10
     assert split_paragraph(short, list, "zh") == [short]
 
