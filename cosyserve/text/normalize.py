@@ -17,6 +17,7 @@ from typing import Any
 import regex
 
 from cosyserve.errors import ModelLoadError
+from cosyserve.text.numbers import chinese_prepass, english_prepass
 from cosyserve.text.tokenizers import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class TextNormalizer:
 
     def _normalize_zh(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(text, "zh")
+            text = _WeText.normalize(chinese_prepass(text), "zh")
         text = text.replace("\n", "")
         text = replace_blank(text)
         text = replace_corner_mark(text)
@@ -317,5 +318,5 @@ class TextNormalizer:
 
     def _normalize_en(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(text, "en")
+            text = _WeText.normalize(english_prepass(text), "en")
         return spell_out_number(text)
