@@ -64,7 +64,8 @@ class SpeechRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field("tts-1", description="tts-1, tts-1-hd, gpt-4o-mini-tts or the loaded model's name.")
-    input: str = Field(description="Text to speak.")
+    # The schema says what _text enforces (not pydantic, whose message would be less clear than ours).
+    input: str = Field(description="Text to speak.", json_schema_extra={"minLength": 1, "pattern": r"\S"})
     voice: str | dict[str, str] | None = Field(
         None,
         description="A built-in speaker, a stored voice id or an OpenAI voice name (GET /v1/audio/voices); "

@@ -169,3 +169,25 @@ def test_listed_origins_may_write_voices():
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "https://studio.example"
         assert client.delete("/v1/audio/voices/someone", headers=EVIL).status_code == 403
+
+
+# -- the OpenAPI schema says what the server does -----------------------------------------------------
+
+
+def test_schema_declares_that_text_fields_reject_blank(client):
+    spec = client.get("/openapi.json").json()
+    for mode in ALL_MODES:
+        get = spec["paths"][f"/inference_{mode}"]["get"]
+        for parameter in get["parameters"]:
+            if parameter["name"] in ("tts_text", "prompt_text", "instruct_text", "spk_id"):
+                assert parameter["schema"]["minLength"] == 1, (mode, parameter)
+        post = spec["paths"][f"/inference_{mode}"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        for name in ("tts_text", "prompt_text", "instruct_text"):
+            if name in post["schema"]["properties"]:
+                assert post["schema"]["properties"][name]["minLength"] == 1, (mode, name)
+    speech = spec["paths"]["/v1/audio/speech"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert speech["properties"]["input"]["minLength"] == 1
+    # ... and the server does reject what the schema excludes.
+    assert_error(client.get("/inference_sft", params={"tts_text": " ", "spk_id": "spk_a"}), 422, "missing_field")
+    assert client.post("/v1/audio/speech", json={"input": "", "voice": "spk_a"}).status_code == 400
+    assert "404" in spec["paths"]["/v1/models/{name}"]["get"]["responses"]
