@@ -175,13 +175,13 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+    return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))], 3)
 
 
 def sample_rss(pid: int | None, stop: threading.Event, samples: list[tuple[float, float]], t0: float) -> None:
     while not stop.is_set():
         if pid is not None and (value := rss_mb(pid)) is not None:
-            samples.append((time.monotonic() - t0, value))
+            samples.append((time.monotonic() - t0, round(value, 1)))
         stop.wait(RSS_SAMPLE_S)
 
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         voice = args.voice
         if voice is None:
             status, body = get(host, port, "/speakers")
-            speakers = json.loads(body) if status == 200 else []
+            speakers = json.loads(body).get("speakers", []) if status == 200 else []
             if not speakers:
                 raise SystemExit("the model has no built-in speakers: pass --voice (a stored voice id)")
             voice = speakers[0]
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stop.set()
         sampler.join(5)
         if pid is not None and (final := rss_mb(pid)) is not None:
-            samples.append((elapsed, final))
+            samples.append((elapsed, round(final, 1)))
     finally:
         if server is not None:
             stop_server(server)
@@ -251,8 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p90": percentile(lat, 90),
             "p95": percentile(lat, 95),
             "p99": percentile(lat, 99),
-            "max": max(lat) if lat else None,
-            "mean": statistics.fmean(lat) if lat else None,
+            "max": round(max(lat), 3) if lat else None,
+            "mean": round(statistics.fmean(lat), 3) if lat else None,
         },
         "body_mb": round(stats.body_bytes / 2**20, 2),
         "server_rss_mb": {
