@@ -112,11 +112,13 @@ def _normalized(name: str) -> str:
 def model_id(model: Any, settings: Settings) -> str:
     """The loaded model's name: the hub id it was started with, else its directory's name (never a local
     path: that tells clients nothing and shows them the server's file system)."""
-    directory = Path(str(model.model_dir)).name
+    path = Path(str(model.model_dir))
     given = settings.model_dir
-    if given and is_hub_id(given) and _normalized(given) == _normalized(directory):
+    # The hub caches hold the id in the path: .../iic/CosyVoice2-0___5B, .../models--org--name/snapshots/<hash>.
+    names = {_normalized(part.rsplit("--", 1)[-1]) for part in path.parts}
+    if given and is_hub_id(given) and _normalized(given) in names:
         return given
-    return directory
+    return path.name
 
 
 def serves_model(name: str, model: Any, settings: Settings) -> bool:

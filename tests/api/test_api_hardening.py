@@ -95,7 +95,12 @@ def test_official_format_setting_and_env_twin():
         ("/srv/models/CosyVoice2-0.5B", "/srv/models/CosyVoice2-0.5B", "CosyVoice2-0.5B"),
         ("./relative/v2-tiny", "/home/u/relative/v2-tiny", "v2-tiny"),
         ("iic/CosyVoice2-0.5B", "/root/.cache/modelscope/hub/iic/CosyVoice2-0___5B", "iic/CosyVoice2-0.5B"),
-        ("FunAudioLLM/CosyVoice2-0.5B", "/hf/snapshots/abc123", "abc123"),  # a snapshot dir: never a path
+        (
+            "FunAudioLLM/CosyVoice2-0.5B",
+            "/hf/models--FunAudioLLM--CosyVoice2-0.5B/snapshots/ab12",
+            "FunAudioLLM/CosyVoice2-0.5B",
+        ),
+        ("iic/CosyVoice-300M", "/srv/other-model", "other-model"),  # not what it was started with: the dir's name
     ],
 )
 def test_model_id_is_a_name_never_a_local_path(stub, started_with, model_dir, expected):
