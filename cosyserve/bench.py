@@ -1,186 +1,297 @@
-"""``cosyserve bench``: per-stage time, real-time factor, first-chunk latency and peak memory.
+"""``cosyserve bench``: throughput, latency, per-stage time and memory, through the engine client.
 
 Works on a real model directory, or builds a full-size model with random weights from an official
-yaml alone (``--random-weights``), so speed can be measured without downloading weights. With
-random weights the LLM cannot be trusted to stop, so every run generates exactly
-``--seconds`` of speech tokens.
+yaml alone (``--random-weights``), so speed can be measured without downloading weights. A
+random-weight model has no tokenizer or ONNX files: ``--frontend-from`` names a directory of the same
+family whose frontend files are used (the golden tiny models have them). With random weights the LLM
+cannot be trusted to stop, so every request generates exactly ``--seconds`` of speech tokens, with
+the given text and prompt: the same work as the official implementation's reference timings.
+
+What it reports (progress goes to stderr, the report to stdout):
+- per concurrency level N (``--concurrency 1,4,8``): N requests submitted at once to the engine
+  client (no HTTP), aggregate audio seconds per wall second, first-chunk and total latency p50/p95,
+  and, at N = 1, the time per stage (prefill, decode, flow, vocoder);
+- the LLM decode step time at batch 1, 4, 8 (``--decode-batches``) next to its weight-read bound:
+  the bytes of weights one step reads divided by the measured memory bandwidth;
+- peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import resource
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cosyserve.config import load_yaml
-from cosyserve.engine.pipeline import _FAMILIES, load_model
-from cosyserve.engine.streaming import Draws, PromptCondition
+from cosyserve.engine.client import AsyncEngine
+from cosyserve.engine.pipeline import TTSModel, load_model
+from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.hub import resolve_model_dir
-from cosyserve.models.cosyvoice3.llm import ENDOFPROMPT_ID
+from cosyserve.models.base import BLANK_EN
+from cosyserve.nn.kv_cache import KVCache
 
+# The official benchmark's text and prompt transcript (the reference repo's example).
 DEFAULT_TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐，笑容如花儿般绽放。"
+DEFAULT_PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+# The files a frontend reads; a random-weight model borrows them from --frontend-from.
+FRONTEND_FILES = ("campplus.onnx", "spk2info.pt", "speech_tokenizer_v1.onnx", "speech_tokenizer_v2.onnx",
+                  "speech_tokenizer_v3.onnx")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory or hub id (with --random-weights: a directory with the yaml)")
     parser.add_argument("--random-weights", action="store_true", help="build the networks from the yaml, no .pt")
-    parser.add_argument("--blank-en", type=Path, help="CosyVoice-BlankEN dir with config.json (v2/v3 random weights)")
-    parser.add_argument("--seconds", type=float, default=9.0, help="speech to generate per run (default 9)")
-    parser.add_argument("--text", default=DEFAULT_TEXT, help="text for the frontend timing")
-    parser.add_argument("--prompt-wav", type=Path, help="prompt audio: times the prompt frontend (real models)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--no-stream", action="store_true", help="skip the streaming run")
+    parser.add_argument("--frontend-from", type=Path, help="directory whose tokenizer / ONNX / speaker files to use")
+    parser.add_argument("--blank-en", type=Path, help="CosyVoice-BlankEN dir with config.json (v2/v3 geometry)")
+    parser.add_argument("--seconds", type=float, default=9.0, help="speech per request (default 9)")
+    parser.add_argument("--mode", choices=("sft", "zero_shot"), default="sft")
+    parser.add_argument("--text", default=DEFAULT_TEXT)
+    parser.add_argument("--prompt-wav", type=Path, help="prompt recording (zero_shot)")
+    parser.add_argument("--prompt-text", default=DEFAULT_PROMPT_TEXT, help="its transcript (zero_shot)")
+    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated request counts (default 1,4,8)")
+    parser.add_argument("--decode-batches", default="1,4,8", help="batch sizes for the decode-step timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--dtype", default="fp32", help="precision: fp32, bf16, or llm=int8,flow=bf16 (default fp32)")
+    parser.add_argument("--flow-steps", type=int, help="Euler steps of the flow (default: the model's 10)")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
+    parser.add_argument("--stream-only", action="store_true", help="skip the non-streaming runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-class StageTimer:
-    """Accumulates wall time of wrapped callables per stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-        return timed
-
-    @contextmanager
-    def stage(self, stage: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _fixed_length_sampler(core, n_tokens: int, generator: torch.Generator):
-    """RAS sampling restricted to speech ids for ``n_tokens`` steps, then the stop id."""
-    ras = core.llm.make_sampler(generator)
-    speech_ids = core.llm.speech_token_size
-    stop_id = core.llm.eos_token
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
-    def sample(logp: torch.Tensor, history: list[int]) -> int:
-        if len(history) >= n_tokens:
-            return stop_id
+
+class FixedLengthSampler:
+    """The yaml's RAS sampler restricted to speech ids for ``n_tokens`` picks per request, then the stop id."""
+
+    def __init__(self, model: TTSModel, n_tokens: int, seed: int) -> None:
+        llm = model.core.llm
+        self.ras = llm.make_sampler(torch.Generator().manual_seed(seed))
+        self.speech_ids = llm.speech_token_size
+        self.stop_id = llm.eos_token
+        self.left = n_tokens
+
+    def __call__(self, logp: torch.Tensor, history: list[int]) -> int:
+        if self.left <= 0:
+            return self.stop_id
+        self.left -= 1
         masked = logp.clone()
-        masked[speech_ids:] = float("-inf")
-        return ras(masked, history)
-
-    return sample
+        masked[self.speech_ids :] = float("-inf")
+        return self.ras(masked, history)
 
 
-def _build_random(model: str, blank_en: Path | None):
-    model_dir, family = resolve_model_dir(model)
-    yaml_name, module_name, _, synthesizer = _FAMILIES[family]
-    blank = blank_en or model_dir / "CosyVoice-BlankEN"
-    config = load_yaml(model_dir / yaml_name, {"qwen_pretrain_path": str(blank)})
-    module = __import__(module_name, fromlist=["load"])
-    if family != "cosyvoice1":
-        # The v2/v3 loaders read the LLM geometry from <dir>/CosyVoice-BlankEN/config.json.
-        model_dir = _with_blank_en(model_dir, blank)
-    core = module.load(model_dir, config, random_weights=True)
-    return core, synthesizer, None
+def _bench_dir(model_dir: Path, frontend_from: Path | None, blank_en: Path | None) -> Path:
+    """A directory with ``model_dir``'s yaml and geometry and ``frontend_from``'s frontend files."""
+    work = Path(tempfile.mkdtemp(prefix="cosyserve-bench-"))
+    for yaml in model_dir.glob("*.yaml"):
+        (work / yaml.name).symlink_to(yaml.resolve())
+    if frontend_from is not None:
+        for name in FRONTEND_FILES:
+            if (frontend_from / name).is_file():
+                (work / name).symlink_to((frontend_from / name).resolve())
+    geometry = blank_en or (model_dir / BLANK_EN if (model_dir / BLANK_EN).is_dir() else None)
+    tokenizer = frontend_from / BLANK_EN if frontend_from is not None else None
+    if geometry is not None or (tokenizer is not None and tokenizer.is_dir()):
+        (work / BLANK_EN).mkdir()
+        for source in (tokenizer, geometry):  # the geometry's config.json wins over the tokenizer dir's
+            if source is not None and source.is_dir():
+                for f in source.iterdir():
+                    target = work / BLANK_EN / f.name
+                    if target.exists() or target.is_symlink():
+                        target.unlink()
+                    target.symlink_to(f.resolve())
+    return work
 
 
-def _with_blank_en(model_dir: Path, blank: Path) -> Path:
-    if (model_dir / "CosyVoice-BlankEN" / "config.json").is_file():
-        return model_dir
-    import tempfile
+def _request(model: TTSModel, args: argparse.Namespace, stream: bool) -> SynthesisRequest:
+    options = GenerationOptions(stream=stream, seed=args.seed)
+    if args.mode == "sft":
+        return SynthesisRequest("sft", args.text, spk_id=model.list_speakers()[0], options=options)
+    if args.prompt_wav is None:
+        raise SystemExit("--mode zero_shot needs --prompt-wav")
+    prompt = args.prompt_wav.read_bytes()
+    return SynthesisRequest("zero_shot", args.text, prompt_text=args.prompt_text, prompt_audio=prompt, options=options)
 
-    tmp = Path(tempfile.mkdtemp(prefix="cosyserve-bench-"))
-    (tmp / "CosyVoice-BlankEN").symlink_to(blank.resolve())
-    return tmp
+
+async def _one(engine: AsyncEngine, request: SynthesisRequest, sampler: FixedLengthSampler) -> dict[str, float]:
+    start = time.perf_counter()
+    first = None
+    samples = 0
+    stream = await engine.synthesize(request, sampler=sampler)
+    async for chunk in stream:
+        first = first if first is not None else time.perf_counter() - start
+        samples += chunk.shape[0]
+    return {"total_s": time.perf_counter() - start, "first_s": first or 0.0, "samples": samples}
+
+
+async def _level(engine: AsyncEngine, model: TTSModel, args: argparse.Namespace, n: int, stream: bool) -> dict:
+    n_tokens = round(args.seconds * model.token_rate)
+    requests = [_request(model, args, stream) for _ in range(n)]
+    samplers = [FixedLengthSampler(model, n_tokens, args.seed + i) for i in range(n)]
+    timings: dict[str, float] = {}
+    engine.core.scheduler.timings = timings
+    start = time.perf_counter()
+    results = await asyncio.gather(*(_one(engine, r, s) for r, s in zip(requests, samplers, strict=True)))
+    wall = time.perf_counter() - start
+    engine.core.scheduler.timings = None
+    audio_s = sum(r["samples"] for r in results) / model.sample_rate
+    totals = [r["total_s"] for r in results]
+    firsts = [r["first_s"] for r in results]
+    return {
+        "concurrency": n,
+        "stream": stream,
+        "audio_s": round(audio_s, 2),
+        "wall_s": round(wall, 2),
+        "throughput": round(audio_s / wall, 3),  # audio seconds per wall second
+        "rtf": round(wall / (audio_s / n), 3) if audio_s else None,  # per request, as a listener sees it
+        "first_chunk_p50_s": round(_percentile(firsts, 0.5), 3),
+        "first_chunk_p95_s": round(_percentile(firsts, 0.95), 3),
+        "total_p50_s": round(_percentile(totals, 0.5), 3),
+        "total_p95_s": round(_percentile(totals, 0.95), 3),
+        "stages_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes moved per second by a large tensor copy (one read and one write per byte)."""
+    src = torch.ones(megabytes * 1024 * 1024 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def decode_weight_bytes(llm: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding tables (one row each)."""
+    total = 0
+    seen: set[int] = set()
+    for module in llm.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if not isinstance(module, torch.nn.Embedding):
+                total += param.numel() * param.element_size()
+    return total
+
+
+def decode_step_times(model: TTSModel, batches: list[int], prefix_len: int = 150, steps: int = 12) -> list[dict]:
+    """Mean time of one batched decode step at each batch size (rows with different history lengths)."""
+    llm = model.core.llm
+    device = llm.speech_embedding.weight.device
+    dtype = llm.speech_embedding.weight.dtype
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            cache = KVCache(0)
+            for row in range(b):
+                prefix = torch.randn(1, prefix_len + 7 * row, llm.hidden_size, device=device, dtype=dtype)
+                _, row_cache = llm.prefill(prefix)
+                if row == 0:
+                    cache = row_cache
+                else:
+                    cache.add_row(row_cache)
+            ids = torch.randint(0, llm.speech_token_size, (b,), device=device)
+            llm.logp(llm.decode_batch(ids, cache))  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                llm.logp(llm.decode_batch(ids, cache))
+            _sync(device)
+            out.append({"batch": b, "step_ms": round((time.perf_counter() - start) / steps * 1000, 2)})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    timer = StageTimer()
-    with timer.stage("load"):
-        if args.random_weights:
-            core, synthesizer_cls, tts = _build_random(args.model, args.blank_en)
-        else:
-            tts = load_model(args.model)
-            core, synthesizer_cls = tts.core, tts._synthesizer
-    load_s = timer.seconds.pop("load")
-
+    model_dir, _ = resolve_model_dir(args.model)
+    progress(f"loading {model_dir} ({'random weights' if args.random_weights else 'weights'})")
+    started = time.perf_counter()
+    if args.random_weights:
+        directory = _bench_dir(model_dir, args.frontend_from, args.blank_en)
+        model = load_model(
+            directory,
+            random_weights=True,
+            threads=args.threads,
+            text_frontend="none",
+            dtype=args.dtype,
+            flow_steps=args.flow_steps,
+            device=args.device,
+        )
+    else:
+        model = load_model(
+            model_dir, threads=args.threads, dtype=args.dtype, flow_steps=args.flow_steps, device=args.device
+        )
+    load_s = time.perf_counter() - started
     report: dict[str, Any] = {
         "model": str(args.model),
-        "family": core.family,
+        "family": model.family,
         "random_weights": bool(args.random_weights),
+        "mode": args.mode,
         "threads": args.threads,
+        "dtype": args.dtype,
+        "flow_steps": args.flow_steps,
         "load_s": round(load_s, 2),
+        "runs": [],
     }
-    if tts is not None:
-        with timer.stage("frontend"):
-            tts.frontend.normalize(args.text, split=True, text_frontend=True)
-            if args.prompt_wav:
-                prompt = tts.prompt(args.prompt_wav.read_bytes())
-    if args.random_weights or not args.prompt_wav:
-        prompt = {"flow_embedding": torch.randn(1, 192, generator=torch.Generator().manual_seed(args.seed))}
-    condition = PromptCondition(
-        token=prompt.get("flow_prompt_speech_token", torch.zeros(1, 0, dtype=torch.int32)),
-        feat=prompt.get("prompt_speech_feat", torch.zeros(1, 0, 80)),
-        embedding=prompt["flow_embedding"],
-    )
-    text_ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(args.seed), dtype=torch.int32)
-    if core.version == "v3":  # the v3 LLM requires <|endofprompt|> in its text
-        text_ids[0, 0] = ENDOFPROMPT_ID
-    n_tokens = round(args.seconds * core.token_frame_rate)
-
-    core.flow.inference = timer.wrap("flow", core.flow.inference)
-    core.hift.inference = timer.wrap("vocoder", core.hift.inference)
-
-    def one_run(stream: bool) -> tuple[float, float | None, float]:
-        draws = Draws(args.seed)
-        sampler = _fixed_length_sampler(core, n_tokens, draws.generator)
-        llm_tokens = core.llm.inference(
-            text_ids,
-            torch.zeros(1, 0, dtype=torch.int32),
-            torch.zeros(1, 0, dtype=torch.int32),
-            torch.zeros(0, 192),
-            sampler,
-        )
-        llm_tokens = _timed_iter(llm_tokens, timer, "llm")
-        synth = synthesizer_cls(core, condition, draws, 1.0)
-        start = time.perf_counter()
-        first = None
-        samples = 0
-        with torch.inference_mode():
-            for chunk in synth.run(llm_tokens, stream):
-                first = first if first is not None else time.perf_counter() - start
-                samples += chunk.shape[0]
-        return time.perf_counter() - start, first, samples / core.sample_rate
-
-    runs = [("non-stream", False)] + ([] if args.no_stream else [("stream", True)])
-    for name, stream in runs:
-        timer.seconds = {k: v for k, v in timer.seconds.items() if k == "frontend"}
-        total, first, audio_s = one_run(stream)
-        stages = {k: round(v, 3) for k, v in timer.seconds.items()}
-        report[name] = {
-            "audio_s": round(audio_s, 2),
-            "total_s": round(total, 2),
-            "rtf": round(total / audio_s, 3) if audio_s else None,
-            "first_chunk_s": round(first, 3) if first is not None else None,
-            "stages_s": stages,
-            "stages_rtf": {k: round(v / audio_s, 3) for k, v in stages.items()} if audio_s else {},
-        }
+    levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
+    kinds = ([] if args.stream_only else [False]) + ([] if args.no_stream else [True])
+    engine = AsyncEngine(model, max_running=max(levels), max_queue=max(levels))
+    try:
+        for stream in kinds:
+            for n in levels:
+                progress(f"{'stream' if stream else 'non-stream'}: {n} request(s) of {args.seconds} s ...")
+                result = asyncio.run(_level(engine, model, args, n, stream))
+                progress(
+                    f"  {result['audio_s']} s audio in {result['wall_s']} s: {result['throughput']} audio s/s, "
+                    f"first chunk p50 {result['first_chunk_p50_s']} s"
+                )
+                report["runs"].append(result)
+    finally:
+        engine.core.stop()
+    progress("decode step timing ...")
+    batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+    bandwidth = memory_bandwidth_gbs(model.core.llm.speech_embedding.weight.device)
+    weight_bytes = decode_weight_bytes(model.core.llm)
+    bound_ms = weight_bytes / (bandwidth * 1e9) * 1000
+    report["decode"] = {
+        "weight_mb": round(weight_bytes / 1e6, 1),
+        "bandwidth_gbs": round(bandwidth, 2),
+        "weight_read_bound_ms": round(bound_ms, 2),
+        "steps": [{**s, "x_bound": round(s["step_ms"] / bound_ms, 2)} for s in decode_step_times(model, batches)],
+    }
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -189,31 +300,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timed_iter(iterator, timer: StageTimer, stage: str):
-    while True:
-        start = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - start
-            return
-        timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - start
-        yield item
-
-
 def _print_table(report: dict[str, Any]) -> None:
     print(
-        f"model {report['model']} ({report['family']}, random weights: {report['random_weights']}), "
-        f"{report['threads']} threads, load {report['load_s']} s"
+        f"model {report['model']} ({report['family']}, random weights: {report['random_weights']}, "
+        f"{report['mode']}), {report['threads']} threads, dtype {report['dtype']}, "
+        f"flow steps {report['flow_steps'] or 'default'}, load {report['load_s']} s"
     )
-    for name in ("non-stream", "stream"):
-        if name not in report:
-            continue
-        r = report[name]
-        first = f", first chunk {r['first_chunk_s']} s" if name == "stream" else ""
-        print(f"{name}: {r['audio_s']} s audio in {r['total_s']} s, RTF {r['rtf']}{first}")
-        for stage, seconds in r["stages_s"].items():
-            print(f"  {stage:9s} {seconds:8.3f} s  RTF {r['stages_rtf'].get(stage)}")
+    print("kind        N  audio_s  wall_s  audio_s/s   RTF  first p50/p95 s  total p50/p95 s")
+    for r in report["runs"]:
+        kind = "stream" if r["stream"] else "non-stream"
+        print(
+            f"{kind:10s} {r['concurrency']:2d} {r['audio_s']:8.2f} {r['wall_s']:7.2f} {r['throughput']:10.3f} "
+            f"{r['rtf']:5.2f} {r['first_chunk_p50_s']:7.2f}/{r['first_chunk_p95_s']:<7.2f} "
+            f"{r['total_p50_s']:7.2f}/{r['total_p95_s']:<7.2f}"
+        )
+        if r["concurrency"] == 1:
+            stages = ", ".join(f"{k} {v:.2f} s" for k, v in r["stages_s"].items())
+            print(f"{'':14s}stages: {stages}")
+    d = report["decode"]
+    print(
+        f"LLM decode step: weights {d['weight_mb']} MB, bandwidth {d['bandwidth_gbs']} GB/s, "
+        f"weight-read bound {d['weight_read_bound_ms']} ms"
+    )
+    for s in d["steps"]:
+        print(f"  batch {s['batch']:2d}: {s['step_ms']:8.2f} ms  ({s['x_bound']}x the bound)")
     print(f"peak RSS {report['peak_rss_mb']} MB")
 
 

@@ -15,6 +15,7 @@ import socket
 import sys
 import uuid
 import wave
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,12 @@ def serve(settings: Settings) -> int:
                 device=device,
                 data_dir=data_dir,
                 max_voices=settings.max_voices,
+                voice_store=settings.voice_store,
                 llm_weights=settings.llm_weights,
                 text_frontend=settings.text_frontend,
+                threads=settings.threads or os.cpu_count() or 1,
+                dtype=settings.dtype,
+                flow_steps=settings.flow_steps or None,
             )
         except BaseException as exc:
             failures.append(exc)
@@ -201,7 +206,10 @@ def run_client(args: argparse.Namespace) -> int:
     out = Path(args.tts_wav)
     partial = out.with_name(out.name + ".part")
     try:
-        conn.request(args.method, f"/inference_{args.mode}", body=body, headers={"Content-Type": content_type})
+        headers = {"Content-Type": content_type}
+        if args.api_key:
+            headers["Authorization"] = f"Bearer {args.api_key}"
+        conn.request(args.method, f"/inference_{args.mode}", body=body, headers=headers)
         resp = conn.getresponse()
         if resp.status != 200:
             raise CliError(_error_line(resp.status, resp.read()))
@@ -272,6 +280,18 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--method", default="POST", choices=("GET", "POST"), help="HTTP method (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+    parser.add_argument(
+        "--api_key",
+        "--api-key",
+        default=client_api_key(os.environ),
+        help="API key of a server started with --api_key, sent as a Bearer token "
+        "(env COSYSERVE_API_KEY; the first key there when it lists several)",
+    )
+
+
+def client_api_key(environ: Mapping[str, str]) -> str | None:
+    keys = [k.strip() for k in environ.get("COSYSERVE_API_KEY", "").split(",") if k.strip()]
+    return keys[0] if keys else None
 
 
 # -- entry point ----------------------------------------------------------------------------------

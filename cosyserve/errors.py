@@ -54,3 +54,19 @@ class PayloadTooLarge(InvalidRequest):
     """An upload over the configured size: HTTP 413."""
 
     code = "payload_too_large"
+
+
+class ServerBusy(CosyServeError):
+    """Every generation slot is taken and the queue is full: HTTP 503 with Retry-After."""
+
+    code = "server_busy"
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class GenerationFailed(CosyServeError):
+    """Generation broke after audio had started (the stream is cut so the client sees it)."""
+
+    code = "generation_failed"

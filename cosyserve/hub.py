@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosyserve.errors import ModelLoadError
+from cosyserve.families import FAMILIES
 
 
 class AssetError(ModelLoadError):
@@ -136,11 +137,7 @@ def _how_to_provide(asset: Asset) -> str:
 # Model directories
 
 # The yaml present decides the family, checked in the official order.
-FAMILY_YAMLS: tuple[tuple[str, str], ...] = (
-    ("cosyvoice.yaml", "cosyvoice1"),
-    ("cosyvoice2.yaml", "cosyvoice2"),
-    ("cosyvoice3.yaml", "cosyvoice3"),
-)
+FAMILY_YAMLS: tuple[tuple[str, str], ...] = tuple((f.yaml, f.name) for f in FAMILIES.values())
 
 # Files no inference path reads; skipping them saves gigabytes (TensorRT/ONNX estimators, training
 # tokenizers, the BlankEN safetensors that llm.pt overrides, demo assets).

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyserve.engine.voice_library import check_voice_store
+from cosyserve.precision import parse_dtypes
+
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 TEXT_FRONTENDS = ("auto", "wetext", "none")
@@ -35,6 +38,9 @@ class Settings:
     model_dir: str = "iic/CosyVoice-300M"
     # CUDA device index; None picks cuda:0 when CUDA is there (else the CPU), -1 forces the CPU.
     gpu: int | None = None
+    threads: int = 0  # torch intra-op and onnxruntime threads of the engine; 0: every core of the machine
+    dtype: str = "fp32"  # precision per stage: fp32 | bf16 | "llm=int8,flow=bf16" (cosyserve.precision)
+    flow_steps: int = 0  # Euler steps of the flow; 0: the model's own (10)
     max_text_length: int = 5000  # characters, per text field
     max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
@@ -46,16 +52,30 @@ class Settings:
     # The voice library's directory; "" keeps stored voices in memory only (lost at exit).
     data_dir: str = field(default_factory=lambda: default_data_dir())
     max_voices: int = 1000  # stored voices, all model families together
+    # Where voices are stored: "" the SQLite library under data_dir; a postgresql:// URL a shared database.
+    voice_store: str = ""
     max_concurrency: int = 4  # generations running at once; more wait in a queue
     max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
     text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
     official_format: str = "wav"  # /inference_* without a format field: wav | pcm (as the official server)
+    # Accepted API keys; empty: no authentication. Never in the repr, so never in a log line.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Paths open without a key; an entry ending in '*' is a prefix.
+    auth_exempt: tuple[str, ...] = ("/health", "/metrics")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is not in 1..65535")
+        try:
+            parse_dtypes(self.dtype)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+        if self.flow_steps < 0:
+            raise SettingsError(f"flow_steps must be 0 (the model's) or a positive count, not {self.flow_steps}")
+        if self.threads < 0:
+            raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:
             raise SettingsError(f"gpu {self.gpu} is not a device index (use -1 for the CPU)")
         if self.max_concurrency < 1 or self.max_queue < 0:
@@ -78,6 +98,16 @@ class Settings:
             raise SettingsError("CORS credentials cannot be allowed with the wildcard origin '*': list the origins")
         if self.max_voices < 1:
             raise SettingsError(f"max_voices must be at least 1, not {self.max_voices}")
+        for key in self.api_keys:
+            if not key or any(c.isspace() or not c.isprintable() for c in key) or not key.isascii():
+                # A header value cannot carry it intact, so no client could ever send it.
+                raise SettingsError("an API key must be non-empty printable ASCII without spaces")
+        if any(not path.startswith("/") for path in self.auth_exempt):
+            raise SettingsError("auth_exempt entries are URL paths starting with '/'")
+        try:
+            check_voice_store(self.voice_store)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
         if self.pcm_sample_rate not in OUTPUT_RATES:
             rates = ", ".join(map(str, OUTPUT_RATES))
             raise SettingsError(f"pcm sample rate {self.pcm_sample_rate} is not one of {rates}")
@@ -115,8 +145,26 @@ def _parse_bool(text: str) -> bool:
     raise SettingsError(f"{text!r} is not a boolean (use true/false)")
 
 
-def _parse_origins(text: str) -> tuple[str, ...]:
-    return tuple(o.strip() for o in text.split(",") if o.strip())
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def read_api_key_file(path: str) -> tuple[str, ...]:
+    """The keys in ``path``: one a line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read the API key file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return tuple(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+class _AppendOverDefault(argparse.Action):
+    """A repeatable flag whose command-line values replace its (environment) default instead of extending it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        current = getattr(namespace, self.dest)
+        kept = [] if current is self.default else list(current)
+        setattr(namespace, self.dest, [*kept, values])
 
 
 def parse_voice_map(text: str) -> tuple[tuple[str, str], ...]:
@@ -180,6 +228,20 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("gpu", "CUDA device index, -1 for the CPU (default: cuda:0 when available, else the CPU)", int, d.gpu, type=int)
     opt(
+        "dtype",
+        "precision: fp32, bf16 (LLM and flow), or per stage like llm=int8,flow=bf16 (default %(default)s)",
+        str.lower,
+        d.dtype,
+    )
+    opt("flow_steps", "Euler steps of the flow; 0: the model's 10 (default %(default)s)", int, d.flow_steps, type=int)
+    opt(
+        "threads",
+        "engine threads, torch and onnxruntime; 0: every core (default %(default)s)",
+        int,
+        d.threads,
+        type=int,
+    )
+    opt(
         "max_text_length",
         "longest accepted text field, in characters (default %(default)s)",
         int,
@@ -232,6 +294,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("max_voices", "most voices the library holds (default %(default)s)", int, d.max_voices, type=int)
     opt(
+        "voice_store",
+        "a postgresql://user:password@host:port/db URL to keep voices in a PostgreSQL database shared by several "
+        "servers (pip install 'cosyserve[postgres]'); empty: the SQLite library under --data_dir (the default)",
+        str,
+        d.voice_store,
+    )
+    opt(
         "max_concurrency",
         "generations running at once; more requests wait for a slot (default %(default)s)",
         int,
@@ -263,6 +332,22 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         type=str.lower,
         choices=OFFICIAL_FORMATS,
     )
+    opt(
+        "api_key",
+        "API key clients must send (Authorization: Bearer KEY); repeat for several; the env twin takes a "
+        "comma-separated list (default: none, no authentication)",
+        _comma_list,
+        d.api_keys,
+        action=_AppendOverDefault,
+        metavar="KEY",
+    )
+    opt("api_key_file", "file of API keys, one a line, added to --api_key", str, None, metavar="PATH")
+    opt(
+        "auth_exempt",
+        "comma-separated paths open without an API key, '*' at the end for a prefix (default %(default)s)",
+        str,
+        ",".join(d.auth_exempt),
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -273,20 +358,26 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         port=int(args.port),
         model_dir=args.model_dir,
         gpu=None if args.gpu is None else int(args.gpu),
+        threads=int(args.threads),
+        dtype=args.dtype,
+        flow_steps=int(args.flow_steps),
         max_text_length=int(args.max_text_length),
         max_upload_bytes=int(upload_mb * 1024 * 1024),
-        cors_origins=_parse_origins(args.cors_origins),
+        cors_origins=_comma_list(args.cors_origins),
         cors_allow_credentials=bool(args.cors_allow_credentials),
         log_level=args.log_level,
         voice_map=tuple(args.voice_map),
         pcm_sample_rate=int(args.pcm_sample_rate),
         data_dir=args.data_dir,
         max_voices=int(args.max_voices),
+        voice_store=args.voice_store,
         max_concurrency=int(args.max_concurrency),
         max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,
         text_frontend=args.text_frontend,
         official_format=args.official_format,
+        api_keys=tuple(args.api_key) + (read_api_key_file(args.api_key_file) if args.api_key_file else ()),
+        auth_exempt=_comma_list(args.auth_exempt),
     )
 
 

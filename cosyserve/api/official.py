@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -23,10 +23,12 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
-from cosyserve.api.app import MalformedBody, MissingField, server_state, start_generation
+from cosyserve.api.audio_response import start_generation
+from cosyserve.api.deps import MalformedBody, MissingField, server_state
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES
 from cosyserve.audio.io import MIN_SAMPLE_RATE, decode_audio
 from cosyserve.engine.pipeline import MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, unsupported_mode
+from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError
 
 Fields = dict[str, str | UploadFile]
@@ -39,7 +41,6 @@ class Endpoint:
     texts: tuple[str, ...]  # required text fields, in the engine's argument order
     audios: tuple[str, ...]  # required uploads, in the engine's argument order
     summary: str
-    call: Callable[..., Iterator[np.ndarray]]  # (model, *texts, *audios, **options)
     # Fields a stored voice given as spk_id stands in for (none: spk_id is no option of this mode).
     voice_replaces: tuple[str, ...] = ()
 
@@ -54,14 +55,12 @@ ENDPOINTS = (
         ("tts_text", "spk_id"),
         (),
         "Speak with a built-in speaker (models that ship speakers, e.g. CosyVoice-300M-SFT).",
-        lambda m, *a, **o: m.inference_sft(*a, **o),
     ),
     Endpoint(
         "zero_shot",
         ("tts_text", "prompt_text"),
         ("prompt_wav",),
         "Clone the voice of a prompt recording, given its transcript.",
-        lambda m, *a, **o: m.inference_zero_shot(*a, **o),
         ("prompt_text", "prompt_wav"),
     ),
     Endpoint(
@@ -69,7 +68,6 @@ ENDPOINTS = (
         ("tts_text",),
         ("prompt_wav",),
         "Speak the text, in any supported language, in the voice of a prompt recording.",
-        lambda m, *a, **o: m.inference_cross_lingual(*a, **o),
         ("prompt_wav",),
     ),
     Endpoint(
@@ -77,14 +75,12 @@ ENDPOINTS = (
         ("tts_text", "spk_id", "instruct_text"),
         (),
         "Built-in speaker steered by an instruction (CosyVoice 1.0; only CosyVoice-300M-Instruct is trained for it).",
-        lambda m, *a, **o: m.inference_instruct(*a, **o),
     ),
     Endpoint(
         "instruct2",
         ("tts_text", "instruct_text"),
         ("prompt_wav",),
         "Voice of a prompt recording steered by an instruction (CosyVoice2 / CosyVoice3).",
-        lambda m, *a, **o: m.inference_instruct2(*a, **o),
         ("prompt_wav",),
     ),
     Endpoint(
@@ -92,7 +88,6 @@ ENDPOINTS = (
         (),
         ("source_wav", "prompt_wav"),
         "Voice conversion: re-speak source_wav in the voice of prompt_wav.",
-        lambda m, *a, **o: m.inference_vc(*a, **o),
         ("prompt_wav",),
     ),
 )
@@ -115,10 +110,21 @@ FIELD_DOCS = {
 }
 
 
-def check_mode(model: Any, mode: str) -> None:
+# The engine request field each form field fills.
+REQUEST_FIELDS = {
+    "tts_text": "text",
+    "spk_id": "spk_id",
+    "prompt_text": "prompt_text",
+    "instruct_text": "instruct_text",
+    "prompt_wav": "prompt_audio",
+    "source_wav": "source_audio",
+}
+
+
+def check_mode(engine: Any, mode: str) -> None:
     """Refuse, before reading uploads, a mode the loaded model cannot serve."""
-    if mode not in model.modes:
-        raise unsupported_mode(model.family, mode, model.modes)
+    if mode not in engine.modes:
+        raise unsupported_mode(engine.info.family, mode, engine.modes)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -294,29 +300,27 @@ def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple
 
 async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     state = server_state(request)
-    model = state.require_model()
-    check_mode(model, endpoint.mode)
+    engine = state.require_engine()
+    check_mode(engine, endpoint.mode)
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
         spk_id, replaced = _voice_option(fields, endpoint)
-        texts = [
-            None if name in replaced else text_field(fields, name, state.settings.max_text_length)
+        values: dict[str, Any] = {
+            REQUEST_FIELDS[name]: None if name in replaced else text_field(fields, name, state.settings.max_text_length)
             for name in endpoint.texts
-        ]
+        }
         options, fmt = parse_options(fields, state.settings.official_format)
         sample_rate = parse_sample_rate(fields)
-        audios = [None if name in replaced else await audio_field(fields, name) for name in endpoint.audios]
+        for name in endpoint.audios:
+            values[REQUEST_FIELDS[name]] = None if name in replaced else await audio_field(fields, name)
         if spk_id is not None:
-            options["spk_id"] = spk_id
+            values["spk_id"] = spk_id
     finally:
         for value in fields.values():
             if isinstance(value, UploadFile):
                 await value.close()
-
-    def start() -> Iterator[np.ndarray]:
-        return endpoint.call(model, *texts, *audios, **options)
-
-    return await start_generation(request, endpoint.path.lstrip("/"), start, fmt, options["stream"], sample_rate)
+    synthesis = SynthesisRequest(endpoint.mode, options=GenerationOptions(**options), **values)
+    return await start_generation(request, endpoint.path.lstrip("/"), synthesis, fmt, sample_rate)
 
 
 # What text_field accepts: something besides white space (schema-driven clients must not send "").

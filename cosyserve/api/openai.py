@@ -19,33 +19,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Send
 
-from cosyserve.api.app import (
-    AudioResponse,
-    GenerationFailed,
-    MalformedBody,
-    error_body,
-    error_response,
-    server_state,
-    start_generation,
-)
+from cosyserve.api.audio_response import AudioResponse, start_generation
+from cosyserve.api.deps import MalformedBody, error_body, error_response, server_state
 from cosyserve.api.official import check_audio, check_mode, read_body
 from cosyserve.api.voices import voice_object
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
-from cosyserve.errors import InvalidRequest, TextError, UnknownSpeaker
+from cosyserve.engine.planning import plan_speech
+from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions
+from cosyserve.errors import GenerationFailed, InvalidRequest, TextError, UnknownSpeaker
 from cosyserve.hub import is_hub_id
 from cosyserve.settings import Settings
 
@@ -54,7 +46,6 @@ OPENAI_MODELS = ("tts-1", "tts-1-hd")
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
                  "marin", "cedar")
 # fmt: on
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
@@ -92,15 +83,6 @@ class SpeechRequest(BaseModel):
     stream: bool = Field(False, description="Extension: token-level streaming (first audio sooner).")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The engine call a request maps to: ``call(stream=, speed=, seed=)`` returns the chunks."""
-
-    mode: str
-    voice: str | None
-    call: Callable[..., Iterator[np.ndarray]]
-
-
 # -- model names ----------------------------------------------------------------------------------
 
 
@@ -109,10 +91,10 @@ def _normalized(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.rsplit("/", 1)[-1].lower())
 
 
-def model_id(model: Any, settings: Settings) -> str:
+def model_id(engine: Any, settings: Settings) -> str:
     """The loaded model's name: the hub id it was started with, else its directory's name (never a local
     path: that tells clients nothing and shows them the server's file system)."""
-    path = Path(str(model.model_dir))
+    path = Path(engine.info.model_dir)
     given = settings.model_dir
     # The hub caches hold the id in the path: .../iic/CosyVoice2-0___5B, .../models--org--name/snapshots/<hash>.
     names = {_normalized(part.rsplit("--", 1)[-1]) for part in path.parts}
@@ -121,12 +103,12 @@ def model_id(model: Any, settings: Settings) -> str:
     return path.name
 
 
-def serves_model(name: str, model: Any, settings: Settings) -> bool:
+def serves_model(name: str, engine: Any, settings: Settings) -> bool:
     lowered = name.strip().lower()
     if lowered in OPENAI_MODELS or lowered.startswith("gpt-4o-mini-tts"):
         return True
     wanted = _normalized(lowered)
-    return wanted in (_normalized(model_id(model, settings)), _normalized(model.family))
+    return wanted in (_normalized(model_id(engine, settings)), _normalized(engine.info.family))
 
 
 def _model_card(name: str, owner: str) -> dict[str, Any]:
@@ -136,19 +118,10 @@ def _model_card(name: str, owner: str) -> dict[str, Any]:
 # -- voices ---------------------------------------------------------------------------------------
 
 
-def _has_prompt(voice: Any) -> bool:
-    return "llm_prompt_speech_token" in voice
-
-
-def _has_transcript(voice: Any) -> bool:
-    text = voice.get("prompt_text")
-    return text is not None and np.asarray(text).size > 0
-
-
-def voice_list(model: Any, settings: Settings) -> list[dict[str, Any]]:
+def voice_list(engine: Any, settings: Settings) -> list[dict[str, Any]]:
     """Voices for ``voice``: built-in speakers and the stored voices this model can use (as
     ``GET /v1/audio/voices/{id}`` shows them), then the configured OpenAI names."""
-    store = model.voices
+    store = engine.voices
     voices = [voice_object(store.info(voice_id), store) for voice_id in store.ids()]
     for name, target in settings.voice_map:
         if target in store and name not in store:
@@ -156,7 +129,7 @@ def voice_list(model: Any, settings: Settings) -> list[dict[str, Any]]:
     return voices
 
 
-def resolve_voice(model: Any, settings: Settings, voice: str | dict[str, str] | None) -> str:
+def resolve_voice(engine: Any, settings: Settings, voice: str | dict[str, str] | None) -> str:
     """The store id a request's ``voice`` names (mapped OpenAI names followed); 404 lists the known ones."""
     if isinstance(voice, dict):
         voice = voice.get("id")
@@ -164,7 +137,7 @@ def resolve_voice(model: Any, settings: Settings, voice: str | dict[str, str] | 
         raise InvalidRequest(
             "voice is required (GET /v1/audio/voices lists them), or send ref_audio to clone a voice", param="voice"
         )
-    store, mapping = model.voices, dict(settings.voice_map)
+    store, mapping = engine.voices, dict(settings.voice_map)
     target = mapping.get(voice, mapping.get(voice.lower()))
     if target is not None:
         if target not in store:
@@ -175,58 +148,9 @@ def resolve_voice(model: Any, settings: Settings, voice: str | dict[str, str] | 
     ids = store.ids()
     if voice.lower() in OPENAI_VOICES and ids:
         return ids[0]
-    known = [v["id"] for v in voice_list(model, settings)]
+    known = [v["id"] for v in voice_list(engine, settings)]
     listing = ", ".join(known) if known else "none: send ref_audio (and ref_text) or store a voice first"
     raise UnknownSpeaker(f"unknown voice '{voice}'; known voices: {listing}", param="voice")
-
-
-def plan_speech(
-    model: Any,
-    settings: Settings,
-    text: str,
-    voice: str | dict[str, str] | None,
-    instructions: str | None,
-    prompt: Any = None,
-    ref_text: str | None = None,
-) -> Plan:
-    """Pick the engine mode for a request (see the module docstring); raises before any work."""
-    if prompt is not None:
-        if instructions:
-            if "instruct2" not in model.modes:
-                raise InvalidRequest(
-                    "instructions with ref_audio need a CosyVoice2 / Fun-CosyVoice3 model (instruct2); CosyVoice 1.0 "
-                    "follows instructions only with built-in speakers (CosyVoice-300M-Instruct)",
-                    param="instructions",
-                )
-            plan = Plan("instruct2", None, lambda **o: model.inference_instruct2(text, instructions, prompt, **o))
-        elif ref_text:
-            plan = Plan("zero_shot", None, lambda **o: model.inference_zero_shot(text, ref_text, prompt, **o))
-        else:
-            plan = Plan("cross_lingual", None, lambda **o: model.inference_cross_lingual(text, prompt, **o))
-        check_mode(model, plan.mode)
-        return plan
-
-    spk = resolve_voice(model, settings, voice)
-    entry = model.voices.get(spk, param="voice")
-    if instructions:
-        if "instruct" in model.modes:
-            plan = Plan("instruct", spk, lambda **o: model.inference_instruct(text, spk, instructions, **o))
-        elif not _has_prompt(entry):
-            raise InvalidRequest(
-                f"instructions on this model (instruct2) need a voice with a prompt recording; '{spk}' is a built-in "
-                "speaker with only an embedding: use a stored (cloned) voice or send ref_audio",
-                param="instructions",
-            )
-        else:
-            plan = Plan("instruct2", spk, lambda **o: model.inference_instruct2(text, instructions, spk_id=spk, **o))
-    elif not _has_prompt(entry):
-        plan = Plan("sft", spk, lambda **o: model.inference_sft(text, spk, **o))
-    elif _has_transcript(entry):
-        plan = Plan("zero_shot", spk, lambda **o: model.inference_zero_shot(text, "", spk_id=spk, **o))
-    else:
-        plan = Plan("cross_lingual", spk, lambda **o: model.inference_cross_lingual(text, spk_id=spk, **o))
-    check_mode(model, plan.mode)
-    return plan
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -274,27 +198,22 @@ def decode_ref_audio(value: str) -> bytes:
     return data
 
 
-def _options(req: SpeechRequest) -> dict[str, Any]:
-    if not math.isfinite(req.speed) or not MIN_SPEED <= req.speed <= MAX_SPEED:
-        raise InvalidRequest(f"speed must be within {MIN_SPEED} to {MAX_SPEED}, not {req.speed}", param="speed")
+def _options(req: SpeechRequest) -> GenerationOptions:
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {req.seed}", param="seed")
     if req.stream_format not in ("audio", "sse"):
         raise InvalidRequest(f"stream_format must be audio or sse, not {req.stream_format!r}", param="stream_format")
     if req.ref_text and not req.ref_audio:
         raise InvalidRequest("ref_text is the transcript of ref_audio: send ref_audio too", param="ref_text")
-    return {"stream": req.stream, "speed": req.speed, "seed": req.seed}
+    return GenerationOptions(stream=req.stream, speed=req.speed, seed=req.seed)
 
 
 # -- responses ------------------------------------------------------------------------------------
 
 
-def _speech_tokens(model: Any, text: str, seconds: float) -> tuple[int, int]:
+def _speech_tokens(engine: Any, text: str, seconds: float) -> tuple[int, int]:
     """(text tokens, speech tokens) for SSE usage; speech tokens from the duration at the token rate."""
-    frontend = getattr(model, "frontend", None)
-    text_tokens = int(frontend.tokenize(text).shape[-1]) if frontend is not None else 0
-    rate = getattr(getattr(model, "core", None), "token_frame_rate", 25)
-    return text_tokens, round(seconds * rate)
+    return engine.count_text_tokens(text), round(seconds * engine.info.token_rate)
 
 
 class SpeechEvents(AudioResponse):
@@ -311,7 +230,7 @@ class SpeechEvents(AudioResponse):
         await send(self._start_message())
         pending = self.encoder.header()
         try:
-            async for chunk in self.generation.chunks():
+            async for chunk in self.generation:
                 pending += self.encoder.encode(self.resampler(chunk))
                 if pending:
                     await self._event(send, {"type": "speech.audio.delta", "audio": base64.b64encode(pending).decode()})
@@ -369,39 +288,49 @@ _SPEECH_DOC = {
 )
 async def create_speech(request: Request) -> Response:
     state = server_state(request)
-    model, settings = state.require_model(), state.settings
+    engine, settings = state.require_engine(), state.settings
     req = parse_request(await read_body(request, settings.max_upload_bytes))
-    if not serves_model(req.model, model, settings):
-        names = ", ".join((model_id(model, settings), *OPENAI_MODELS))
+    if not serves_model(req.model, engine, settings):
+        names = ", ".join((model_id(engine, settings), *OPENAI_MODELS))
         message = f"model '{req.model}' is not served here; use one of: {names}"
         return error_response(message, "model_not_found", 404, "model")
     text = _text(req.input, settings.max_text_length)
     fmt = req.response_format.strip().lower()
     rate = req.sample_rate or (settings.pcm_sample_rate if fmt == "pcm" else None)
-    output_rate(fmt, rate, model.sample_rate)  # format and rate errors before the audio is decoded
+    output_rate(fmt, rate, engine.info.sample_rate)  # format and rate errors before the audio is decoded
     options = _options(req)
     prompt = None
     if req.ref_audio:
         prompt = await anyio.to_thread.run_sync(check_audio, "ref_audio", decode_ref_audio(req.ref_audio))
     instructions = req.instructions if req.instructions and req.instructions.strip() else None
-    plan = plan_speech(model, settings, text, req.voice, instructions, prompt, req.ref_text or None)
+    spk_id = voice = None
+    if prompt is None:
+        spk_id = resolve_voice(engine, settings, req.voice)
+        voice = engine.voices.get(spk_id, param="voice")
+    synthesis = plan_speech(
+        engine.modes,
+        voice,
+        text,
+        options,
+        spk_id=spk_id,
+        instructions=instructions,
+        prompt_audio=prompt,
+        ref_text=req.ref_text or None,
+    )
+    check_mode(engine, synthesis.mode)
     sse = req.stream_format == "sse"
-
-    def start() -> Iterator[np.ndarray]:
-        return plan.call(**options)
-
     response = await start_generation(
         request,
-        f"v1/audio/speech ({plan.mode}{f', {plan.voice}' if plan.voice else ''})",
-        start,
+        f"v1/audio/speech ({synthesis.mode}{f', {spk_id}' if spk_id else ''})",
+        synthesis,
         fmt,
-        req.stream or sse,
         rate,
+        buffered=False if sse else None,
         response_class=SpeechEvents if sse else AudioResponse,
     )
     response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
     if isinstance(response, SpeechEvents):
-        response.usage = lambda seconds: _speech_tokens(model, text, seconds)
+        response.usage = lambda seconds: _speech_tokens(engine, text, seconds)
     else:
         response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[fmt]}"'
     return response
@@ -410,7 +339,7 @@ async def create_speech(request: Request) -> Response:
 @router.get("/v1/models", summary="The models /v1/audio/speech accepts (OpenAI list shape).")
 async def list_models(request: Request) -> dict[str, Any]:
     state = server_state(request)
-    own = model_id(state.require_model(), state.settings)
+    own = model_id(state.require_engine(), state.settings)
     return {
         "object": "list",
         "data": [_model_card(own, "cosyserve")] + [_model_card(n, "openai") for n in OPENAI_MODELS],
@@ -424,11 +353,11 @@ async def list_models(request: Request) -> dict[str, Any]:
 )
 async def get_model(name: str, request: Request) -> JSONResponse:
     state = server_state(request)
-    model = state.require_model()
+    engine = state.require_engine()
     if name.lower() in OPENAI_MODELS:
         return JSONResponse(_model_card(name.lower(), "openai"))
-    if serves_model(name, model, state.settings):
-        return JSONResponse(_model_card(model_id(model, state.settings), "cosyserve"))
+    if serves_model(name, engine, state.settings):
+        return JSONResponse(_model_card(model_id(engine, state.settings), "cosyserve"))
     return error_response(f"model '{name}' is not served here", "model_not_found", 404, "model")
 
 
@@ -438,4 +367,4 @@ async def get_model(name: str, request: Request) -> JSONResponse:
 )
 async def list_voices(request: Request) -> dict[str, list[dict[str, Any]]]:
     state = server_state(request)
-    return {"voices": voice_list(state.require_model(), state.settings)}
+    return {"voices": voice_list(state.require_engine(), state.settings)}

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from cosyserve.api.app import server_state
+from cosyserve.api.deps import request_id, server_state
 from cosyserve.api.official import audio_field, read_fields, text_field
 from cosyserve.engine.voices import MAX_ID_LENGTH, VoiceInfo, VoiceStore, validate_voice_id
 
@@ -103,12 +103,12 @@ def _optional_text(fields: dict[str, Any], name: str, max_length: int) -> str | 
 )
 async def create_voice(request: Request) -> JSONResponse:
     state = server_state(request)
-    model = state.require_model()
+    engine = state.require_engine()
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
         name = text_field(fields, "name", state.settings.max_text_length)
         # Invalid, taken or over the cap: answered before the recording is decoded and analysed.
-        name = await anyio.to_thread.run_sync(model.voices.check_new, name)
+        name = await anyio.to_thread.run_sync(engine.voices.check_new, name)
         ref_text = _optional_text(fields, "ref_text", state.settings.max_text_length)
         audio = await audio_field(fields, "audio_sample")
     finally:
@@ -116,13 +116,10 @@ async def create_voice(request: Request) -> JSONResponse:
             if isinstance(value, UploadFile):
                 await value.close()
 
-    def store() -> VoiceInfo:
-        model.add_speaker(name, ref_text, audio)
-        return model.voices.info(name)
-
-    info = await anyio.to_thread.run_sync(store)
+    # Analysing the recording runs on the engine, queued with the syntheses (503 when the queue is full).
+    info: VoiceInfo = await engine.add_voice(name, ref_text, audio, request_id(request))
     return JSONResponse(
-        voice_object(info, model.voices),
+        voice_object(info, engine.voices),
         status_code=201,
         headers={"Location": f"/v1/audio/voices/{quote(info.id)}"},
     )
@@ -135,7 +132,7 @@ async def create_voice(request: Request) -> JSONResponse:
     responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
 )
 async def get_voice(voice_id: str, request: Request) -> dict[str, Any]:
-    store = server_state(request).require_model().voices
+    store = server_state(request).require_engine().voices
     voice_id = _checked_id(store, voice_id)
     info = await anyio.to_thread.run_sync(store.info, voice_id, "voice_id")
     return voice_object(info, store)
@@ -147,7 +144,7 @@ async def get_voice(voice_id: str, request: Request) -> dict[str, Any]:
     responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
 )
 async def delete_voice(voice_id: str, request: Request) -> dict[str, Any]:
-    store = server_state(request).require_model().voices
+    store = server_state(request).require_engine().voices
     voice_id = _checked_id(store, voice_id)
     info = await anyio.to_thread.run_sync(store.remove, voice_id)
     return {"id": info.id, "object": "audio.voice.deleted", "deleted": True}

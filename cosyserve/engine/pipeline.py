@@ -19,29 +19,25 @@ import torch
 from cosyserve.audio.io import decode_audio
 from cosyserve.config import ConfigError, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
+from cosyserve.families import FAMILIES
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.frontend import Frontend
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
-from cosyserve.models.cosyvoice2.llm import MAX_TOKEN_TEXT_RATIO
-from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES
 from cosyserve.nn.sampling import Sampler
+from cosyserve.precision import parse_dtypes
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
-from .streaming import Draws, PromptCondition, Synthesizer, V1Synthesizer, V2Synthesizer, V3Synthesizer
-from .voices import DEFAULT_MAX_VOICES, Voice, VoiceLibrary, VoiceStore, read_spk2info
+from . import streaming
+from .request import GenerationOptions, SynthesisRequest
+from .scheduler import Scheduler, Sequence, new_sequence, run_alone
+from .streaming import Draws, Synthesizer
+from .voice_library import open_voice_library
+from .voices import DEFAULT_MAX_VOICES, Voice, VoiceStore, read_spk2info
 
-_FAMILIES: dict[str, tuple[str, str, str, type[Synthesizer]]] = {
-    # family: (yaml, model module, speech tokenizer file, synthesizer)
-    "cosyvoice1": ("cosyvoice.yaml", "cosyserve.models.cosyvoice1.model", "speech_tokenizer_v1.onnx", V1Synthesizer),
-    "cosyvoice2": ("cosyvoice2.yaml", "cosyserve.models.cosyvoice2.model", "speech_tokenizer_v2.onnx", V2Synthesizer),
-    "cosyvoice3": ("cosyvoice3.yaml", "cosyserve.models.cosyvoice3.model", "speech_tokenizer_v3.onnx", V3Synthesizer),
-}
-
-FAMILY_NAMES = {"cosyvoice1": "CosyVoice 1.0", "cosyvoice2": "CosyVoice2", "cosyvoice3": "Fun-CosyVoice3"}
 _MODE_HINTS = {
     "sft": "it needs built-in speakers (iic/CosyVoice-300M-SFT ships them) or a stored voice; "
     "zero_shot and cross_lingual take a prompt recording instead",
@@ -55,7 +51,7 @@ _MODE_HINTS = {
 def unsupported_mode(family: str, mode: str, modes: frozenset[str]) -> UnsupportedMode:
     """The error for a mode the loaded model cannot serve, saying which model would."""
     hint = _MODE_HINTS.get(mode, f"it supports {', '.join(sorted(modes))}")
-    name = FAMILY_NAMES.get(family, family)
+    name = FAMILIES[family].display if family in FAMILIES else family
     return UnsupportedMode(f"the loaded {name} model ({family}) cannot serve {mode}: {hint}", param="mode")
 
 
@@ -80,6 +76,12 @@ class EngineOptions:
     max_prompt_seconds: float = MAX_PROMPT_SECONDS
     data_dir: Path | None = None  # where the voice library lives (None: stored voices kept in memory only)
     max_voices: int = DEFAULT_MAX_VOICES  # cap on the library's voices (all families)
+    # torch intra-op and onnxruntime threads; None leaves torch's process setting alone (ONNX: 1)
+    threads: int | None = None
+    random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
+    dtype: str = "fp32"  # precision per stage: "bf16" or "llm=int8,flow=bf16" (cosyserve.precision)
+    flow_steps: int | None = None  # Euler steps of the flow (None: the model's, 10)
+    voice_store: str = ""  # a postgresql:// URL: voices in that shared database instead of under data_dir
 
 
 class TTSModel:
@@ -90,7 +92,8 @@ class TTSModel:
         self.frontend = frontend
         self.voices = voices
         self.options = options
-        self._synthesizer = _FAMILIES[core.family][3]
+        self.family_info = FAMILIES[core.family]
+        self._synthesizer: type[Synthesizer] = getattr(streaming, self.family_info.synthesizer)
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -102,13 +105,18 @@ class TTSModel:
         return self.core.sample_rate
 
     @property
+    def token_rate(self) -> int:
+        """Speech tokens per second."""
+        return self.core.token_frame_rate
+
+    @property
     def model_dir(self) -> Path:
         return self.core.model_dir
 
     @property
     def modes(self) -> frozenset[str]:
         modes = {"zero_shot", "cross_lingual", "vc"}
-        modes.add("instruct" if self.core.version == "v1" else "instruct2")
+        modes.add(self.family_info.instruct_mode)
         if self.voices.ids():
             modes.add("sft")
         return frozenset(modes)
@@ -116,133 +124,110 @@ class TTSModel:
     def list_speakers(self) -> list[str]:
         return self.voices.ids()
 
-    # -- modes -----------------------------------------------------------------------------------
-    def inference_sft(
+    # -- synthesis -------------------------------------------------------------------------------
+    def synthesize(
+        self, request: SynthesisRequest, *, draws: Draws | None = None, sampler: Sampler | None = None
+    ) -> Iterator[np.ndarray]:
+        """Check ``request`` and run its frontend now (raising :mod:`cosyserve.errors`), then return
+        a lazy iterator of its float32 chunks, generated in the caller's thread. ``draws`` /
+        ``sampler`` replace the request's random source and LLM sampler (tests feed the reference's
+        draws and a greedy sampler through them)."""
+        return run_alone(self.new_scheduler(), self.prepare(request, draws=draws, sampler=sampler))
+
+    def new_scheduler(self, audio_jobs_per_step: int = 1) -> Scheduler:
+        return Scheduler(self.core, self._synthesizer, audio_jobs_per_step)
+
+    def prepare(
         self,
-        text: str,
-        spk_id: str,
+        request: SynthesisRequest,
         *,
-        stream: bool = False,
-        speed: float = 1.0,
-        seed: int | None = None,
-        text_frontend: bool = True,
         draws: Draws | None = None,
         sampler: Sampler | None = None,
-    ) -> Iterator[np.ndarray]:
-        self._require("sft")
-        speaker = self.voices.get(spk_id)
-        segments = [self._v3_text(s) for s in self._segments(text, text_frontend)]
-        inputs = [self.frontend.sft(s, speaker) for s in segments]
-        return self._generate(inputs, stream, speed, seed, draws, sampler)
+        request_id: str = "",
+    ) -> Sequence:
+        """Validate ``request`` and run its frontend: the :class:`Sequence` a scheduler generates."""
+        self._require(request.mode)
+        options = request.options
+        inputs = self._model_inputs(request)
+        draws = draws or Draws(options.seed)
+        sampler = sampler or self.core.llm.make_sampler(draws.sampling_generator)
+        return new_sequence(inputs, draws, sampler, options.stream, options.speed, request_id)
+
+    def _model_inputs(self, r: SynthesisRequest) -> list[dict[str, torch.Tensor]]:
+        """The per-segment model inputs of a request (spec §7), by mode."""
+        frontend, text_frontend = self.frontend, r.options.text_frontend
+        if r.mode == "vc":
+            # The reference's vc frontend does not trim the prompt to the 2:1 token/mel ratio.
+            prompt = self._prompt_or_voice(r.prompt_audio, r.spk_id, align=False)
+            return [frontend.vc(self._checked_audio(r.source_audio, "source_wav"), prompt)]
+        segments = self._segments(r.text, text_frontend)
+        if r.mode == "sft":
+            speaker = self._speaker(r.spk_id)
+            return [frontend.sft(self._v3_text(s), speaker) for s in segments]
+        if r.mode == "zero_shot":
+            if r.spk_id is not None and r.prompt_audio is None:
+                prompt = self.voices.get(r.spk_id)
+                if "llm_prompt_speech_token" in prompt and "prompt_text" not in prompt:
+                    raise InvalidRequest(
+                        f"voice '{r.spk_id}' has no transcript (it was stored without ref_text), so zero_shot "
+                        "cannot use it: use it with cross_lingual, or store its recording again with ref_text",
+                        param="spk_id",
+                    )
+                return [frontend.zero_shot(s, None, prompt) for s in segments]
+            prompt_text = self._text(r.prompt_text, "prompt_text", split=False, frontend=text_frontend)
+            prompt = self.prompt(r.prompt_audio)
+            return [frontend.zero_shot(s, self._v3_text(prompt_text), prompt) for s in segments]
+        if r.mode == "cross_lingual":
+            prompt = self._prompt_or_voice(r.prompt_audio, r.spk_id)
+            return [frontend.cross_lingual(self._v3_text(s), prompt) for s in segments]
+        if r.mode == "instruct":
+            speaker = self._speaker(r.spk_id)
+            instruct = self._text(r.instruct_text, "instruct_text", split=False, frontend=text_frontend)
+            return [frontend.instruct(s, speaker, instruct) for s in segments]
+        # instruct2
+        if not r.instruct_text or not r.instruct_text.strip():
+            raise TextError("instruct_text is empty", param="instruct_text")
+        instruct = self._instruct2_text(r.instruct_text)
+        prompt = self._prompt_or_voice(r.prompt_audio, r.spk_id)
+        return [frontend.instruct2(s, instruct, prompt) for s in segments]
+
+    # -- the official per-mode API ------------------------------------------------------------------
+    def inference_sft(self, text: str, spk_id: str, **options: Any) -> Iterator[np.ndarray]:
+        return self._run("sft", options, text=text, spk_id=spk_id)
 
     def inference_zero_shot(
-        self,
-        text: str,
-        prompt_text: str,
-        prompt_audio: Any = None,
-        *,
-        spk_id: str | None = None,
-        stream: bool = False,
-        speed: float = 1.0,
-        seed: int | None = None,
-        text_frontend: bool = True,
-        draws: Draws | None = None,
-        sampler: Sampler | None = None,
+        self, text: str, prompt_text: str, prompt_audio: Any = None, *, spk_id: str | None = None, **options: Any
     ) -> Iterator[np.ndarray]:
-        self._require("zero_shot")
-        segments = self._segments(text, text_frontend)
-        if spk_id is not None and prompt_audio is None:
-            prompt = self.voices.get(spk_id)
-            if "llm_prompt_speech_token" in prompt and "prompt_text" not in prompt:
-                raise InvalidRequest(
-                    f"voice '{spk_id}' has no transcript (it was stored without ref_text), so zero_shot cannot use "
-                    "it: use it with cross_lingual, or store its recording again with ref_text",
-                    param="spk_id",
-                )
-            inputs = [self.frontend.zero_shot(s, None, prompt) for s in segments]
-        else:
-            prompt_text = self._v3_text(self._text(prompt_text, "prompt_text", split=False, frontend=text_frontend))
-            prompt = self.prompt(prompt_audio)
-            inputs = [self.frontend.zero_shot(s, prompt_text, prompt) for s in segments]
-        return self._generate(inputs, stream, speed, seed, draws, sampler)
+        return self._run(
+            "zero_shot", options, text=text, prompt_text=prompt_text, prompt_audio=prompt_audio, spk_id=spk_id
+        )
 
     def inference_cross_lingual(
-        self,
-        text: str,
-        prompt_audio: Any = None,
-        *,
-        spk_id: str | None = None,
-        stream: bool = False,
-        speed: float = 1.0,
-        seed: int | None = None,
-        text_frontend: bool = True,
-        draws: Draws | None = None,
-        sampler: Sampler | None = None,
+        self, text: str, prompt_audio: Any = None, *, spk_id: str | None = None, **options: Any
     ) -> Iterator[np.ndarray]:
-        self._require("cross_lingual")
-        prompt = self._prompt_or_voice(prompt_audio, spk_id)
-        segments = [self._v3_text(s) for s in self._segments(text, text_frontend)]
-        inputs = [self.frontend.cross_lingual(s, prompt) for s in segments]
-        return self._generate(inputs, stream, speed, seed, draws, sampler)
+        return self._run("cross_lingual", options, text=text, prompt_audio=prompt_audio, spk_id=spk_id)
 
-    def inference_instruct(
-        self,
-        text: str,
-        spk_id: str,
-        instruct_text: str,
-        *,
-        stream: bool = False,
-        speed: float = 1.0,
-        seed: int | None = None,
-        text_frontend: bool = True,
-        draws: Draws | None = None,
-        sampler: Sampler | None = None,
-    ) -> Iterator[np.ndarray]:
-        self._require("instruct")
-        speaker = self.voices.get(spk_id)
-        instruct = self._text(instruct_text, "instruct_text", split=False, frontend=text_frontend)
-        inputs = [self.frontend.instruct(s, speaker, instruct) for s in self._segments(text, text_frontend)]
-        return self._generate(inputs, stream, speed, seed, draws, sampler)
+    def inference_instruct(self, text: str, spk_id: str, instruct_text: str, **options: Any) -> Iterator[np.ndarray]:
+        return self._run("instruct", options, text=text, spk_id=spk_id, instruct_text=instruct_text)
 
     def inference_instruct2(
-        self,
-        text: str,
-        instruct_text: str,
-        prompt_audio: Any = None,
-        *,
-        spk_id: str | None = None,
-        stream: bool = False,
-        speed: float = 1.0,
-        seed: int | None = None,
-        text_frontend: bool = True,
-        draws: Draws | None = None,
-        sampler: Sampler | None = None,
+        self, text: str, instruct_text: str, prompt_audio: Any = None, *, spk_id: str | None = None, **options: Any
     ) -> Iterator[np.ndarray]:
-        self._require("instruct2")
-        if not instruct_text or not instruct_text.strip():
-            raise TextError("instruct_text is empty", param="instruct_text")
-        instruct = self._instruct2_text(instruct_text)
-        prompt = self._prompt_or_voice(prompt_audio, spk_id)
-        inputs = [self.frontend.instruct2(s, instruct, prompt) for s in self._segments(text, text_frontend)]
-        return self._generate(inputs, stream, speed, seed, draws, sampler)
+        return self._run(
+            "instruct2", options, text=text, instruct_text=instruct_text, prompt_audio=prompt_audio, spk_id=spk_id
+        )
 
     def inference_vc(
-        self,
-        source_audio: Any,
-        prompt_audio: Any = None,
-        *,
-        spk_id: str | None = None,
-        stream: bool = False,
-        speed: float = 1.0,
-        seed: int | None = None,
-        draws: Draws | None = None,
-        sampler: Sampler | None = None,
+        self, source_audio: Any, prompt_audio: Any = None, *, spk_id: str | None = None, **options: Any
     ) -> Iterator[np.ndarray]:
-        self._require("vc")
-        # The reference's vc frontend does not trim the prompt to the 2:1 token/mel ratio.
-        prompt = self._prompt_or_voice(prompt_audio, spk_id, align=False)
-        source = self._checked_audio(source_audio, "source_wav")
-        return self._generate([self.frontend.vc(source, prompt)], stream, speed, seed, draws, sampler)
+        return self._run("vc", options, source_audio=source_audio, prompt_audio=prompt_audio, spk_id=spk_id)
+
+    def _run(self, mode: str, options: dict[str, Any], **fields: Any) -> Iterator[np.ndarray]:
+        """``options``: the :class:`GenerationOptions` fields (stream, speed, seed, text_frontend),
+        plus ``draws`` / ``sampler`` (see :meth:`synthesize`)."""
+        draws, sampler = options.pop("draws", None), options.pop("sampler", None)
+        request = SynthesisRequest(mode, options=GenerationOptions(**options), **fields)
+        return self.synthesize(request, draws=draws, sampler=sampler)
 
     def add_speaker(self, spk_id: str, prompt_text: str | None, prompt_audio: Any, text_frontend: bool = True) -> Voice:
         """Compute a voice prompt once and store it under ``spk_id`` (official ``add_zero_shot_spk``).
@@ -269,27 +254,27 @@ class TTSModel:
         if mode not in self.modes:
             raise unsupported_mode(self.family, mode, self.modes)
 
-    def _segments(self, text: str, text_frontend: bool) -> list[str]:
+    def _segments(self, text: str | None, text_frontend: bool) -> list[str]:
         segments = self._text(text, "tts_text", split=True, frontend=text_frontend)
         if not segments:
             raise TextError("tts_text has nothing to speak after normalisation", param="tts_text")
         return segments
 
-    def _text(self, text: str, param: str, split: bool, frontend: bool) -> Any:
+    def _text(self, text: str | None, param: str, split: bool, frontend: bool) -> Any:
         if not isinstance(text, str) or not text.strip():
             raise TextError(f"{param} is empty", param=param)
         return self.frontend.normalize(text, split=split, text_frontend=frontend)
 
     def _v3_text(self, text: str) -> str:
         """v3 target / prompt text with the system prompt the model was trained with."""
-        if self.core.version == "v3" and END_OF_PROMPT not in text:
+        if self.family_info.system_prompt and END_OF_PROMPT not in text:
             return V3_SYSTEM_PROMPT + END_OF_PROMPT + text
         return text
 
     def _instruct2_text(self, instruct: str) -> str:
         if END_OF_PROMPT in instruct:
             return instruct
-        if self.core.version == "v3" and not instruct.startswith(V3_SYSTEM_PROMPT):
+        if self.family_info.system_prompt and not instruct.startswith(V3_SYSTEM_PROMPT):
             instruct = f"{V3_SYSTEM_PROMPT} {instruct}"
         return instruct + END_OF_PROMPT
 
@@ -319,55 +304,10 @@ class TTSModel:
             raise AudioError(f"{param} is {seconds:.1f} s long; at most {opts.max_prompt_seconds} s allowed", param)
         return wave, sr
 
-    def _tokens(self, model_input: dict[str, torch.Tensor], sampler: Sampler) -> Iterator[int]:
-        if "source_speech_token" in model_input:
-            return iter(model_input["source_speech_token"].reshape(-1).tolist())
-        empty_ids = torch.zeros(1, 0, dtype=torch.int32)
-        return self.core.llm.inference(
-            model_input["text"],
-            model_input.get("prompt_text", empty_ids),
-            model_input.get("llm_prompt_speech_token", empty_ids),
-            model_input.get("llm_embedding", torch.zeros(0, 192)),
-            sampler,
-            max_len=self._max_tokens(model_input),
-        )
-
-    def _max_tokens(self, model_input: dict[str, torch.Tensor]) -> int:
-        """The LLM's length bound: 20 tokens per text token, and for v2/v3 no more than the flow's
-        fixed noise covers (300 s, prompt included), so an unsplittable text cannot overrun it."""
-        bound = MAX_TOKEN_TEXT_RATIO * model_input["text"].shape[1]
-        if self.core.token_mel_ratio:
-            prompt = model_input.get("flow_prompt_speech_token", torch.zeros(1, 0)).shape[1]
-            bound = min(bound, FIXED_NOISE_FRAMES // self.core.token_mel_ratio - prompt)
-        return max(bound, 0)
-
-    def _generate(
-        self,
-        inputs: list[dict[str, torch.Tensor]],
-        stream: bool,
-        speed: float,
-        seed: int | None,
-        draws: Draws | None = None,
-        sampler: Sampler | None = None,
-    ) -> Iterator[np.ndarray]:
-        """``draws`` / ``sampler`` replace the request's random source and LLM sampler (tests feed
-        the reference's draws and a greedy sampler through them)."""
-        if not 0.25 <= float(speed) <= 4.0:
-            raise InvalidRequest(f"speed must be within 0.25..4.0, got {speed}", param="speed")
-        draws = draws or Draws(seed)
-        sampler = sampler or self.core.llm.make_sampler(draws.sampling_generator)
-        return self._chunks(inputs, stream, float(speed), draws, sampler)
-
-    def _chunks(self, inputs, stream, speed, draws, sampler) -> Iterator[np.ndarray]:
-        with torch.inference_mode():
-            for model_input in inputs:
-                condition = PromptCondition(
-                    token=model_input.get("flow_prompt_speech_token", torch.zeros(1, 0, dtype=torch.int32)),
-                    feat=model_input.get("prompt_speech_feat", torch.zeros(1, 0, 80)),
-                    embedding=model_input["flow_embedding"],
-                )
-                synthesizer = self._synthesizer(self.core, condition, draws, speed)
-                yield from synthesizer.run(self._tokens(model_input, sampler), stream)
+    def _speaker(self, spk_id: str | None) -> dict[str, torch.Tensor]:
+        if not spk_id:
+            raise InvalidRequest("spk_id is required", param="spk_id")
+        return self.voices.get(spk_id)
 
 
 def load_model(
@@ -380,11 +320,18 @@ def load_model(
 ) -> TTSModel:
     """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...)."""
     options = options or EngineOptions(**option_overrides)
+    if options.threads:
+        # One setting for every kernel: the engine is the only thing computing in this process.
+        torch.set_num_threads(options.threads)
+    onnx_threads = options.threads or 1
     model_dir, family = resolve_model_dir(model, hub=hub)
-    yaml_name, module_name, tokenizer_file, _ = _FAMILIES[family]
+    info = FAMILIES[family]
+    yaml_name, module_name, tokenizer_file = info.yaml, info.model_module, info.speech_tokenizer
     try:
         config = load_yaml(model_dir / yaml_name, {"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
-        core = importlib.import_module(module_name).load(model_dir, config, llm_weights=options.llm_weights)
+        core = importlib.import_module(module_name).load(
+            model_dir, config, llm_weights=options.llm_weights, random_weights=options.random_weights
+        )
         if family == "cosyvoice3":
             core.llm.reference_eos_mask = options.reference_eos_mask
         tokenizer = load_tokenizer(config, model_dir)
@@ -395,6 +342,15 @@ def load_model(
         # A yaml value of the wrong type or an undecodable file: still a load error naming the yaml.
         reason = f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(f"{model_dir}: {yaml_name} does not describe a usable {family} model ({reason})") from exc
+    try:
+        dtypes = parse_dtypes(options.dtype)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    core.set_precision(**dtypes)
+    if options.flow_steps is not None:
+        if options.flow_steps < 1:
+            raise ModelLoadError(f"flow_steps must be at least 1, not {options.flow_steps}")
+        core.flow.decoder.n_timesteps = options.flow_steps
     if device != "cpu":
         core.llm.to(device)
         core.flow.to(device)
@@ -403,15 +359,15 @@ def load_model(
         version=core.version,
         tokenizer=tokenizer,
         normalizer=TextNormalizer(tokenizer, backend=options.text_frontend),
-        speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file),
-        speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx"),
+        speech_tokenizer=SpeechTokenizer(model_dir / tokenizer_file, threads=onnx_threads),
+        speaker_encoder=SpeakerEncoder(model_dir / "campplus.onnx", threads=onnx_threads),
         mel_extractor=mel_extractor,
         sample_rate=core.sample_rate,
         prompt_mel_rate=options.prompt_mel_rate,
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    library = VoiceLibrary(options.data_dir, options.max_voices)
+    library = open_voice_library(options.voice_store, options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt")
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)

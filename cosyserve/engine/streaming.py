@@ -1,23 +1,24 @@
 """Token -> waveform for one request, streaming or not (spec §14).
 
-Each request gets its own :class:`Synthesizer` holding every piece of streaming state (hop length,
-caches, offsets), so concurrent requests never share mutable state (the official model object keeps
-the doubled hop length on itself: spec §17.3). Tokens are pulled from the LLM iterator as the
-synthesizer needs them; nothing runs in a background thread, so closing the chunk iterator stops
-the LLM too.
+Each text segment of a request gets its own :class:`Synthesizer` holding every piece of streaming
+state (hop length, caches, offsets), so concurrent requests never share mutable state (the official
+model object keeps the doubled hop length on itself: spec §17.3). Tokens are pushed in as the LLM
+picks them (:meth:`Synthesizer.add`); the scheduler asks whether a chunk is due (:meth:`ready`) and
+when to make it (:meth:`next_chunk`, :meth:`finish`). Chunk boundaries depend only on token counts,
+so the audio is the same however the scheduler interleaves this work with other requests'.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from cosyserve.models.cosyvoice3.llm import drop_excess_silence
 
 
 class Draws:
@@ -83,26 +84,45 @@ class PromptCondition:
     feat: torch.Tensor
     embedding: torch.Tensor
 
+    def to(self, device: torch.device) -> PromptCondition:
+        return PromptCondition(self.token.to(device), self.feat.to(device), self.embedding.to(device))
+
 
 class Synthesizer:
     """Base class: pulls tokens and turns them into float32 audio chunks."""
 
-    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
+    def __init__(
+        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+    ) -> None:
         self.model = model
-        self.condition = condition
+        self.stream = stream
+        # Every tensor this state makes lives where the flow's weights are (the one place inputs move).
+        self.device = next(model.flow.parameters()).device
+        self.condition = condition.to(self.device)
         self.draws = draws
         self.speed = speed
         self.hift_cache: dict[str, torch.Tensor] | None = None
         self.mel_cache = 0  # mel frames carried to the next vocoder call
         self.source_cache = 0  # excitation / waveform samples carried likewise
         self.speech_window = torch.zeros(0)
+        self.timings: dict[str, float] | None = None  # seconds per stage, accumulated when set (bench)
+
+    def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its wall time added to ``timings[stage]`` when timings are kept."""
+        if self.timings is None:
+            return fn(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         hift = self.model.hift
         source = self.draws.next_hift_source()
         if source is not None:
-            return hift.decode(mel, source), source
-        return hift.inference(mel, cache_source=cache_source, generator=self.draws.generator)
+            return self.timed("vocoder", hift.decode, mel, source), source
+        return self.timed("vocoder", hift.inference, mel, cache_source=cache_source, generator=self.draws.generator)
 
     def vocode_with_cache(self, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
         """HiFT with the v1/v2 chunk caches: the last mel frames and excitation of the previous
@@ -124,7 +144,20 @@ class Synthesizer:
         }
         return speech[:, : -self.source_cache]
 
-    def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
+    def add(self, token: int) -> None:
+        """One more speech token from the LLM."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """A streaming chunk can be made from the tokens added so far."""
+        raise NotImplementedError
+
+    def next_chunk(self) -> np.ndarray:
+        """The next streaming chunk (only when :meth:`ready`)."""
+        raise NotImplementedError
+
+    def finish(self) -> np.ndarray | None:
+        """The last chunk, after the last token (None when no token ever came)."""
         raise NotImplementedError
 
 
@@ -133,22 +166,27 @@ class V1Synthesizer(Synthesizer):
 
     TOKEN_OVERLAP = 20
 
-    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
-        super().__init__(model, condition, draws, speed)
+    def __init__(
+        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+    ) -> None:
+        super().__init__(model, condition, draws, speed, stream)
         frame_rate = model.token_frame_rate
         self.token_hop = 2 * frame_rate
         self.mel_overlap = int(self.TOKEN_OVERLAP / frame_rate * model.sample_rate / model.hop_size)
-        self.mel_window = hamming(2 * self.mel_overlap)
+        self.mel_window = hamming(2 * self.mel_overlap).to(self.device)
         self.mel_cache = 20
         self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache)
+        self.speech_window = hamming(2 * self.source_cache).to(self.device)
         self.flow_cache: torch.Tensor | None = None
         self.mel_tail: torch.Tensor | None = None
+        self.pending: list[int] = []
 
     def token2wav(self, tokens: list[int], finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel, self.flow_cache = self.model.flow.inference(
-            torch.tensor([tokens], dtype=torch.int32),
+        mel, self.flow_cache = self.timed(
+            "flow",
+            self.model.flow.inference,
+            torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
             c.embedding,
@@ -163,15 +201,19 @@ class V1Synthesizer(Synthesizer):
             mel = mel[:, :, : -self.mel_overlap]
         return self.vocode_with_cache(stretch_mel(mel, self.speed), finalize)
 
-    def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
-        pending: list[int] = []
-        for token in tokens:
-            pending.append(token)
-            if stream and len(pending) >= self.token_hop + self.TOKEN_OVERLAP:
-                yield _chunk(self.token2wav(pending[: self.token_hop + self.TOKEN_OVERLAP], finalize=False))
-                pending = pending[self.token_hop :]
-        if pending:
-            yield _chunk(self.token2wav(pending, finalize=True))
+    def add(self, token: int) -> None:
+        self.pending.append(token)
+
+    def ready(self) -> bool:
+        return self.stream and len(self.pending) >= self.token_hop + self.TOKEN_OVERLAP
+
+    def next_chunk(self) -> np.ndarray:
+        chunk = _chunk(self.token2wav(self.pending[: self.token_hop + self.TOKEN_OVERLAP], finalize=False))
+        self.pending = self.pending[self.token_hop :]
+        return chunk
+
+    def finish(self) -> np.ndarray | None:
+        return _chunk(self.token2wav(self.pending, finalize=True)) if self.pending else None
 
 
 class V2Synthesizer(Synthesizer):
@@ -180,19 +222,28 @@ class V2Synthesizer(Synthesizer):
     MAX_HOP = 100
     HOP_SCALE = 2
 
-    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
-        super().__init__(model, condition, draws, speed)
+    def __init__(
+        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+    ) -> None:
+        super().__init__(model, condition, draws, speed, stream)
         self.hop = model.chunk_tokens
         self.lookahead = model.pre_lookahead_len
         self.mel_ratio = model.token_mel_ratio
         self.mel_cache = 8
         self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache)
+        self.speech_window = hamming(2 * self.source_cache).to(self.device)
+        self.kept: list[int] = []  # the ids the flow sees
+        self.offset = 0  # tokens already turned into audio
+        prompt_len = condition.token.shape[1]
+        # The first hop also covers the prompt's padding up to a whole flow chunk.
+        self.prompt_pad = math.ceil(prompt_len / self.hop) * self.hop - prompt_len
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel = self.model.flow.inference(
-            torch.tensor([tokens], dtype=torch.int32),
+        mel = self.timed(
+            "flow",
+            self.model.flow.inference,
+            torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
             c.embedding,
@@ -205,44 +256,50 @@ class V2Synthesizer(Synthesizer):
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         return self.vocode_with_cache(mel, finalize)
 
-    def flow_tokens(self, tokens: Iterator[int]) -> Iterator[int]:
-        """The ids the flow sees (v3 drops long silence runs; v2 keeps every id)."""
-        return tokens
+    def add(self, token: int) -> None:
+        self.kept.append(token)
 
-    def run(self, tokens: Iterator[int], stream: bool) -> Iterator[np.ndarray]:
-        kept: list[int] = []
-        offset = 0
-        hop = self.hop
-        prompt_len = self.condition.token.shape[1]
-        prompt_pad = math.ceil(prompt_len / hop) * hop - prompt_len
-        for token in self.flow_tokens(tokens):
-            kept.append(token)
-            this_hop = hop + prompt_pad if offset == 0 else hop
-            if stream and len(kept) - offset >= this_hop + self.lookahead:
-                chunk = kept[: offset + this_hop + self.lookahead]
-                yield _chunk(self.token2wav(chunk, offset, streaming=True, finalize=False))
-                offset += this_hop
-                hop = min(self.MAX_HOP, hop * self.HOP_SCALE)
-        if kept:
-            yield _chunk(self.token2wav(kept, offset, streaming=False, finalize=True))
+    def _this_hop(self) -> int:
+        return self.hop + self.prompt_pad if self.offset == 0 else self.hop
+
+    def ready(self) -> bool:
+        return self.stream and len(self.kept) - self.offset >= self._this_hop() + self.lookahead
+
+    def next_chunk(self) -> np.ndarray:
+        this_hop = self._this_hop()
+        chunk = self.kept[: self.offset + this_hop + self.lookahead]
+        speech = self.token2wav(chunk, self.offset, streaming=True, finalize=False)
+        self.offset += this_hop
+        self.hop = min(self.MAX_HOP, self.hop * self.HOP_SCALE)
+        return _chunk(speech)
+
+    def finish(self) -> np.ndarray | None:
+        if not self.kept:
+            return None
+        return _chunk(self.token2wav(self.kept, self.offset, streaming=False, finalize=True))
 
 
 class V3Synthesizer(V2Synthesizer):
     """CosyVoice3: as v2, but the causal HiFT re-runs on the whole accumulated mel (spec §14.4)."""
 
-    def __init__(self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0) -> None:
-        super().__init__(model, condition, draws, speed)
-        self.mel = torch.zeros(1, 80, 0)
+    def __init__(
+        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+    ) -> None:
+        super().__init__(model, condition, draws, speed, stream)
+        self.mel = torch.zeros(1, 80, 0, device=self.device)
         self.samples_out = 0
+        self.token_filter = model.new_token_filter()
 
-    def flow_tokens(self, tokens: Iterator[int]) -> Iterator[int]:
-        # The LLM conditions on every id; the flow skips long runs of silence (spec §9.5).
-        return drop_excess_silence(tokens, self.model.silent_tokens)
+    def add(self, token: int) -> None:
+        # The LLM conditions on every id; the flow may skip some (v3: long runs of silence, spec §9.5).
+        if self.token_filter is None or self.token_filter.keep(token):
+            super().add(token)
 
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         self.mel = torch.cat([self.mel, mel], dim=2)
-        speech, _ = self.model.hift.inference(self.mel, finalize=finalize, source=self.draws.next_hift_source())
+        source = self.draws.next_hift_source()
+        speech, _ = self.timed("vocoder", self.model.hift.inference, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]
         return speech

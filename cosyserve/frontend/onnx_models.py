@@ -27,13 +27,13 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _open_session(path: str | Path, providers: Sequence[str] | None) -> ort.InferenceSession:
+def _open_session(path: str | Path, providers: Sequence[str] | None, threads: int = 1) -> ort.InferenceSession:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"ONNX model not found: {path}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or default_providers()))
     except Exception as exc:  # onnxruntime raises several unrelated types for unreadable graphs
@@ -56,9 +56,9 @@ def _check_wave(wave16k: torch.Tensor, what: str) -> torch.Tensor:
 class SpeechTokenizer:
     """``speech_tokenizer_v*.onnx``: 16 kHz audio -> discrete speech tokens (1, T) int32."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int = 1) -> None:
         self.path = Path(path)
-        self.session = _open_session(self.path, providers)
+        self.session = _open_session(self.path, providers, threads)
         inputs = self.session.get_inputs()
         if len(inputs) < 2:
             raise ModelLoadError(f"{self.path}: expected 2 inputs (feats, feats_length), found {len(inputs)}")
@@ -88,9 +88,9 @@ class SpeechTokenizer:
 class SpeakerEncoder:
     """``campplus.onnx``: 16 kHz audio -> x-vector (1, 192) float32."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int = 1) -> None:
         self.path = Path(path)
-        self.session = _open_session(self.path, providers)
+        self.session = _open_session(self.path, providers, threads)
         self._input_name = self.session.get_inputs()[0].name
 
     def __call__(self, wave16k: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cosyserve.config import ConfigError, Node, expect_node
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BLANK_EN = "CosyVoice-BlankEN"  # the Qwen2 folder whose config.json gives the v2/v3 LLM geometry
+MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
+MIN_TOKEN_TEXT_RATIO = 2  # speech tokens per text token the LLM makes at least (stop ids masked before)
+MAX_TOKEN_TEXT_RATIO = 20  # and at most
+
+
+class SilenceFilter:
+    """Keeps a token unless it is a silent id preceded by ``max_run`` or more consecutive silent ids
+    (the flow skips long runs of silence; the LM still conditions on every id)."""
+
+    def __init__(self, silent: frozenset[int], max_run: int) -> None:
+        self.silent = silent
+        self.max_run = max_run
+        self.run = 0
+
+    def keep(self, token: int) -> bool:
+        if token not in self.silent:
+            self.run = 0
+            return True
+        self.run += 1
+        return self.run <= self.max_run
 
 
 @dataclass
@@ -32,6 +54,31 @@ class FamilyModel:
     chunk_tokens: int = 0  # streaming hop in tokens (v2/v3 flow chunk size)
     pre_lookahead_len: int = 0  # look-ahead tokens of the causal flow (v2/v3)
     silent_tokens: frozenset[int] = field(default_factory=frozenset)
+
+    def new_token_filter(self) -> SilenceFilter | None:
+        """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""
+        return SilenceFilter(self.silent_tokens, MAX_SILENT_RUN) if self.silent_tokens else None
+
+    def set_precision(self, llm: str = "fp32", flow: str = "fp32") -> FamilyModel:
+        """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`).
+
+        The flow keeps its ODE state in fp32 and only evaluates the estimator in ``flow``; the vocoder
+        is left in fp32 (its f0 predictor in fp64)."""
+        if llm == "int8":
+            # Dynamic quantization: int8 weights, fp32 activations, for the LLM's linear layers (but the
+            # rel-pos projection, whose weight the attention reads directly).
+            qconfig = torch.ao.quantization.default_dynamic_qconfig
+            spec = {
+                name: qconfig
+                for name, module in self.llm.named_modules()
+                if isinstance(module, nn.Linear) and not name.endswith("linear_pos")
+            }
+            self.llm = torch.ao.quantization.quantize_dynamic(self.llm, spec, dtype=torch.qint8)
+        elif llm != "fp32":
+            self.llm.to(_TORCH_DTYPES[llm])
+        if flow != "fp32":
+            self.flow.decoder.estimator.to(_TORCH_DTYPES[flow])
+        return self
 
     def eval(self) -> FamilyModel:
         for module in (self.llm, self.flow, self.hift):

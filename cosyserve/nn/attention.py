@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cosyserve.nn.kv_cache import KVCache
+
 
 def chunk_mask(size: int, chunk: int, device: torch.device | None = None) -> Tensor:
     """(size, size) bool: query i may see key j iff j < (i // chunk + 1) * chunk; chunk 0 = full."""
@@ -73,33 +75,15 @@ class RelPositionalEncoding(nn.Module):
         return rows.unsqueeze(0).to(device=like.device, dtype=like.dtype)
 
 
-class KVCache:
-    """Keys and values of one attention layer, each (B, h, t, d_k), in buffers grown by doubling.
+class LayerCache:
+    """One layer's slice of a :class:`KVCache`: what an attention module writes its keys/values to."""
 
-    Appending is amortised O(new) instead of re-concatenating the whole history every step.
-    """
+    def __init__(self, cache: KVCache, layer: int) -> None:
+        self.cache = cache
+        self.layer = layer
 
-    def __init__(self) -> None:
-        self._k: Tensor | None = None
-        self._v: Tensor | None = None
-        self.length = 0
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add (B, h, T, d_k) keys/values; return views of all keys/values so far."""
-        new = k.size(2)
-        end = self.length + new
-        if self._k is None or self._k.size(2) < end:
-            cap = max(end, 2 * (self._k.size(2) if self._k is not None else 0), 16)
-            k_buf = k.new_empty(k.size(0), k.size(1), cap, k.size(3))
-            v_buf = v.new_empty(k_buf.shape)
-            if self._k is not None and self.length:
-                k_buf[:, :, : self.length] = self._k[:, :, : self.length]
-                v_buf[:, :, : self.length] = self._v[:, :, : self.length]
-            self._k, self._v = k_buf, v_buf
-        self._k[:, :, self.length : end] = k
-        self._v[:, :, self.length : end] = v
-        self.length = end
-        return self._k[:, :, :end], self._v[:, :, :end]
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.write(self.layer, k, v)
 
 
 class RelPositionMultiHeadedAttention(nn.Module):
@@ -123,20 +107,25 @@ class RelPositionMultiHeadedAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
 
-    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x (B, T, D); mask (B, T|1, S) bool or None (attend everywhere);
-        pos_seq (1, S + T - 1, D) = PE(S-1) ... PE(-(T-1)) with S = cached + T keys."""
+        pos_seq (1, S + T - 1, D) = PE(S-1) ... PE(-(T-1)) with S = cached + T keys.
+
+        Rows of a cache with different lengths (a decode batch, T = 1) have S = longest + 1 keys and
+        pos_seq = PE(S-1) ... PE(0); each row reads the distances of its own length."""
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.d_k)
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
+        ragged = cache is not None and not cache.cache.uniform
+        lengths = cache.cache.lengths_tensor(x.device) if ragged else None
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = cache.write(k, v)
         s = k.size(2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, h, T, d_k)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         content = torch.matmul(q_u, k.transpose(-2, -1))  # (B, h, T, S)
-        position = self._position_scores(q_v, pos_seq, s)
+        position = self._position_scores(q_v, pos_seq, s, lengths)
         scores = (content + position) / math.sqrt(self.d_k)
         if mask is not None:
             blocked = ~mask.unsqueeze(1)  # (B, 1, T|1, S)
@@ -147,8 +136,10 @@ class RelPositionMultiHeadedAttention(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
         return self.linear_out(out)
 
-    def _position_scores(self, q_v: Tensor, pos_seq: Tensor, s: int) -> Tensor:
-        """(q_i + v) . p(i - j) for every query row i and key j -> (B, h, T, S)."""
+    def _position_scores(self, q_v: Tensor, pos_seq: Tensor, s: int, lengths: Tensor | None = None) -> Tensor:
+        """(q_i + v) . p(i - j) for every query row i and key j -> (B, h, T, S).
+
+        ``lengths`` (B,): each batch row's cached length when they differ (T = 1, pos_seq = PE(S-1)..PE(0))."""
         b, h, t, d_k = q_v.shape
         n = pos_seq.size(1)  # S + T - 1 distances, from S-1 down to -(T-1)
         d = pos_seq.size(2)
@@ -161,6 +152,12 @@ class RelPositionMultiHeadedAttention(nn.Module):
             p = self.linear_pos(pos_seq).view(1, n, h, d_k).transpose(1, 2)  # (1, h, n, d_k)
             raw = torch.matmul(q_v, p.transpose(-2, -1))
         raw = raw.contiguous()  # (B, h, T, n)
+        if lengths is not None:
+            # Row b's query sits at position lengths[b]: key j is at distance lengths[b] - j, column
+            # s - 1 - lengths[b] + j. Keys past the row's end are padding (masked), so clamp them.
+            column = (s - 1 - lengths)[:, None] + torch.arange(s, device=raw.device)[None, :]
+            index = column.clamp(max=n - 1)[:, None, None, :].expand(b, h, t, s)
+            return raw.gather(-1, index)
         # Row r holds distances S-1 .. -(T-1); key j of query r (distance (S - T + r) - j) sits at
         # column T - 1 - r + j, i.e. a diagonal walk with row stride n - 1 (Transformer-XL shift).
         return raw.as_strided((b, h, t, s), (h * t * n, t * n, n - 1, 1), raw.storage_offset() + t - 1)

@@ -18,12 +18,13 @@ from torch import Tensor, nn
 
 from cosyserve.config import ConfigError
 from cosyserve.nn.attention import (
-    KVCache,
+    LayerCache,
     RelPositionalEncoding,
     RelPositionMultiHeadedAttention,
     chunk_mask,
     padding_mask,
 )
+from cosyserve.nn.kv_cache import KVCache
 
 _ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
@@ -110,7 +111,7 @@ def _pre_norm_block(
     ff: PositionwiseFeedForward,
     mask: Tensor | None,
     pos_seq: Tensor,
-    cache: KVCache | None,
+    cache: LayerCache | None,
 ) -> Tensor:
     x = x + attn(norm_att(x), mask, pos_seq, cache)
     return x + ff(norm_ff(x))
@@ -126,7 +127,7 @@ class ConformerEncoderLayer(nn.Module):
         self.norm_mha = nn.LayerNorm(size, eps=1e-12)
         self.norm_ff = nn.LayerNorm(size, eps=1e-12)
 
-    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: LayerCache | None = None) -> Tensor:
         return _pre_norm_block(x, self.norm_mha, self.self_attn, self.norm_ff, self.feed_forward, mask, pos_seq, cache)
 
 
@@ -140,7 +141,7 @@ class TransformerEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(size, eps=1e-12)
         self.norm2 = nn.LayerNorm(size, eps=1e-12)
 
-    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, pos_seq: Tensor, cache: LayerCache | None = None) -> Tensor:
         return _pre_norm_block(x, self.norm1, self.self_attn, self.norm2, self.feed_forward, mask, pos_seq, cache)
 
 
@@ -204,25 +205,32 @@ class _Encoder(nn.Module):
         x = _run_layers(self.encoders, x, _attention_mask(pad, self.static_chunk_size), self.embed.pos_enc)
         return self.after_norm(x), pad
 
-    def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.encoders]
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.encoders))
 
-    def forward_chunk(self, xs: Tensor, cache: list[KVCache], att_mask: Tensor | None = None) -> Tensor:
-        """Run T new positions after the ``cache.length`` cached ones; the cache is extended in place.
+    def forward_chunk(self, xs: Tensor, cache: KVCache, att_mask: Tensor | None = None) -> Tensor:
+        """Run T new positions after each row's cached ones; the cache is extended in place.
 
         xs (B, T, D_in) -> (B, T, D). ``att_mask`` (B, T|1, S) with S = cached + T keys; None means
         causal: every new position sees the whole cache and the new positions up to itself.
-        Relative distances continue seamlessly from the cached positions.
+        Relative distances continue seamlessly from the cached positions. Rows of different lengths
+        (a decode batch) take one new position each.
         """
         t = xs.size(1)
-        cached = cache[0].length
-        s = cached + t
-        if att_mask is None and t > 1:
-            att_mask = torch.ones(t, s, dtype=torch.bool, device=xs.device).tril(cached).unsqueeze(0)
         x = self.embed(xs)
-        pos_seq = self.embed.pos_enc.sequence(s - 1, -(t - 1), x)
-        for layer, layer_cache in zip(self.encoders, cache, strict=True):
-            x = layer(x, att_mask, pos_seq, layer_cache)
+        if cache.uniform:
+            cached = cache.lengths[0] if cache.rows else 0
+            s = cached + t
+            if att_mask is None and t > 1:
+                att_mask = torch.ones(t, s, dtype=torch.bool, device=xs.device).tril(cached).unsqueeze(0)
+            pos_seq = self.embed.pos_enc.sequence(s - 1, -(t - 1), x)
+        else:
+            s = max(cache.lengths) + t
+            att_mask = cache.key_mask(t, xs.device)[:, 0]  # (B, 1, S)
+            pos_seq = self.embed.pos_enc.sequence(s - 1, 0, x)
+        for i, layer in enumerate(self.encoders):
+            x = layer(x, att_mask, pos_seq, LayerCache(cache, i))
+        cache.advance(t)
         return self.after_norm(x)
 
 

@@ -55,14 +55,15 @@ class ConditionalCFM(nn.Module):
         self.n_timesteps = int(n_timesteps)
         self._fixed_noise: Tensor | None = None  # v2/v3 starting noise, built on first use
 
-    def fixed_noise(self, frames: int) -> Tensor:
-        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on the CPU.
+    def fixed_noise(self, frames: int, device: torch.device | str = "cpu") -> Tensor:
+        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on ``device``.
 
-        Built once per module from the private seed-0 generator (module-level :func:`fixed_noise`).
-        Not a buffer, so it stays out of the state dict; callers move the slice to their device.
+        Built once per module and device from the private seed-0 generator (module-level
+        :func:`fixed_noise`), so no call copies it. Not a buffer: it stays out of the state dict.
         """
-        if self._fixed_noise is None:
-            self._fixed_noise = fixed_noise()
+        device = torch.device(device)
+        if self._fixed_noise is None or self._fixed_noise.device != device:
+            self._fixed_noise = fixed_noise().to(device)
         available = self._fixed_noise.size(2)
         if frames > available:
             raise ValueError(
@@ -98,23 +99,26 @@ class ConditionalCFM(nn.Module):
         """
         if noise.shape != mu.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != mu shape {tuple(mu.shape)}")
-        dtype = mu.dtype
+        dtype = mu.dtype  # the ODE state stays in this precision (fp32)
+        # The estimator may run in a lower precision (--dtype flow=bf16): its inputs are cast to it.
+        est_dtype = next(self.estimator.parameters()).dtype
         batch = mu.size(0)
         t_span = cosine_time_grid(self.n_timesteps, device=mu.device)
         x = noise.to(device=mu.device, dtype=dtype)
 
         # Row block 0 is conditional; row block 1 keeps mu / spks / cond at zero for guidance.
-        mu_in = torch.cat([mu, torch.zeros_like(mu)])
-        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(dtype)
-        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(dtype)
-        mask_in = torch.cat([mask, mask]).to(dtype)
+        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(est_dtype)
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(est_dtype)
+        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(est_dtype)
+        mask_in = torch.cat([mask, mask]).to(est_dtype)
         rate = self.inference_cfg_rate
 
         # The step uses the running t (t + dt accumulated), not t_span[k], as the reference does.
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
-            t_in = t.expand(2 * batch).to(dtype)
-            v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            t_in = t.expand(2 * batch).to(est_dtype)
+            x_in = torch.cat([x, x]).to(est_dtype)
+            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming).to(dtype)
             v_cond, v_uncond = v[:batch], v[batch:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.config import ConfigError
+from cosyserve.nn.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -80,49 +81,6 @@ class Qwen2Config:
             raise ConfigError(f"{path}: {exc}") from exc
 
 
-class KVCache:
-    """Keys and values of every position seen so far, one (B, n_kv_heads, T, head_dim) pair per layer.
-
-    Storage grows geometrically so a decode step appends in amortised O(1) instead of re-copying the
-    whole history; ``keys(i)`` / ``values(i)`` are views of the filled part.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self._k: list[Tensor | None] = [None] * num_layers
-        self._v: list[Tensor | None] = [None] * num_layers
-        self._len = [0] * num_layers
-
-    @property
-    def length(self) -> int:
-        """Number of cached positions (that of layer 0, which is appended first)."""
-        return self._len[0]
-
-    def keys(self, layer: int) -> Tensor | None:
-        k = self._k[layer]
-        return None if k is None else k[:, :, : self._len[layer]]
-
-    def values(self, layer: int) -> Tensor | None:
-        v = self._v[layer]
-        return None if v is None else v[:, :, : self._len[layer]]
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add (B, n_kv, t, hd) keys/values to ``layer``; return all keys/values of that layer."""
-        n, t = self._len[layer], k.shape[2]
-        buf_k, buf_v = self._k[layer], self._v[layer]
-        if buf_k is None or n + t > buf_k.shape[2]:
-            cap = max(n + t, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
-            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-            if n:
-                new_k[:, :, :n] = buf_k[:, :, :n]
-                new_v[:, :, :n] = buf_v[:, :, :n]
-            self._k[layer], self._v[layer] = buf_k, buf_v = new_k, new_v
-        buf_k[:, :, n : n + t] = k
-        buf_v[:, :, n : n + t] = v
-        self._len[layer] = n + t
-        return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
-
-
 class Qwen2RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -181,14 +139,16 @@ class Qwen2Attention(nn.Module):
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, Hkv, T, hd)
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:
-            # Query head h reads key/value head h // rep.
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            k, v = cache.write(layer, k, v)  # (B, Hkv, S, hd), S = longest row after this step
+        # Query head h reads key/value head h // (heads / kv heads), without copying the keys (GQA).
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.head_dim**-0.5
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and t > 1,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -236,20 +196,29 @@ class Qwen2Model(nn.Module):
     def forward(self, inputs_embeds: Tensor, cache: KVCache | None = None) -> Tensor:
         """(B, t, D) input embeddings -> (B, t, D) final-normed hidden states.
 
-        With a ``cache`` the new positions continue after the cached ones, attend to all of them and
-        causally among themselves; the cache is extended in place.
+        With a ``cache`` the new positions continue after each row's cached ones, attend to all of
+        them and causally among themselves; the cache is extended in place. Rows of different
+        lengths (a decode batch) take one new position each, at their own RoPE position.
         """
         t = inputs_embeds.shape[1]
-        past = cache.length if cache is not None else 0
-        positions = torch.arange(past, past + t, device=inputs_embeds.device)
-        cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
+        device = inputs_embeds.device
         mask = None
-        if past and t > 1:
-            # New query i (absolute past + i) sees keys 0 .. past + i.
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=inputs_embeds.device).tril(diagonal=past)
+        if cache is None or cache.uniform:
+            past = cache.lengths[0] if cache is not None and cache.rows else 0
+            positions = torch.arange(past, past + t, device=device)
+            cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)  # (t, hd), shared by every row
+            if past and t > 1:
+                # New query i (absolute past + i) sees keys 0 .. past + i.
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=device).tril(diagonal=past)
+        else:
+            cos, sin = self.rotary_emb(cache.lengths_tensor(device), inputs_embeds.dtype)  # (B, hd)
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+            mask = cache.key_mask(t, device)  # (B, 1, 1, S): each row's own keys only
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(t)
         return self.norm(x)
 
 

@@ -96,6 +96,44 @@ class RasSampler:
         return int(order[pick])
 
 
+class TokenRules:
+    """One sequence's decoding rules applied to each step's log-probs: stop ids masked for the first
+    ``min_len`` steps, at most ``max_len`` ids, stop on a stop id. Holds the ids picked so far, so a
+    batched decode keeps one per row and a row's picks do not depend on its batch-mates."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        stop_ids: Container[int],
+        min_len: int,
+        max_len: int,
+        mask_early_stop: Callable[[Tensor], Tensor],
+    ) -> None:
+        self.sampler = sampler
+        self.stop_ids = stop_ids
+        self.min_len = min_len
+        self.max_len = max_len
+        self.mask_early_stop = mask_early_stop
+        self.history: list[int] = []
+        self.stopped = max_len <= 0
+
+    def pick(self, logp: Tensor) -> int | None:
+        """The next id for this step's (V,) log-probs, or None once decoding has ended."""
+        if self.stopped:
+            return None
+        # The sampler runs in inference mode too: it may edit the scores in place.
+        with torch.inference_mode():
+            if len(self.history) < self.min_len:
+                logp = self.mask_early_stop(logp)
+            token = int(self.sampler(logp, self.history))
+        if token in self.stop_ids:
+            self.stopped = True
+            return None
+        self.history.append(token)
+        self.stopped = len(self.history) >= self.max_len
+        return token
+
+
 def sample_tokens(
     next_logp: Callable[[int | None], Tensor],
     sampler: Sampler,
@@ -104,19 +142,14 @@ def sample_tokens(
     max_len: int,
     mask_early_stop: Callable[[Tensor], Tensor],
 ) -> Iterator[int]:
-    """The autoregressive loop shared by every LLM: ``next_logp(previous id or None)`` gives the
-    next step's log-probs; stop ids are masked for the first ``min_len`` steps; at most ``max_len``
-    ids are yielded. Lazy: closing the iterator stops decoding."""
-    history: list[int] = []
+    """The autoregressive loop of one sequence: ``next_logp(previous id or None)`` gives the next
+    step's log-probs, :class:`TokenRules` picks. Lazy: closing the iterator stops decoding."""
+    rules = TokenRules(sampler, stop_ids, min_len, max_len, mask_early_stop)
     token: int | None = None
-    for step in range(max_len):
-        # The sampler runs in inference mode too: it may edit the scores in place.
+    while not rules.stopped:
         with torch.inference_mode():
             logp = next_logp(token)
-            if step < min_len:
-                logp = mask_early_stop(logp)
-            token = int(sampler(logp, history))
-        if token in stop_ids:
+        token = rules.pick(logp)
+        if token is None:
             return
         yield token
-        history.append(token)

@@ -24,12 +24,67 @@ RATE = 24000
 ALL_MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
 
 
+# The fields each mode reads, in the order the stub records them (the official API's argument order).
+ARGS = {
+    "sft": ("text", "spk_id"),
+    "zero_shot": ("text", "prompt_text", "prompt_audio"),
+    "cross_lingual": ("text", "prompt_audio"),
+    "instruct": ("text", "spk_id", "instruct_text"),
+    "instruct2": ("text", "instruct_text", "prompt_audio"),
+    "vc": ("source_audio", "prompt_audio"),
+}
+
+
+class StubSequence:
+    def __init__(self, request_id, chunks):
+        self.request_id = request_id
+        self.chunks = chunks
+        self.failed = None
+
+
+class StubScheduler:
+    """One chunk per running sequence per step, like the real scheduler's interface."""
+
+    def __init__(self):
+        self.sequences = []
+        self.last_batch_size = self.llm_steps = self.llm_tokens = 0
+
+    @property
+    def has_work(self):
+        return bool(self.sequences)
+
+    def add(self, sequence):
+        self.sequences.append(sequence)
+
+    def remove(self, sequence):
+        sequence.chunks.close()
+        if sequence in self.sequences:
+            self.sequences.remove(sequence)
+
+    def step(self):
+        out = []
+        self.last_batch_size = len(self.sequences)
+        for sequence in list(self.sequences):
+            try:
+                out.append((sequence, next(sequence.chunks)))
+            except StopIteration:
+                self.remove(sequence)
+                out.append((sequence, None))
+            except Exception as exc:
+                sequence.failed = exc
+                self.remove(sequence)
+                out.append((sequence, None))
+        return out
+
+
 class StubModel:
-    """Engine stand-in: deterministic noise per seed (with overshoots beyond +-1), optional delays/failure."""
+    """A model stand-in under the real engine client and core: deterministic noise per seed (with
+    overshoots beyond +-1), optional delays / failure, and a record of every request."""
 
     def __init__(self, family="cosyvoice2", modes=ALL_MODES, speakers=("spk_a", "spk_b"), chunks=3, chunk_len=480):
         self.family = family
         self.sample_rate = RATE
+        self.token_rate = 25
         self.modes = frozenset(modes)
         self.model_dir = "/models/stub-model"
         self.speakers = list(speakers)
@@ -54,16 +109,26 @@ class StubModel:
             [rng.uniform(-1.1, 1.1, self.chunk_len).astype(np.float32) for _ in range(n_chunks or self.n_chunks)]
         )
 
-    def _run(self, mode, args, stream=False, speed=1.0, seed=None):
-        self.calls.append((mode, args, {"stream": stream, "speed": speed, "seed": seed}))
+    def new_scheduler(self):
+        return StubScheduler()
+
+    def prepare(self, request, *, request_id="", **overrides):
+        mode, o = request.mode, request.options
+        options = {"stream": o.stream, "speed": o.speed, "seed": o.seed}
+        if request.spk_id is not None and "spk_id" not in ARGS[mode]:
+            options["spk_id"] = request.spk_id
+        self.calls.append((mode, tuple(getattr(request, f) for f in ARGS[mode]), options))
         time.sleep(self.eager_delay)
         if self.eager_error is not None:
             raise self.eager_error
+        if "spk_id" in ARGS[mode] and request.spk_id not in self.speakers:
+            known = ", ".join(self.speakers)
+            raise UnknownSpeaker(f"unknown speaker '{request.spk_id}'; known speakers: {known}", "spk_id")
         record = {"produced": 0, "closed": False}
         self.records.append(record)
 
         def chunks():
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(o.seed)
             with self._lock:
                 self.active += 1
                 self.peak = max(self.peak, self.active)
@@ -79,31 +144,7 @@ class StubModel:
                 with self._lock:
                     self.active -= 1
 
-        return chunks()
-
-    def _speaker(self, spk_id):
-        if spk_id not in self.speakers:
-            raise UnknownSpeaker(f"unknown speaker '{spk_id}'; known speakers: {', '.join(self.speakers)}", "spk_id")
-
-    def inference_sft(self, text, spk_id, **o):
-        self._speaker(spk_id)
-        return self._run("sft", (text, spk_id), **o)
-
-    def inference_zero_shot(self, text, prompt_text, prompt_audio, **o):
-        return self._run("zero_shot", (text, prompt_text, prompt_audio), **o)
-
-    def inference_cross_lingual(self, text, prompt_audio, **o):
-        return self._run("cross_lingual", (text, prompt_audio), **o)
-
-    def inference_instruct(self, text, spk_id, instruct_text, **o):
-        self._speaker(spk_id)
-        return self._run("instruct", (text, spk_id, instruct_text), **o)
-
-    def inference_instruct2(self, text, instruct_text, prompt_audio, **o):
-        return self._run("instruct2", (text, instruct_text, prompt_audio), **o)
-
-    def inference_vc(self, source_audio, prompt_audio, **o):
-        return self._run("vc", (source_audio, prompt_audio), **o)
+        return StubSequence(request_id, chunks())
 
 
 PROMPT = wav_bytes(1.0, 16000)
@@ -525,3 +566,37 @@ def test_admission_caps_running_generations_and_turns_away_beyond_the_queue():
     assert stub.peak <= 2, f"{stub.peak} generations ran at once with max_concurrency=2"
     assert statuses.count(200) >= 4, statuses  # 2 running + 2 queued at the least
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+
+
+def test_waiting_requests_are_served_first_come_first_served():
+    """16 identical clients, one slot: every request waits at most about one round of the others
+    (FIFO), and every client completes as many requests as the others."""
+    stub = StubModel(chunks=2)
+    stub.delay = 0.01
+    clients, rounds = 16, 3
+    app = create_app(stub, Settings(max_concurrency=1, max_queue=clients))
+    waits: dict[int, list[float]] = {c: [] for c in range(clients)}
+    with LiveServer(app) as server:
+        start = threading.Barrier(clients)
+        began = time.monotonic()
+
+        def client(c):
+            session = requests.Session()
+            start.wait(10)
+            for _ in range(rounds):
+                sent = time.monotonic()
+                resp = session.post(server.url + "/inference_sft", data=form("sft")[0] | {"format": "pcm"}, timeout=60)
+                assert resp.status_code == 200
+                waits[c].append(time.monotonic() - sent)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        elapsed = time.monotonic() - began
+    assert all(len(w) == rounds for w in waits.values()), {c: len(w) for c, w in waits.items()}
+    service = elapsed / (clients * rounds)  # one slot: the requests were served one after another
+    ideal = clients * service  # FIFO: a request waits for the one request of each other client at most
+    worst = max(x for w in waits.values() for x in w)
+    assert worst <= 1.5 * ideal, f"max wait {worst:.2f} s, FIFO ideal {ideal:.2f} s"

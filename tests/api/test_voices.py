@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,33 @@ def test_voice_survives_a_server_restart(tmp_path, prompt_wav, prompt_text):
         _stop(server)
     client, _ = _client(name, data_dir)
     _error(client.get("/v1/audio/voices/kept"), 404, "unknown_speaker")
+
+
+def test_voice_creation_waits_for_a_slot_and_is_refused_when_the_queue_is_full(tmp_path, prompt_wav):
+    """Storing a voice runs the speech tokenizer and speaker encoder on the engine: it counts against
+    the same running slots and queue as synthesis, so a full engine answers 503 with Retry-After."""
+    model = load_model(model_dir("v2-tiny"), data_dir=tmp_path, text_frontend="none")
+    app = create_app(model, Settings(data_dir=str(tmp_path), max_concurrency=1, max_queue=0))
+    engine = app.state.cosyserve.engine
+    release = threading.Event()
+    original = model.prepare
+
+    def held_prepare(*args, **kwargs):  # the running request holds the only slot until released
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    model.prepare = held_prepare
+    with TestClient(app) as client:
+        speaker = model.list_speakers()[0]
+        holder = threading.Thread(
+            target=lambda: client.post("/inference_sft", data={"tts_text": "你好。", "spk_id": speaker}), daemon=True
+        )
+        holder.start()
+        wait_for(lambda: engine.core.stats().running == 1, 10, "the first request to take the slot")
+        busy = _create(client, "queued-voice", prompt_wav)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy", busy.text
+        assert int(busy.headers["Retry-After"]) > 0
+        release.set()
+        holder.join(60)
+        model.prepare = original
+        assert _create(client, "queued-voice", prompt_wav).status_code == 201

@@ -57,8 +57,28 @@ def test_kv_cache_decoding_matches_the_causal_forward():
         pieces = [enc.forward_chunk(xs[:, :5], cache)]  # prefill
         pieces += [enc.forward_chunk(xs[:, t : t + 1], cache) for t in range(5, 8)]  # single steps
         pieces.append(enc.forward_chunk(xs[:, 8:], cache))  # a multi-position chunk after a cache
-    assert cache[0].length == 11
+    assert cache.length == 11
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_ragged_batch_decoding_matches_each_row_alone():
+    """Rows of different lengths decoded as one batch read their own relative distances."""
+    enc = _seeded(lambda: TransformerEncoder(8, 16, attention_heads=4, linear_units=32, num_blocks=2))
+    prefixes = [_randn(1, n, 8) for n in (4, 9, 1)]
+    step = _randn(3, 1, 8)
+    with torch.inference_mode():
+        batch, solo = enc.new_cache(), []
+        for p in prefixes:
+            row = enc.new_cache()
+            enc.forward_chunk(p, row)
+            batch.add_row(row)
+            alone = enc.new_cache()
+            enc.forward_chunk(p, alone)
+            solo.append(alone)
+        batched = enc.forward_chunk(step, batch)
+        for b, alone in enumerate(solo):
+            torch.testing.assert_close(batched[b], enc.forward_chunk(step[b : b + 1], alone)[0], atol=1e-5, rtol=0)
+    assert batch.lengths == [5, 10, 2]
 
 
 def test_conformer_causal_and_padding():

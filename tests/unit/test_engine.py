@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from golden import golden_root, manifest, model_dir, model_version
+from golden import TEST_DEVICE, golden_root, manifest, model_dir, model_version
 
 from cosyserve.engine.pipeline import TTSModel, load_model
+from cosyserve.engine.scheduler import Scheduler
 from cosyserve.errors import AudioError, InvalidRequest, TextError, UnknownSpeaker, UnsupportedMode
 
 SHORT = "今天天气真好，我们一起去散步吧。"
@@ -78,31 +79,47 @@ def engine():
 
     def get(name: str) -> TTSModel:
         if name not in loaded:
-            loaded[name] = load_model(model_dir(name), text_frontend="none")
+            loaded[name] = load_model(model_dir(name), text_frontend="none", device=TEST_DEVICE)
         return loaded[name]
 
     return get
 
 
 class LLMTap:
-    """Wraps ``model.core.llm.inference`` to record its inputs, every token and when it is closed."""
+    """Records what the engine asks of ``model.core.llm``: each prefix's inputs (text, prompt text,
+    prompt speech tokens, embedding), every token picked, and each sequence the scheduler drops."""
 
     def __init__(self, model: TTSModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple] = []
         self.tokens: list[int] = []
         self.finished = 0
-        inner = model.core.llm.inference
+        llm = model.core.llm
+        build_prefix, make_sampler, stop_ids = llm.build_prefix, llm.make_sampler, llm.stop_token_ids
 
-        def tapped(*args, **kwargs):
+        def tapped_prefix(*args, **kwargs):
             self.calls.append(args)
-            try:
-                for token in inner(*args, **kwargs):
-                    self.tokens.append(token)
-                    yield token
-            finally:
-                self.finished += 1
+            return build_prefix(*args, **kwargs)
 
-        monkeypatch.setattr(model.core.llm, "inference", tapped)
+        def tapped_sampler(*args, **kwargs):
+            sampler = make_sampler(*args, **kwargs)
+
+            def pick(logp, history):
+                token = sampler(logp, history)
+                if token not in stop_ids:
+                    self.tokens.append(int(token))
+                return token
+
+            return pick
+
+        remove = Scheduler.remove
+
+        def tapped_remove(scheduler, sequence):
+            self.finished += 1
+            return remove(scheduler, sequence)
+
+        monkeypatch.setattr(llm, "build_prefix", tapped_prefix)
+        monkeypatch.setattr(llm, "make_sampler", tapped_sampler)
+        monkeypatch.setattr(Scheduler, "remove", tapped_remove)
 
     def reset(self) -> None:
         self.calls.clear()
@@ -223,7 +240,7 @@ def test_stream_long_text_and_early_close(engine, name, monkeypatch):
     produced = len(tap.tokens)
     assert 0 < produced < n_tokens
     chunks.close()
-    assert tap.finished == 1, "the LLM iterator was not closed with the request"
+    assert tap.finished == 1, "the request was not dropped from its scheduler when closed"
     assert len(tap.tokens) == produced
     with pytest.raises(StopIteration):
         next(chunks)
@@ -344,12 +361,12 @@ def test_v3_llm_weights(engine, name, tmp_path):
 @pytest.mark.parametrize("name", _models(("v2", "v3")))
 def test_token_budget_keeps_within_the_flow_noise(engine, name, prompt_wav, monkeypatch):
     """An unsplittable text cannot make the LLM outrun the flow's fixed noise (a crash mid-stream)."""
-    import cosyserve.engine.pipeline as pipeline
+    import cosyserve.engine.scheduler as scheduler
 
     model = engine(name)
     prompt = model.prompt(prompt_wav)
     prompt_tokens = prompt["flow_prompt_speech_token"].shape[1]
-    monkeypatch.setattr(pipeline, "FIXED_NOISE_FRAMES", model.core.token_mel_ratio * (prompt_tokens + 6))
+    monkeypatch.setattr(scheduler, "FIXED_NOISE_FRAMES", model.core.token_mel_ratio * (prompt_tokens + 6))
     tap = LLMTap(model, monkeypatch)
     chunks = list(model.inference_cross_lingual("今天天气真好，我们一起去公园散步吧。", prompt_wav, seed=1))
     assert 0 < len(tap.tokens) <= 6

@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.config import ConfigError, Node
-from cosyserve.nn.attention import KVCache
+from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.nn.conformer import ConformerEncoder, TransformerEncoder
+from cosyserve.nn.kv_cache import KVCache
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
 
-MIN_TOKEN_TEXT_RATIO = 2
-MAX_TOKEN_TEXT_RATIO = 20
 
 _ENCODERS = {"ConformerEncoder": ConformerEncoder, "TransformerEncoder": TransformerEncoder}
 _TRAINING_KEYS = {"length_normalized_loss", "lsm_weight"}
@@ -145,7 +144,7 @@ class TransformerLM(nn.Module):
         x, _ = self.text_encoder(x, torch.tensor([ids.numel()], device=device))
         text_part = self.text_encoder_affine_layer(x)[0]
         if embedding is not None and embedding.numel() > 0:
-            emb = embedding.reshape(1, -1).to(device=device, dtype=self.spk_embed_affine_layer.weight.dtype)
+            emb = embedding.reshape(1, -1).to(device=device, dtype=self.speech_embedding.weight.dtype)
             spk = self.spk_embed_affine_layer(F.normalize(emb, dim=1))
         else:
             spk = text_part.new_zeros(0, text_part.size(1))
@@ -153,19 +152,27 @@ class TransformerLM(nn.Module):
         parts = [table[0:1], spk, text_part, table[1:2], self.speech_embedding(as_ids(prompt_speech_token, device))]
         return torch.cat(parts, dim=0)[None]
 
-    def prefill(self, prefix: Tensor) -> tuple[Tensor, list[KVCache]]:
+    def prefill(self, prefix: Tensor) -> tuple[Tensor, KVCache]:
         """Run the prefix (1, L0, D) causally through a fresh cache; return the last hidden (D,) and the cache."""
         cache = self.llm.new_cache()
         return self.llm.forward_chunk(prefix, cache)[0, -1], cache
 
-    def decode_step(self, token_id: int, cache: list[KVCache]) -> Tensor:
-        """Feed one speech token after ``cache`` (extended in place); return its hidden state (D,)."""
-        x = self.speech_embedding.weight[int(token_id)].reshape(1, 1, -1)
-        return self.llm.forward_chunk(x, cache)[0, -1]
+    def decode_batch(self, token_ids: Tensor, cache: KVCache) -> Tensor:
+        """Feed one speech token per cache row, ids (B,), after each row's own history (the cache is
+        extended in place); return the new hidden states (B, D)."""
+        x = self.speech_embedding(token_ids.to(self.speech_embedding.weight.device))[:, None, :]
+        return self.llm.forward_chunk(x, cache)[:, -1]
+
+    def decode_step(self, token_id: int, cache: KVCache) -> Tensor:
+        """One row's :meth:`decode_batch`: its hidden state (D,)."""
+        return self.decode_batch(torch.tensor([int(token_id)]), cache)[0]
 
     def logp(self, hidden: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., V) log-probabilities; V = speech_token_size + 1 (eos last)."""
-        return self.llm_decoder(hidden).log_softmax(dim=-1)
+        # In fp32 whatever the LLM's precision: the sampler's nucleus cut-off needs it.
+        # 2-D for the int8 (dynamically quantized) linear layer.
+        logits = self.llm_decoder(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
+        return logits.float().log_softmax(dim=-1)
 
     def mask_early_stop(self, logp: Tensor) -> Tensor:
         """The scores the sampler sees before ``min_len``: eos at -inf."""

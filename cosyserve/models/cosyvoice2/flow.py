@@ -134,7 +134,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         frames = n_encoded * self.token_mel_ratio
         # Checked before encoding: an over-long request fails fast.
         if noise is None:
-            noise = self.decoder.fixed_noise(frames)
+            noise = self.decoder.fixed_noise(frames, token.device)
         elif noise.size(2) < frames:
             raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
         c = self.condition(token, prompt_token, prompt_feat, embedding, streaming, finalize)

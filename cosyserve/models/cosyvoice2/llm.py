@@ -12,13 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from cosyserve.config import ConfigError, Node
+from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
-
-MIN_TOKEN_TEXT_RATIO = 2
-MAX_TOKEN_TEXT_RATIO = 20
 
 
 def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
@@ -148,14 +146,22 @@ class Qwen2LM(nn.Module):
         cache = self.llm.model.model.new_cache()
         return self.llm(prefix, cache)[0, -1], cache
 
+    def decode_batch(self, token_ids: Tensor, cache: KVCache) -> Tensor:
+        """Feed one speech token per cache row, ids (B,), after each row's own history (the cache is
+        extended in place); return the new hidden states (B, D)."""
+        x = self.speech_embedding(token_ids.to(self.speech_embedding.weight.device))[:, None, :]
+        return self.llm(x, cache)[:, -1]
+
     def decode_step(self, token_id: int, cache: KVCache) -> Tensor:
-        """Feed one speech token after ``cache``; return its hidden state (D,)."""
-        x = self.speech_embedding.weight[token_id].reshape(1, 1, -1)
-        return self.llm(x, cache)[0, -1]
+        """One row's :meth:`decode_batch`: its hidden state (D,)."""
+        return self.decode_batch(torch.tensor([int(token_id)]), cache)[0]
 
     def logp(self, hidden: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., V) log-probabilities over the speech vocabulary."""
-        return self.llm_decoder(hidden).log_softmax(dim=-1)
+        # In fp32 whatever the LLM's precision: the sampler's nucleus cut-off needs it.
+        # 2-D for the int8 (dynamically quantized) linear layer.
+        logits = self.llm_decoder(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
+        return logits.float().log_softmax(dim=-1)
 
     def mask_early_stop(self, logp: Tensor, reference_eos_mask: bool | None = None) -> Tensor:
         """Scores the sampler sees before ``min_len``: the stop ids (or the reference's one id) at -inf."""

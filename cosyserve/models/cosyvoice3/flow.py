@@ -142,7 +142,7 @@ class CausalMaskedDiffWithDiT(nn.Module):
         c = self.condition(token, prompt_token, prompt_feat, embedding, finalize)
         frames = c.mu.size(2)
         if noise is None:
-            noise = self.decoder.fixed_noise(frames)
+            noise = self.decoder.fixed_noise(frames, token.device)
         elif noise.size(2) < frames:
             raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
         noise = noise[:, :, :frames].to(c.mu)

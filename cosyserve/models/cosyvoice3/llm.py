@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from torch import Tensor
 
 from cosyserve.errors import InvalidRequest
+from cosyserve.models.base import MAX_SILENT_RUN, SilenceFilter
 from cosyserve.models.cosyvoice2.llm import Qwen2LM
 
 # Text id of <|endofprompt|>: v3 was trained with a system prompt ending in it before the target text.
@@ -14,7 +15,6 @@ ENDOFPROMPT_ID = 151646
 
 # FSQ codes of silence / breath. Long runs of them are trimmed before the flow (the LM sees them all).
 SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
-MAX_SILENT_RUN = 5
 
 
 class CosyVoice3LM(Qwen2LM):
@@ -51,21 +51,13 @@ class CosyVoice3LM(Qwen2LM):
 def drop_excess_silence(
     tokens: Iterable[int], silent: frozenset[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN
 ) -> Iterator[int]:
-    """Yield ``tokens`` except silent ids preceded by ``max_run`` or more consecutive silent ids.
-
-    Lazy, so it can wrap a streaming LLM iterator; closing it closes ``tokens`` too.
-    """
+    """:class:`SilenceFilter` over an iterable, lazily; closing it closes ``tokens`` too."""
     it = iter(tokens)
-    run = 0
+    silence = SilenceFilter(silent, max_run)
     try:
         for token in it:
-            if token in silent:
-                run += 1
-                if run > max_run:
-                    continue
-            else:
-                run = 0
-            yield token
+            if silence.keep(token):
+                yield token
     finally:
         close = getattr(it, "close", None)
         if close is not None:

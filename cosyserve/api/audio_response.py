@@ -1,0 +1,188 @@
+"""The streaming audio response: encodes an engine's audio stream as it arrives, watching for the
+client going away (which aborts the request in the engine)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from cosyserve.api.deps import InFlight, error_response, request_id, server_state
+from cosyserve.api.metrics import AUDIO_SCOPE_KEY
+from cosyserve.audio.encode import make_encoder, output_rate
+from cosyserve.audio.resample import OutputResampler
+from cosyserve.engine.client import AudioStream
+from cosyserve.engine.request import SynthesisRequest
+from cosyserve.errors import GenerationFailed
+
+logger = logging.getLogger("cosyserve.api")
+
+# Formats whose header holds the length: sent whole (exact header) unless the client asked to stream.
+LENGTH_IN_HEADER = ("wav", "flac")
+
+
+class AudioResponse(Response):
+    """Sends a generation's audio, watching for the client going away.
+
+    ``buffered``: wait for the whole audio so the container header carries exact sizes (and a
+    generation failure can still be a JSON 500); otherwise bytes go out as chunks arrive.
+    ``output_rate``: the rate sent (default ``sample_rate``, the model's); chunks are resampled.
+    """
+
+    def __init__(
+        self,
+        generation: AudioStream,
+        fmt: str,
+        sample_rate: int,
+        buffered: bool,
+        output_rate: int | None = None,
+        in_flight: InFlight | None = None,
+        label: str = "",
+    ) -> None:
+        self.generation = generation
+        self.in_flight = in_flight
+        self.label = label
+        self.started_at = time.perf_counter()
+        self.fmt = fmt
+        self.sample_rate = output_rate or sample_rate
+        self.buffered = buffered
+        self.sent = False  # the whole response is out
+        self.resampler = OutputResampler(sample_rate, self.sample_rate)
+        self.encoder = make_encoder(fmt, self.sample_rate)
+        super().__init__(
+            media_type=self.body_media_type(),
+            headers={
+                "X-Sample-Rate": str(self.sample_rate),
+                "X-Channels": "1",
+                "X-Sample-Format": "s16le",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    def body_media_type(self) -> str:
+        return self.encoder.media_type
+
+    def tail(self) -> bytes:
+        """The bytes after the last chunk: the resampler's remainder, then the container's end."""
+        rest = self.resampler(np.zeros(0, np.float32), last=True)
+        return (self.encoder.encode(rest) if rest.size else b"") + self.encoder.finish()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[AUDIO_SCOPE_KEY] = self  # for the metrics middleware
+        failure: GenerationFailed | None = None
+        disconnected = False
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def watch_disconnect() -> None:
+                    nonlocal disconnected
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if not self.sent:
+                        disconnected = True
+                        logger.info("[%s] client disconnected", self.generation.request_id)
+                    await self.generation.aclose()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch_disconnect)
+                try:
+                    if self.buffered:
+                        await self._send_buffered(send)
+                    else:
+                        await self._send_streamed(send)
+                except GenerationFailed as exc:
+                    failure = exc
+                finally:
+                    await self.generation.aclose()
+                    group.cancel_scope.cancel()
+        finally:
+            if self.in_flight is not None:
+                self.in_flight.leave()
+            logger.info(
+                "[%s] %s %s: %d samples in %.2f s",
+                self.generation.request_id,
+                self.label,
+                "failed" if failure else "cancelled" if disconnected else "done",
+                self.generation.samples,
+                time.perf_counter() - self.started_at,
+            )
+        if failure is not None:
+            # Headers are gone already: cutting the connection short is the only way left to tell.
+            raise failure
+
+    def _start_message(self, content_length: int | None = None) -> Message:
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        if content_length is not None:
+            headers.append((b"content-length", str(content_length).encode()))
+        return {"type": "http.response.start", "status": 200, "headers": headers}
+
+    async def _send_streamed(self, send: Send) -> None:
+        await send(self._start_message())
+        await self._send_body(send, self.encoder.header())
+        async for chunk in self.generation:
+            await self._send_body(send, self.encoder.encode(self.resampler(chunk)))
+        await self._send_body(send, self.tail())
+        self.sent = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_buffered(self, send: Send) -> None:
+        chunks: list[np.ndarray] = []
+        try:
+            async for chunk in self.generation:
+                chunks.append(chunk)
+        except GenerationFailed:
+            # Nothing was sent yet, so the failure can still be a proper JSON error.
+            response = error_response(
+                f"audio generation failed (request {self.generation.request_id}); see the server log",
+                "generation_failed",
+                500,
+            )
+            await response({"type": "http"}, _no_receive, send)
+            return
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        body = self.encoder.encode_all(self.resampler(audio, last=True))
+        await send(self._start_message(len(body)))
+        self.sent = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    @staticmethod
+    async def _send_body(send: Send, data: bytes) -> None:
+        if data:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def start_generation(
+    request: Request,
+    label: str,
+    synthesis: SynthesisRequest,
+    fmt: str,
+    sample_rate: int | None = None,
+    *,
+    buffered: bool | None = None,
+    response_class: type[AudioResponse] = AudioResponse,
+) -> AudioResponse:
+    """Submit ``synthesis`` to the engine and wrap its audio in a response; the engine's validation
+    errors (and ServerBusy) propagate as HTTP errors before any byte is sent.
+
+    ``sample_rate``: the rate to send (None: the model's, or the nearest the format takes);
+    ``buffered`` (None: formats with the length in their header, unless streaming).
+    """
+    state = server_state(request)
+    engine = state.require_engine()
+    fmt = fmt.lower()
+    model_rate = engine.info.sample_rate
+    rate = output_rate(fmt, sample_rate, model_rate)  # a bad format / rate fails before any work
+    if buffered is None:
+        buffered = not synthesis.options.stream and fmt in LENGTH_IN_HEADER
+    stream = await engine.synthesize(synthesis, request_id(request))
+    state.in_flight.enter()
+    return response_class(stream, fmt, model_rate, buffered, rate, in_flight=state.in_flight, label=label)

@@ -1,0 +1,268 @@
+"""The engine core: one loaded model, its scheduler, and the one thread that runs them.
+
+Requests and other model work (storing a voice) wait in ONE first-come-first-served queue. Each
+turn of the loop the core:
+
+1. drops what was aborted (a waiting request leaves the queue; a running one leaves the batch, its
+   KV-cache row and audio state freed at once);
+2. admits waiting work in arrival order while fewer than ``max_running`` requests run: a request's
+   frontend runs now (validation errors go back to its caller before any audio), a task runs whole;
+3. runs one :meth:`Scheduler.step` (prefills, one batched LLM decode step, due audio work) and hands
+   each request's new chunks to its sink.
+
+Beyond ``max_queue`` waiting, :meth:`submit` refuses with :class:`ServerBusy` (HTTP 503 with
+Retry-After): queueing more would only make every caller wait longer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from cosyserve.errors import CosyServeError, ServerBusy
+
+from .request import SynthesisRequest
+
+logger = logging.getLogger("cosyserve.engine")
+
+RETRY_AFTER_SECONDS = 2  # what a turned-away caller is told to wait
+
+
+class Sink(Protocol):
+    """Where a request's events go (the async client turns them into awaitables)."""
+
+    def started(self) -> None: ...  # the frontend ran: audio follows
+
+    def rejected(self, error: BaseException) -> None: ...  # before any audio (validation, frontend)
+
+    def chunk(self, audio: np.ndarray) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...  # after audio started
+
+    def finished(self) -> None: ...
+
+
+class StepModel(Protocol):
+    """What the core needs of a model: a request's frontend, and a scheduler to step."""
+
+    def prepare(self, request: SynthesisRequest, *, request_id: str = "", **overrides: Any) -> Any: ...
+
+    def new_scheduler(self) -> Any: ...
+
+
+@dataclass(eq=False)
+class Work:
+    """One queued item: a synthesis (``request``) or a task run whole on the engine thread (``task``)."""
+
+    request_id: str
+    sink: Sink
+    request: SynthesisRequest | None = None
+    task: Callable[[], Any] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # prepare() keywords (tests: draws, sampler)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /health and /metrics."""
+
+    queue_depth: int
+    running: int
+    batch_size: int
+    llm_steps: int
+    llm_tokens: int
+    llm_tokens_per_s: float
+    max_running: int
+    max_queue: int
+
+
+class EngineCore:
+    def __init__(self, model: StepModel, max_running: int = 8, max_queue: int = 64, name: str = "engine") -> None:
+        if max_running < 1 or max_queue < 0:
+            raise ValueError("max_running must be at least 1 and max_queue at least 0")
+        self.model = model
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.scheduler = model.new_scheduler()
+        self._cond = threading.Condition()
+        self._waiting: deque[Work] = deque()
+        self._running: dict[str, tuple[Work, Any]] = {}  # request id -> (work, sequence)
+        self._aborted: set[str] = set()
+        self._stopping = False
+        self._tokens_per_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name=f"cosyserve-{name}", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> EngineCore:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- submitting --------------------------------------------------------------------------------
+    def submit(self, work: Work) -> None:
+        """Queue ``work`` (first come, first served); raises ServerBusy when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise ServerBusy("the engine is shutting down", retry_after=RETRY_AFTER_SECONDS)
+            free = max(0, self.max_running - len(self._running))
+            if len(self._waiting) >= self.max_queue + free:
+                raise ServerBusy(
+                    f"the server is busy ({len(self._running)} running, {len(self._waiting)} waiting), retry shortly",
+                    retry_after=RETRY_AFTER_SECONDS,
+                )
+            self._waiting.append(work)
+            self._cond.notify_all()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: out of the queue now, or out of the batch at the start of the next step."""
+        with self._cond:
+            for work in self._waiting:
+                if work.request_id == request_id:
+                    self._waiting.remove(work)
+                    work.sink.finished()
+                    return
+            if request_id in self._running:
+                self._aborted.add(request_id)
+                self._cond.notify_all()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(
+                queue_depth=len(self._waiting),
+                running=len(self._running),
+                batch_size=self.scheduler.last_batch_size,
+                llm_steps=self.scheduler.llm_steps,
+                llm_tokens=self.scheduler.llm_tokens,
+                llm_tokens_per_s=round(self._tokens_per_s, 2),
+                max_running=self.max_running,
+                max_queue=self.max_queue,
+            )
+
+    def running_ids(self) -> list[str]:
+        with self._cond:
+            return list(self._running)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._aborted or self.scheduler.has_work or self._admissible()):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                aborted, self._aborted = self._aborted, set()
+                admitted = []
+                while self._admissible():
+                    work = self._waiting.popleft()
+                    admitted.append(work)
+                    if work.request is not None:
+                        self._running[work.request_id] = (work, None)
+            for request_id in aborted:
+                self._drop(request_id)
+            for work in admitted:
+                self._admit(work)
+            if self.scheduler.has_work:
+                self._step()
+        self._shutdown()
+
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and len(self._running) < self.max_running
+
+    def _admit(self, work: Work) -> None:
+        if work.task is not None:
+            try:
+                result = work.task()
+            except Exception as exc:
+                if not isinstance(exc, CosyServeError):
+                    logger.exception("[%s] task failed", work.request_id)
+                work.sink.rejected(exc)
+            else:
+                work.sink.chunk(result)
+                work.sink.finished()
+            return
+        try:
+            sequence = self.model.prepare(work.request, request_id=work.request_id, **work.overrides)
+        except Exception as exc:
+            if not isinstance(exc, CosyServeError):
+                logger.exception("[%s] frontend failed", work.request_id)
+            with self._cond:
+                self._running.pop(work.request_id, None)
+            work.sink.rejected(exc)
+            return
+        with self._cond:
+            if work.request_id not in self._running:  # aborted while its frontend ran
+                work.sink.finished()
+                return
+            self._running[work.request_id] = (work, sequence)
+        work.sink.started()
+        self.scheduler.add(sequence)
+
+    def _drop(self, request_id: str) -> None:
+        with self._cond:
+            entry = self._running.pop(request_id, None)
+        if entry is None:
+            return
+        work, sequence = entry
+        if sequence is not None:
+            self.scheduler.remove(sequence)
+        logger.info("[%s] aborted", request_id)
+        work.sink.finished()
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        tokens_before = self.scheduler.llm_tokens
+        try:
+            events = self.scheduler.step()
+        except Exception:  # the scheduler guards each request; this is a bug in the loop itself
+            logger.exception("scheduler step failed; failing every running request")
+            with self._cond:
+                entries, self._running = list(self._running.values()), {}
+            for work, sequence in entries:
+                if sequence is not None:
+                    self.scheduler.remove(sequence)
+                work.sink.failed(RuntimeError("the engine failed"))
+            return
+        elapsed = time.perf_counter() - started
+        made = self.scheduler.llm_tokens - tokens_before
+        if made and elapsed > 0:
+            rate = made / elapsed
+            self._tokens_per_s = rate if not self._tokens_per_s else 0.9 * self._tokens_per_s + 0.1 * rate
+        for sequence, chunk in events:
+            with self._cond:
+                entry = self._running.get(sequence.request_id)
+                if chunk is None:
+                    self._running.pop(sequence.request_id, None)
+            if entry is None:
+                continue
+            work = entry[0]
+            if chunk is not None:
+                work.sink.chunk(chunk)
+            elif getattr(sequence, "failed", None) is not None:
+                work.sink.failed(sequence.failed)
+            else:
+                work.sink.finished()
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            entries = [w for w, _ in self._running.values()] + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+        for work in entries:
+            work.sink.failed(RuntimeError("the engine stopped"))

@@ -1,0 +1,65 @@
+"""What a caller asks the engine for: a plain, serialisable description of one synthesis.
+
+The HTTP routes, the Python API and the benchmark all describe their work as a
+:class:`SynthesisRequest`; the engine turns it into model inputs (frontend), tokens and audio.
+Output format and rate are not here: they are the HTTP layer's business (the engine produces float32
+audio at the model's rate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cosyserve.errors import InvalidRequest
+
+MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate, whatever the mode."""
+
+    stream: bool = False  # emit audio chunk by chunk as tokens arrive
+    speed: float = 1.0  # speaking rate (mel stretched by 1/speed before the vocoder)
+    seed: int | None = None  # None: a fresh random seed
+    text_frontend: bool = True  # normalise and split the text (False: the text is taken as given)
+
+    def __post_init__(self) -> None:
+        speed = float(self.speed)
+        if not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED:
+            raise InvalidRequest(f"speed must be within {MIN_SPEED}..{MAX_SPEED}, got {self.speed}", param="speed")
+        object.__setattr__(self, "speed", speed)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidRequest(f"seed must be a non-negative integer, got {self.seed!r}", param="seed")
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """One synthesis. Which fields a mode reads:
+
+    - ``sft``: text, spk_id
+    - ``zero_shot``: text, prompt_text + prompt_audio, or spk_id (a stored voice with its transcript)
+    - ``cross_lingual``: text, prompt_audio or spk_id
+    - ``instruct`` (v1): text, spk_id, instruct_text
+    - ``instruct2`` (v2/v3): text, instruct_text, prompt_audio or spk_id
+    - ``vc``: source_audio, prompt_audio or spk_id
+
+    Audio is encoded bytes of any common container, a file path, or ``(wave, sample_rate)``.
+    """
+
+    mode: str
+    text: str | None = None
+    spk_id: str | None = None
+    prompt_text: str | None = None
+    instruct_text: str | None = None
+    prompt_audio: Any = None
+    source_audio: Any = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequest(f"unknown mode {self.mode!r}: one of {', '.join(MODES)}", param="mode")

@@ -1,0 +1,194 @@
+"""The embedded voice library: one SQLite database, ``voices.sqlite3`` under the data directory (or in
+memory), shared by every model and process that opens that directory. SQLite in WAL mode with
+``synchronous=FULL`` and one transaction per write means a process killed in the middle of a write
+leaves every voice committed before it intact, and the half-written one absent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from cosyserve.errors import ModelLoadError, UnknownSpeaker
+
+from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, VoiceLibraryError, voice_key
+
+DB_NAME = "voices.sqlite3"
+SCHEMA_VERSION = 1
+# How long a write waits for another process's transaction before giving up.
+BUSY_TIMEOUT_S = 10.0
+
+_SCHEMA = (
+    """CREATE TABLE voices (
+    key TEXT PRIMARY KEY,         -- the id case-folded: ids are unique regardless of case
+    id TEXT NOT NULL,             -- as the user spelled it
+    uid TEXT NOT NULL UNIQUE,     -- new for every stored voice, so a reused name never hits a stale cache
+    family TEXT NOT NULL,
+    token_rate INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    ref_text TEXT,                -- NULL: stored without a transcript
+    created_at INTEGER NOT NULL,  -- Unix seconds
+    duration REAL,                -- seconds of the recording
+    fields TEXT NOT NULL          -- JSON list of the tensor names
+    )""",
+    """CREATE TABLE voice_tensors (
+    uid TEXT PRIMARY KEY,
+    data BLOB NOT NULL            -- torch.save of {name: tensor}
+    )""",
+)
+
+
+class SQLiteVoiceLibrary(VoiceBackend):
+    """The voice database under ``data_dir`` (None: in memory, gone with the process).
+
+    Every method is one SQLite statement or transaction, so other processes on the same directory see
+    each change as soon as it is committed.
+    """
+
+    def __init__(self, data_dir: Path | None, max_voices: int = DEFAULT_MAX_VOICES) -> None:
+        super().__init__(max_voices)
+        self.path = None if data_dir is None else Path(data_dir).expanduser() / DB_NAME
+        try:
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                ":memory:" if self.path is None else str(self.path),
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,  # explicit BEGIN / COMMIT
+                check_same_thread=False,  # shared by the server's threads, serialised by _lock
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise ModelLoadError(f"cannot open the voice library {self.path}: {exc}") from exc
+        try:
+            if self.path is not None:
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise sqlite3.OperationalError(f"the file system does not support WAL (journal mode {mode})")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed voice survives a power cut too
+            self._create_schema()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise ModelLoadError(f"cannot open the voice library {self.path}: {exc}") from exc
+
+    @property
+    def location(self) -> str:
+        return str(self.path or "memory")
+
+    def _create_schema(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA:  # not executescript: it would commit the open transaction
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"it was written by a newer cosyserve (schema {version}, this one reads {SCHEMA_VERSION})"
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise VoiceLibraryError(f"the voice library {self.path} cannot be read: {exc}") from exc
+
+    _COLUMNS = "id, family, token_rate, model, ref_text, created_at, duration, fields, uid"
+
+    @staticmethod
+    def _info(row: tuple) -> VoiceInfo:
+        voice_id, family, token_rate, model, ref_text, created_at, duration, fields, uid = row
+        return VoiceInfo(
+            voice_id, family, token_rate, model, ref_text, created_at, duration, False, tuple(json.loads(fields)), uid
+        )
+
+    def list(self) -> list[VoiceInfo]:
+        rows = self._query(f"SELECT {self._COLUMNS} FROM voices ORDER BY created_at, rowid")
+        return [self._info(r) for r in rows]
+
+    def ids(self, family: str, token_rate: int) -> list[str]:
+        rows = self._query(
+            "SELECT id FROM voices WHERE family = ? AND token_rate = ? ORDER BY created_at, rowid", (family, token_rate)
+        )
+        return [r[0] for r in rows]
+
+    def find(self, voice_id: str) -> VoiceInfo | None:
+        rows = self._query(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(voice_id),))
+        return self._info(rows[0]) if rows else None
+
+    def count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM voices")[0][0]
+
+    def _insert(self, info: VoiceInfo, blob: bytes) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # the write lock first: check and insert see the same state
+                try:
+                    row = self._db.execute(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(info.id),))
+                    existing = row.fetchone()
+                    if existing is not None:
+                        raise self._exists(self._info(existing))
+                    count = self._db.execute("SELECT COUNT(*) FROM voices").fetchone()[0]
+                    if count >= self.max_voices:
+                        raise self._full(count)
+                    self._db.execute("INSERT INTO voice_tensors (uid, data) VALUES (?, ?)", (info.uid, blob))
+                    self._db.execute(
+                        "INSERT INTO voices (key, id, uid, family, token_rate, model, ref_text, created_at, duration, "
+                        "fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            voice_key(info.id),
+                            info.id,
+                            info.uid,
+                            info.family,
+                            info.token_rate,
+                            info.model,
+                            info.ref_text,
+                            info.created_at,
+                            info.duration,
+                            json.dumps(list(info.fields)),
+                        ),
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                raise VoiceLibraryError(f"voice '{info.id}' could not be stored in {self.path}: {exc}") from exc
+
+    def _delete(self, voice_id: str) -> VoiceInfo:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._db.execute(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(voice_id),))
+                    found = row.fetchone()
+                    if found is None:
+                        raise UnknownSpeaker(f"no stored voice '{voice_id}'", param="voice_id")
+                    info = self._info(found)
+                    self._db.execute("DELETE FROM voices WHERE uid = ?", (info.uid,))
+                    self._db.execute("DELETE FROM voice_tensors WHERE uid = ?", (info.uid,))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                raise VoiceLibraryError(f"voice '{voice_id}' could not be deleted from {self.path}: {exc}") from exc
+        return info
+
+    def _read_tensors(self, info: VoiceInfo) -> bytes | None:
+        rows = self._query("SELECT data FROM voice_tensors WHERE uid = ?", (info.uid,))
+        return rows[0][0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
