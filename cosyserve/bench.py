@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-wav", type=Path, help="prompt recording (zero_shot)")
     parser.add_argument("--prompt-text", default=DEFAULT_PROMPT_TEXT, help="its transcript (zero_shot)")
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated request counts (default 1,4,8)")
+    parser.add_argument("--stream-concurrency", help="request counts of the streaming runs (default: --concurrency)")
     parser.add_argument("--decode-batches", default="1,4,8", help="batch sizes for the decode-step timing")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -267,11 +268,12 @@ def run(args: argparse.Namespace) -> int:
         "runs": [],
     }
     levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
-    kinds = ([] if args.stream_only else [False]) + ([] if args.no_stream else [True])
-    engine = AsyncEngine(model, max_running=max(levels), max_queue=max(levels))
+    stream_levels = [int(n) for n in (args.stream_concurrency or args.concurrency).split(",") if n.strip()]
+    kinds = ([] if args.stream_only else [(False, levels)]) + ([] if args.no_stream else [(True, stream_levels)])
+    engine = AsyncEngine(model, max_running=max(levels + stream_levels), max_queue=max(levels + stream_levels))
     try:
-        for stream in kinds:
-            for n in levels:
+        for stream, counts in kinds:
+            for n in counts:
                 progress(f"{'stream' if stream else 'non-stream'}: {n} request(s) of {args.seconds} s ...")
                 result = asyncio.run(_level(engine, model, args, n, stream))
                 progress(

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from cosyserve import __version__
-from cosyserve.api import health, metrics, official, openai, voices, web
+from cosyserve.api import health, metrics, official, openai, streaming_ws, voices, web
 from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
 from cosyserve.api.deps import (
     EXPOSED_HEADERS,
@@ -102,6 +102,7 @@ def create_app(model_or_loader: Any, settings: Settings | None = None) -> FastAP
     app.include_router(voices.router)
     app.include_router(metrics.router)
     app.include_router(web.router)
+    app.include_router(streaming_ws.router)
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.api_keys, (*settings.auth_exempt, *web.PUBLIC_PATHS)))
     app.add_middleware(metrics.MetricsMiddleware, metrics=app_metrics)
     app.add_middleware(RequestIdMiddleware)
