@@ -21,6 +21,9 @@ from cosyserve.precision import parse_dtypes
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 TEXT_FRONTENDS = ("auto", "wetext", "none")
+# Default body of the official routes: wav (a header, then the official server's samples) or pcm
+# (raw int16, byte-identical to the official server, for clients written against it).
+OFFICIAL_FORMATS = ("wav", "pcm")
 # Output sample rates a client may ask for (telephony to studio); every route resamples to them.
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 
@@ -93,6 +96,7 @@ class Settings:
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
     text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
+    official_format: str = "wav"  # /inference_* without a format field: wav | pcm (as the official server)
     # Accepted API keys; empty: no authentication. Never in the repr, so never in a log line.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Paths open without a key; an entry ending in '*' is a prefix.
@@ -127,6 +131,8 @@ class Settings:
             raise SettingsError("max upload size must be positive")
         if self.text_frontend not in TEXT_FRONTENDS:
             raise SettingsError(f"text frontend {self.text_frontend!r} is not one of {', '.join(TEXT_FRONTENDS)}")
+        if self.official_format not in OFFICIAL_FORMATS:
+            raise SettingsError(f"official format {self.official_format!r} is not one of {', '.join(OFFICIAL_FORMATS)}")
         if not self.llm_weights or Path(self.llm_weights).name != self.llm_weights:
             raise SettingsError(f"llm_weights {self.llm_weights!r} must be a file name inside the model directory")
         if self.log_level not in LOG_LEVELS:
@@ -381,6 +387,15 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         choices=TEXT_FRONTENDS,
     )
     opt(
+        "official_format",
+        "body of the official /inference_* routes when a request names no format: wav, or pcm for raw int16 "
+        "byte-identical to the official server (default %(default)s)",
+        str.lower,
+        d.official_format,
+        type=str.lower,
+        choices=OFFICIAL_FORMATS,
+    )
+    opt(
         "api_key",
         "API key clients must send (Authorization: Bearer KEY); repeat for several; the env twin takes a "
         "comma-separated list (default: none, no authentication)",
@@ -425,6 +440,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,
         text_frontend=args.text_frontend,
+        official_format=args.official_format,
         api_keys=tuple(args.api_key) + (read_api_key_file(args.api_key_file) if args.api_key_file else ()),
         auth_exempt=_comma_list(args.auth_exempt),
     )

@@ -19,7 +19,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from cosyserve import __version__
 from cosyserve.api import health, metrics, official, openai, streaming_ws, voices, web
 from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
-from cosyserve.api.deps import EXPOSED_HEADERS, ModelSlot, RequestIdMiddleware, ServerState, install_error_handlers
+from cosyserve.api.deps import (
+    EXPOSED_HEADERS,
+    CrossOriginWriteGuard,
+    ModelSlot,
+    RequestIdMiddleware,
+    ServerState,
+    install_error_handlers,
+)
 from cosyserve.engine.client import AsyncEngine, EngineClient
 from cosyserve.settings import Settings
 
@@ -134,4 +141,5 @@ def create_app(models: Any, settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
         )
+    app.add_middleware(CrossOriginWriteGuard, trusted=settings.cors_origins)
     return app

@@ -9,12 +9,14 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cosyserve.engine.client import EngineClient
@@ -28,6 +30,7 @@ from cosyserve.errors import (
     UnknownSpeaker,
     UnsupportedMode,
 )
+from cosyserve.hub import is_hub_id
 from cosyserve.settings import Settings
 
 logger = logging.getLogger("cosyserve.api")
@@ -148,8 +151,13 @@ class ModelSlot:
         """The id /v1/models shows: the name given, else the hub id it was started with, else its directory."""
         if self.named or self.engine is None:
             return self.name
-        directory = self.engine.info.name
-        return self.source if _normalized(self.source) == _normalized(directory) else directory
+        # Never a local path (it tells clients nothing and shows them the server's file system). The hub
+        # caches hold the id in the path: .../iic/CosyVoice2-0___5B, .../models--org--name/snapshots/<hash>.
+        path = Path(self.engine.info.model_dir)
+        names = {_normalized(part.rsplit("--", 1)[-1]) for part in path.parts}
+        if is_hub_id(self.source) and _normalized(self.source) in names:
+            return self.source
+        return path.name
 
     def answers_to(self, wanted: str) -> bool:
         """Whether ``wanted`` (normalized) is this model's name or id (before it is loaded: its source)."""
@@ -284,7 +292,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 503: "model_not_ready"}
         code = getattr(exc, "code", None) or codes.get(exc.status_code, "http_error")
-        return error_response(str(exc.detail), code, exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(str(exc.detail), code, exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -300,3 +311,45 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             f"internal server error (request {rid})", "internal_error", 500, headers={REQUEST_ID_HEADER: rid}
         )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers at this path (a path may have one route per method)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
+
+
+# Voice-library writes change what every client of the server hears: a cross-origin web page may make
+# them only when its origin is listed in cors_origins (the wildcard opens synthesis, not these).
+VOICE_LIBRARY_PATH = "/v1/audio/voices"
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CrossOriginWriteGuard:
+    """Refuses (403, no CORS headers) browser requests and preflights for voice-library writes from an
+    origin that is neither the server's own nor explicitly trusted. Clients without ``Origin`` pass."""
+
+    def __init__(self, app: ASGIApp, trusted: tuple[str, ...]) -> None:
+        self.app = app
+        self.trusted = frozenset(o for o in trusted if o != "*")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(VOICE_LIBRARY_PATH):
+            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            origin = headers.get(b"origin", "")
+            method = scope["method"]
+            if method == "OPTIONS":
+                method = headers.get(b"access-control-request-method", "").upper()
+            own = origin.split("://", 1)[-1] == headers.get(b"host", "")
+            if origin and method in _WRITE_METHODS and origin not in self.trusted and not own:
+                message = (
+                    f"voice-library changes from the web origin {origin} are not allowed; "
+                    "list it in --cors_origins to allow them"
+                )
+                await error_response(message, "cross_origin_forbidden", 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -56,7 +56,8 @@ class SpeechRequest(BaseModel):
         description="A served model's name, id or family (GET /v1/models); tts-1, tts-1-hd and gpt-4o-mini-tts "
         "reach the default model.",
     )
-    input: str = Field(description="Text to speak.")
+    # The schema says what _text enforces (not pydantic, whose message would be less clear than ours).
+    input: str = Field(description="Text to speak.", json_schema_extra={"minLength": 1, "pattern": r"\S"})
     voice: str | dict[str, str] | None = Field(
         None,
         description="A built-in speaker, a stored voice id or an OpenAI voice name (GET /v1/audio/voices); "
@@ -318,7 +319,11 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": own + [_model_card(n, "openai") for n in OPENAI_MODELS]}
 
 
-@router.get("/v1/models/{name:path}", summary="One model of GET /v1/models.")
+@router.get(
+    "/v1/models/{name:path}",
+    summary="One model of GET /v1/models.",
+    responses={404: {**_ERROR, "description": "Not a model this server serves (OpenAI error shape)."}},
+)
 async def get_model(name: str, request: Request) -> JSONResponse:
     state = server_state(request)
     if not state.settings.lazy_load:
