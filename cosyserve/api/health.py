@@ -61,6 +61,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/speakers", summary="Built-in speaker ids, for spk_id (the default model's, or ?model=).")
+@router.get(
+    "/speakers",
+    summary="Built-in speaker ids, for spk_id (the default model's, or ?model=).",
+    responses={404: {"description": "?model= names no served model (model_not_found lists them)."}},
+)
 async def speakers(request: Request, model: str | None = None) -> dict[str, list[str]]:
     return {"speakers": list((await server_state(request).engine_for(model)).list_speakers())}

@@ -337,6 +337,7 @@ async def get_model(name: str, request: Request) -> JSONResponse:
     "/v1/audio/voices",
     summary='Voices for /v1/audio/speech: {"voices": [{"id", "name", "kind"}]} (kind: speaker, clone, alias); '
     "those of the default model, or of ?model=.",
+    responses={404: {**_ERROR, "description": "?model= names no served model (model_not_found lists them)."}},
 )
 async def list_voices(request: Request, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
     state = server_state(request)

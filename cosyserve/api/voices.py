@@ -100,6 +100,7 @@ def _optional_text(fields: dict[str, Any], name: str, max_length: int) -> str | 
     responses={
         201: {"description": "The stored voice's metadata; Location names it."},
         400: _ERROR,
+        404: {"description": "model names no served model (model_not_found lists them)."},
         409: {"description": "The name is taken (voice_exists) or the library is full (voice_limit_reached)."},
         413: _ERROR,
         503: _ERROR,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import itertools
 import logging
 import socket
 import threading
@@ -569,8 +570,9 @@ def test_admission_caps_running_generations_and_turns_away_beyond_the_queue():
 
 
 def test_waiting_requests_are_served_first_come_first_served():
-    """16 identical clients, one slot: every request waits at most about one round of the others
-    (FIFO), and every client completes as many requests as the others."""
+    """16 identical clients, one slot: admission is first come, first served. Between two admissions of
+    one client every other client is admitted at most once (each waits one round at most), and the worst
+    wait stays within 1.5x the FIFO ideal (16 service times)."""
     stub = StubModel(chunks=2)
     stub.delay = 0.01
     clients, rounds = 16, 3
@@ -585,7 +587,8 @@ def test_waiting_requests_are_served_first_come_first_served():
             start.wait(10)
             for _ in range(rounds):
                 sent = time.monotonic()
-                resp = session.post(server.url + "/inference_sft", data=form("sft")[0] | {"format": "pcm"}, timeout=60)
+                data = {"tts_text": f"client {c}", "spk_id": "spk_a", "format": "pcm"}
+                resp = session.post(server.url + "/inference_sft", data=data, timeout=60)
                 assert resp.status_code == 200
                 waits[c].append(time.monotonic() - sent)
 
@@ -596,10 +599,16 @@ def test_waiting_requests_are_served_first_come_first_served():
             t.join(120)
         elapsed = time.monotonic() - began
     assert all(len(w) == rounds for w in waits.values()), {c: len(w) for c, w in waits.items()}
+    order = [int(args[0].split()[1]) for mode, args, _ in stub.calls]  # admission order, by client
+    for c in range(clients):
+        seen = [i for i, who in enumerate(order) if who == c]
+        for first, second in itertools.pairwise(seen):
+            others = order[first + 1 : second]
+            assert max((others.count(o) for o in set(others)), default=0) <= 1, f"client {c} overtaken: {others}"
     service = elapsed / (clients * rounds)  # one slot: the requests were served one after another
-    ideal = clients * service  # FIFO: a request waits for the one request of each other client at most
     worst = max(x for w in waits.values() for x in w)
-    assert worst <= 1.5 * ideal, f"max wait {worst:.2f} s, FIFO ideal {ideal:.2f} s"
+    print(f"FIFO: worst wait {worst:.2f} s, ideal {clients * service:.2f} s ({worst / (clients * service):.2f}x)")
+    assert worst <= 1.5 * clients * service + 0.5, f"max wait {worst:.2f} s, FIFO ideal {clients * service:.2f} s"
 
 
 @pytest.mark.parametrize(("fmt", "has_format"), [("pcm", True), ("wav", True), ("mp3", False), ("flac", False)])
