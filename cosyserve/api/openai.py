@@ -31,7 +31,7 @@ from starlette.types import Send
 
 from cosyserve.api.audio_response import AudioResponse, start_generation
 from cosyserve.api.deps import OPENAI_MODELS, MalformedBody, error_body, server_state
-from cosyserve.api.official import check_audio, check_mode, read_body
+from cosyserve.api.parsing import check_audio, check_mode, read_body
 from cosyserve.api.voices import voice_object
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
 from cosyserve.engine.planning import plan_speech

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from cosyserve.api.deps import request_id, server_state
-from cosyserve.api.official import audio_field, read_fields, text_field
+from cosyserve.api.parsing import audio_field, read_fields, text_field
 from cosyserve.engine.voices import MAX_ID_LENGTH, VoiceInfo, VoiceStore, validate_voice_id
 
 router = APIRouter(tags=["voice library"])
