@@ -232,19 +232,19 @@ class V2Synthesizer(Synthesizer):
         prompt_len = condition.token.shape[1]
         # The first hop also covers the prompt's padding up to a whole flow chunk.
         self.prompt_pad = math.ceil(prompt_len / self.hop) * self.hop - prompt_len
+        # Streaming: the flow's per-request incremental state (linear cost over the chunks).
+        self.flow_state = model.flow.stream_state() if stream and hasattr(model.flow, "stream_state") else None
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel = self.timed(
-            "flow",
-            self.model.flow.inference,
-            torch.tensor([tokens], dtype=torch.int32),
-            c.token,
-            c.feat,
-            c.embedding,
-            streaming=streaming,
-            finalize=finalize,
-        )
+        args = (torch.tensor([tokens], dtype=torch.int32), c.token, c.feat, c.embedding)
+        if self.flow_state is None:
+            mel = self.timed("flow", self.model.flow.inference, *args, streaming=streaming, finalize=finalize)
+        else:
+            # The estimator runs on the new frames only; the earlier ones come from this request's state.
+            mel = self.timed(
+                "flow", self.model.flow.inference_stream, self.flow_state, *args, streaming=streaming, finalize=finalize
+            )
         return mel[:, :, token_offset * self.mel_ratio :]
 
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:

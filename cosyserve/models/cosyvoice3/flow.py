@@ -15,7 +15,7 @@ from torch import nn
 from cosyserve.config import ConfigError, Node, node_kwargs
 from cosyserve.nn.conformer import PreLookaheadLayer
 from cosyserve.nn.dit import DiT
-from cosyserve.nn.flow_matching import ConditionalCFM
+from cosyserve.nn.flow_matching import ConditionalCFM, FlowStream
 
 
 @dataclass
@@ -147,4 +147,34 @@ class CausalMaskedDiffWithDiT(nn.Module):
             raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
         noise = noise[:, :, :frames].to(c.mu)
         mel = self.decoder.solve(c.mu, c.mask, c.spks, c.cond, noise, streaming=streaming)
+        return mel[:, :, c.prompt_frames :].float()
+
+    def stream_state(self) -> FlowStream:
+        """A fresh per-request state for :meth:`inference_stream`."""
+        return FlowStream()
+
+    @torch.inference_mode()
+    def inference_stream(
+        self,
+        state: FlowStream,
+        token: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        streaming: bool,
+        finalize: bool,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`inference` for the next call of one streamed request (see the v2 flow's
+        ``inference_stream``): a streaming call runs the DiT on the new frames only."""
+        if not streaming or not self.decoder.estimator.supports_chunks:
+            state.reset()
+            return self.inference(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+        c = self.condition(token, prompt_token, prompt_feat, embedding, finalize)
+        frames = c.mu.size(2)
+        if noise is None:
+            noise = self.decoder.fixed_noise(frames)
+        elif noise.size(2) < frames:
+            raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
+        mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise[:, :, :frames].to(c.mu))
         return mel[:, :, c.prompt_frames :].float()
