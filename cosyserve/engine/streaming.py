@@ -275,7 +275,11 @@ class V2Synthesizer(Synthesizer):
 
 
 class V3Synthesizer(V2Synthesizer):
-    """CosyVoice3: as v2, but the causal HiFT re-runs on the whole accumulated mel (spec §14.4)."""
+    """CosyVoice3: as v2, but the vocoder is the causal HiFT on the accumulated mel (spec §14.4).
+
+    The reference re-runs it on the whole mel each chunk and keeps the new samples; streaming here
+    continues it from the request's state, which gives the same samples (every layer is causal).
+    """
 
     def __init__(
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
@@ -284,6 +288,7 @@ class V3Synthesizer(V2Synthesizer):
         self.mel = torch.zeros(1, 80, 0)
         self.samples_out = 0
         self.token_filter = model.new_token_filter()
+        self.hift_state = model.hift.stream_state() if stream and hasattr(model.hift, "stream_state") else None
 
     def add(self, token: int) -> None:
         # The LLM conditions on every id; the flow may skip some (v3: long runs of silence, spec §9.5).
@@ -294,6 +299,11 @@ class V3Synthesizer(V2Synthesizer):
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         self.mel = torch.cat([self.mel, mel], dim=2)
         source = self.draws.next_hift_source()
+        if self.hift_state is not None:
+            # The causal vocoder continues from this request's state: only the new frames are computed.
+            return self.timed(
+                "vocoder", self.model.hift.inference_stream, self.hift_state, self.mel, finalize, source=source
+            )
         speech, _ = self.timed("vocoder", self.model.hift.inference, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]

@@ -140,3 +140,31 @@ def test_streamed_request_equals_the_full_rerun(model, n_tokens):
     # The audio follows (not compared value by value: the f0 / phase of the vocoder's source turn the
     # mel's round-off into differences of up to ~1e-3 in single samples).
     assert [len(x) for x in chunks] == [len(x) for x in full_chunks]
+
+
+@pytest.mark.parametrize("cuts", [(60, 160, 360), (53, 120, 250, 300, 390), (400,)])
+def test_causal_hift_continued_from_state_equals_the_rerun(cuts, monkeypatch):
+    """v3: the vocoder continued from the request's state emits the samples of the re-run on the whole mel,
+    decoding only the new frames plus a bounded left context."""
+    hift = _core("v3-tiny").hift
+    mel = torch.randn(1, 80, 400, generator=torch.Generator().manual_seed(0)) * 2 - 5
+    decoded: list[int] = []
+    decode = hift.decode
+
+    def counted(m, *args, **kwargs):
+        decoded.append(m.size(2))
+        return decode(m, *args, **kwargs)
+
+    monkeypatch.setattr(hift, "decode", counted)
+    state, pieces, emitted = hift.stream_state(), [], 0
+    look = hift.f0_look_ahead + hift.conv_pre_look_right + 1  # frames a non-final call holds back
+    for end, finalize in [*((c, False) for c in cuts), (400, True)]:
+        decoded.clear()
+        pieces.append(hift.inference_stream(state, mel[:, :, :end], finalize))
+        full, _ = hift.inference(mel[:, :, :end], finalize)
+        incremental = torch.cat(pieces, dim=1)
+        assert incremental.shape == full.shape
+        np.testing.assert_allclose(incremental.numpy(), full.numpy(), atol=ATOL, rtol=0)
+        # Linear cost: the decoder sees the new frames, its left context and the look-ahead only.
+        assert decoded[0] <= end - emitted + hift.decode_left_reach()
+        emitted = end - (0 if finalize else look)
