@@ -212,10 +212,18 @@ class V1Synthesizer(Synthesizer):
 
 
 class V2Synthesizer(Synthesizer):
-    """CosyVoice2: chunk-causal flow re-run from the start, growing hop, HiFT caches (spec §14.3)."""
+    """CosyVoice2: chunk-causal flow, growing hop, HiFT caches (spec §14.3).
+
+    Streaming, the flow continues from the request's state (each chunk computes its own frames only)
+    rather than re-running from the start of the utterance as the reference does; same output.
+    """
 
     MAX_HOP = 100
     HOP_SCALE = 2
+    # The reference computes a streamed request's last chunk with full-context attention (a full
+    # re-run of the flow, as costly as the non-streamed request's). False keeps the chunk-causal
+    # attention for it, so it too costs only its own frames; its audio then differs from the reference.
+    FULL_CONTEXT_LAST_CHUNK = True
 
     def __init__(
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
@@ -271,7 +279,9 @@ class V2Synthesizer(Synthesizer):
     def finish(self) -> np.ndarray | None:
         if not self.kept:
             return None
-        return _chunk(self.token2wav(self.kept, self.offset, streaming=False, finalize=True))
+        # Chunk-causal only after streamed chunks (else a single full-context call costs as much).
+        streaming = self.stream and self.offset > 0 and not self.FULL_CONTEXT_LAST_CHUNK
+        return _chunk(self.token2wav(self.kept, self.offset, streaming=streaming, finalize=True))
 
 
 class V3Synthesizer(V2Synthesizer):

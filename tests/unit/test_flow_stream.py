@@ -168,3 +168,30 @@ def test_causal_hift_continued_from_state_equals_the_rerun(cuts, monkeypatch):
         # Linear cost: the decoder sees the new frames, its left context and the look-ahead only.
         assert decoded[0] <= end - emitted + hift.decode_left_reach()
         emitted = end - (0 if finalize else look)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_chunk_causal_last_chunk_computes_its_own_frames_only(model, monkeypatch):
+    """FULL_CONTEXT_LAST_CHUNK = False: the last chunk continues the state too (not the reference's audio)."""
+    core = _core(model)
+    synth_cls = getattr(streaming, FAMILIES[MODELS[model]].synthesizer)
+    monkeypatch.setattr(synth_cls, "FULL_CONTEXT_LAST_CHUNK", False)
+    counter = _FrameCounter(core.flow.decoder.estimator, monkeypatch)
+    c = _condition(prompt_tokens=25)
+    synth = synth_cls(core, c, Draws(seed=0), stream=True)
+    tokens = _tokens(120)
+    for token in tokens:
+        synth.add(token)
+        if synth.ready():
+            synth.next_chunk()
+    done = synth.offset
+    counter.frames.clear()
+    assert synth.finish() is not None
+    steps = core.flow.decoder.n_timesteps
+    assert counter.frames == [(len(synth.kept) - done) * core.token_mel_ratio] * steps
+    # Equal to the chunk-causal flow over the whole request, finalized.
+    args = (torch.tensor([synth.kept], dtype=torch.int32), c.token, c.feat, c.embedding)
+    full = core.flow.inference(*args, streaming=True, finalize=True)
+    np.testing.assert_allclose(
+        synth.flow_state.mel[:, :, c.token.size(1) * core.token_mel_ratio :].numpy(), full.numpy(), atol=ATOL, rtol=0
+    )
