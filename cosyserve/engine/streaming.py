@@ -281,7 +281,10 @@ class V2Synthesizer(Synthesizer):
             return None
         # Chunk-causal only after streamed chunks (else a single full-context call costs as much).
         streaming = self.stream and self.offset > 0 and not self.FULL_CONTEXT_LAST_CHUNK
-        return _chunk(self.token2wav(self.kept, self.offset, streaming=streaming, finalize=True))
+        speech = self.token2wav(self.kept, self.offset, streaming=streaming, finalize=True)
+        if self.flow_state is not None:
+            self.flow_state.cache.reset()  # the keys / values of every frame and step: the bulk of the state
+        return _chunk(speech)
 
 
 class V3Synthesizer(V2Synthesizer):
