@@ -194,9 +194,17 @@ class FlowStream:
     Made by the flow's ``stream_state()`` and owned by the request's synthesizer.
     """
 
-    def __init__(self) -> None:
+    # The cache holds keys / values per block, Euler step and CFG row: about 4.6 MB per mel frame for
+    # the full-size v2 estimator, 3.6 MB for v3's DiT. A request whose cache would outgrow this budget
+    # drops it and re-runs the flow from the start for each later chunk (the same result, the old cost).
+    max_cache_bytes = 4 << 30
+
+    def __init__(self, max_cache_bytes: int | None = None) -> None:
         self.cache = EstimatorCache()
         self.mel: Tensor | None = None  # (1, C, cache.frames), prompt frames included
+        if max_cache_bytes is not None:
+            self.max_cache_bytes = max_cache_bytes
+        self.over_budget = False
 
     def reset(self) -> None:
         self.cache.reset()
@@ -209,6 +217,12 @@ class FlowStream:
         otherwise, or when the request shrank, everything is recomputed from the first frame.
         """
         start = self.cache.frames
+        if start and self.cache.nbytes() / start * mu.size(2) > self.max_cache_bytes:
+            self.over_budget = True
+        if self.over_budget:
+            self.reset()
+            mask = torch.ones_like(mu[:, :1])
+            return cfm.solve(mu, mask, spks, cond, noise, streaming=True)
         if start % cfm.estimator.static_chunk_size or start > mu.size(2) or self.mel is None:
             self.reset()
             start = 0

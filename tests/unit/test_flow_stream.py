@@ -195,3 +195,18 @@ def test_chunk_causal_last_chunk_computes_its_own_frames_only(model, monkeypatch
     np.testing.assert_allclose(
         synth.flow_state.mel[:, :, c.token.size(1) * core.token_mel_ratio :].numpy(), full.numpy(), atol=ATOL, rtol=0
     )
+
+
+def test_a_cache_over_budget_falls_back_to_the_full_rerun(monkeypatch):
+    flow = _core("v3-tiny").flow
+    c = _condition(prompt_tokens=25)
+    tokens = torch.tensor([_tokens(200)], dtype=torch.int32)
+    state = flow.stream_state()
+    flow.inference_stream(state, tokens[:, :28], c.token, c.feat, c.embedding, streaming=True, finalize=False)
+    state.max_cache_bytes = state.cache.nbytes()  # the next call would outgrow it
+    counter = _FrameCounter(flow.decoder.estimator, monkeypatch)
+    args = (tokens[:, :128], c.token, c.feat, c.embedding)
+    mel = flow.inference_stream(state, *args, streaming=True, finalize=False)
+    assert state.over_budget and state.cache.nbytes() == 0
+    assert counter.frames[0] == (25 + 125) * 2  # from the first frame again
+    np.testing.assert_allclose(mel.numpy(), flow.inference(*args, streaming=True, finalize=False).numpy(), atol=ATOL)
