@@ -56,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-wav", type=Path, help="prompt recording (zero_shot)")
     parser.add_argument("--prompt-text", default=DEFAULT_PROMPT_TEXT, help="its transcript (zero_shot)")
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated request counts (default 1,4,8)")
+    parser.add_argument("--stream-concurrency", help="request counts of the streaming runs (default: --concurrency)")
     parser.add_argument("--decode-batches", default="1,4,8", help="batch sizes for the decode-step timing")
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--dtype", default="fp32", help="precision: fp32, bf16, or llm=int8,flow=bf16 (default fp32)")
     parser.add_argument("--flow-steps", type=int, help="Euler steps of the flow (default: the model's 10)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
@@ -172,15 +174,22 @@ async def _level(engine: AsyncEngine, model: TTSModel, args: argparse.Namespace,
     }
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes moved per second by a large tensor copy (one read and one write per byte)."""
-    src = torch.ones(megabytes * 1024 * 1024 // 4)
+    src = torch.ones(megabytes * 1024 * 1024 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best / 1e9
 
@@ -202,22 +211,26 @@ def decode_weight_bytes(llm: torch.nn.Module) -> int:
 def decode_step_times(model: TTSModel, batches: list[int], prefix_len: int = 150, steps: int = 12) -> list[dict]:
     """Mean time of one batched decode step at each batch size (rows with different history lengths)."""
     llm = model.core.llm
+    device = llm.speech_embedding.weight.device
+    dtype = llm.speech_embedding.weight.dtype
     out = []
     with torch.inference_mode():
         for b in batches:
             cache = KVCache(0)
             for row in range(b):
-                prefix = torch.randn(1, prefix_len + 7 * row, llm.hidden_size)
+                prefix = torch.randn(1, prefix_len + 7 * row, llm.hidden_size, device=device, dtype=dtype)
                 _, row_cache = llm.prefill(prefix)
                 if row == 0:
                     cache = row_cache
                 else:
                     cache.add_row(row_cache)
-            ids = torch.randint(0, llm.speech_token_size, (b,))
+            ids = torch.randint(0, llm.speech_token_size, (b,), device=device)
             llm.logp(llm.decode_batch(ids, cache))  # warm-up
+            _sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 llm.logp(llm.decode_batch(ids, cache))
+            _sync(device)
             out.append({"batch": b, "step_ms": round((time.perf_counter() - start) / steps * 1000, 2)})
     return out
 
@@ -236,9 +249,12 @@ def run(args: argparse.Namespace) -> int:
             text_frontend="none",
             dtype=args.dtype,
             flow_steps=args.flow_steps,
+            device=args.device,
         )
     else:
-        model = load_model(model_dir, threads=args.threads, dtype=args.dtype, flow_steps=args.flow_steps)
+        model = load_model(
+            model_dir, threads=args.threads, dtype=args.dtype, flow_steps=args.flow_steps, device=args.device
+        )
     load_s = time.perf_counter() - started
     report: dict[str, Any] = {
         "model": str(args.model),
@@ -252,11 +268,12 @@ def run(args: argparse.Namespace) -> int:
         "runs": [],
     }
     levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
-    kinds = ([] if args.stream_only else [False]) + ([] if args.no_stream else [True])
-    engine = AsyncEngine(model, max_running=max(levels), max_queue=max(levels))
+    stream_levels = [int(n) for n in (args.stream_concurrency or args.concurrency).split(",") if n.strip()]
+    kinds = ([] if args.stream_only else [(False, levels)]) + ([] if args.no_stream else [(True, stream_levels)])
+    engine = AsyncEngine(model, max_running=max(levels + stream_levels), max_queue=max(levels + stream_levels))
     try:
-        for stream in kinds:
-            for n in levels:
+        for stream, counts in kinds:
+            for n in counts:
                 progress(f"{'stream' if stream else 'non-stream'}: {n} request(s) of {args.seconds} s ...")
                 result = asyncio.run(_level(engine, model, args, n, stream))
                 progress(
@@ -268,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         engine.core.stop()
     progress("decode step timing ...")
     batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth = memory_bandwidth_gbs(model.core.llm.speech_embedding.weight.device)
     weight_bytes = decode_weight_bytes(model.core.llm)
     bound_ms = weight_bytes / (bandwidth * 1e9) * 1000
     report["decode"] = {

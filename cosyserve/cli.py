@@ -1,4 +1,4 @@
-"""``cosyserve serve | client | bench``.
+"""``cosyserve serve | ray | client | bench``.
 
 ``serve`` and ``client`` take the flags of the official ``runtime/python/fastapi`` scripts. The client
 uses the standard library only (no torch), so it runs anywhere Python does.
@@ -72,6 +72,35 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def model_loaders(settings: Settings, device: str) -> dict[str, Any]:
+    """A loader per ``--model_dir`` entry, keyed by its name; the models share one voice library."""
+    library: list[Any] = []  # opened by the first loader to run: start-up stays fast, errors reach /health
+
+    def loader(source: str) -> Any:
+        def load() -> Any:
+            from cosyserve.engine.pipeline import load_model
+            from cosyserve.engine.voice_library import open_voice_library
+
+            logger.info("loading %s on %s", source, device)
+            if not library:
+                data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else None
+                library.append(open_voice_library(settings.voice_store, data_dir, settings.max_voices))
+            return load_model(
+                source,
+                device=device,
+                library=library[0],
+                llm_weights=settings.llm_weights,
+                text_frontend=settings.text_frontend,
+                threads=settings.threads or os.cpu_count() or 1,
+                dtype=settings.dtype,
+                flow_steps=settings.flow_steps or None,
+            )
+
+        return load
+
+    return {spec.name or spec.source: loader(spec.source) for spec in settings.models}
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -80,39 +109,33 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = resolve_device(settings.gpu)
     sock = bind_socket(settings.host, settings.port)
-    failures: list[BaseException] = []
+    failures: list[tuple[str, BaseException]] = []
 
-    def load() -> Any:
-        from cosyserve.engine.pipeline import load_model
+    def stopping_on_failure(name: str, load: Any) -> Any:
+        def guarded() -> Any:
+            try:
+                return load()
+            except BaseException as exc:
+                failures.append((name, exc))
+                server.should_exit = True  # a server without its models is of no use: stop it
+                raise
 
-        logger.info("loading %s on %s", settings.model_dir, device)
-        try:
-            data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else None
-            return load_model(
-                settings.model_dir,
-                device=device,
-                data_dir=data_dir,
-                max_voices=settings.max_voices,
-                voice_store=settings.voice_store,
-                llm_weights=settings.llm_weights,
-                text_frontend=settings.text_frontend,
-                threads=settings.threads or os.cpu_count() or 1,
-                dtype=settings.dtype,
-                flow_steps=settings.flow_steps or None,
-            )
-        except BaseException as exc:
-            failures.append(exc)
-            server.should_exit = True  # a server without its model is of no use: stop it
-            raise
+        # A lazily loaded model fails on its first request: that request and /health report it.
+        return load if settings.lazy_load else guarded
 
-    app = create_app(load, settings)
+    loaders = {name: stopping_on_failure(name, load) for name, load in model_loaders(settings, device).items()}
+    app = create_app(loaders if len(loaders) > 1 else next(iter(loaders.values())), settings)
     logger.info(
-        "listening on http://%s:%d; GET /health answers 503 until the model is loaded", settings.host, settings.port
+        "listening on http://%s:%d; GET /health answers 503 until the model%s loaded",
+        settings.host,
+        settings.port,
+        "s are" if len(loaders) > 1 else " is",
     )
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run(sockets=[sock])
     if failures:
-        raise CliError(f"cannot load model {settings.model_dir}: {failures[0]}")
+        name, exc = failures[0]
+        raise CliError(f"cannot load model {name}: {exc}")
     return 0
 
 
@@ -303,6 +326,11 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="run the HTTP server (official API)")
     # Server environment variables are parsed only for serve, so a bad one cannot break the client.
     add_server_arguments(serve_parser, None if command == "serve" else {})
+    ray_parser = commands.add_parser("ray", help="run the HTTP server as a Ray Serve deployment (cosyserve[ray])")
+    add_server_arguments(ray_parser, None if command == "ray" else {})
+    from cosyserve.deploy import ray_serve  # imports Ray only when it runs
+
+    ray_serve.add_arguments(ray_parser)
     client_parser = commands.add_parser("client", help="call a running server and write a WAV file")
     add_client_arguments(client_parser)
     bench_parser = commands.add_parser("bench", help="measure per-stage speed and memory")
@@ -319,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv[0] if argv else None).parse_args(argv)
         if args.command == "serve":
             return serve(settings_from_args(args))
+        if args.command == "ray":
+            from cosyserve.deploy import ray_serve
+
+            return ray_serve.run(settings_from_args(args), args)
         if args.command == "client":
             return run_client(args)
         from cosyserve import bench

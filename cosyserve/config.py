@@ -2,8 +2,8 @@
 
 The official files are HyperPyYAML: ``!new:`` / ``!name:`` / ``!apply:`` tags name Python
 objects to import and call. We parse those tags into inert :class:`Node` records, resolve
-``!ref`` substitutions ourselves, and let each model family build its own modules from the
-numbers. Nothing is imported or called based on the file's contents.
+``!ref`` substitutions ourselves, and let each model family read its numbers from the records
+(``cosyserve/models/<family>/config.py``). Nothing is imported or called based on the file's contents.
 """
 
 from __future__ import annotations
@@ -150,18 +150,3 @@ def load_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict
         return parse_yaml(text, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from exc
-
-
-def expect_node(config: dict[str, Any], key: str, *classes: str) -> Node:
-    """Return ``config[key]`` as a Node whose class is one of ``classes`` (or raise)."""
-    value = config.get(key)
-    if not isinstance(value, Node):
-        raise ConfigError(f"key '{key}' must be a !new: object")
-    if classes and value.cls not in classes:
-        raise ConfigError(f"key '{key}': unsupported class {value.target} (expected {' or '.join(classes)})")
-    return value
-
-
-def node_kwargs(node: Node, *allowed: str, path: str = "") -> dict[str, Any]:
-    """Keyword arguments of ``node`` limited to ``allowed`` keys (the numbers a module needs)."""
-    return {k: v for k, v in node.args.items() if k in allowed}

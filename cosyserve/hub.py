@@ -95,10 +95,15 @@ def asset_path(name: str, local: str | Path | None = None, download: bool = True
                 return path
             if path != cached:
                 raise AssetError(f"{path} does not have the sha256 of {name} ({asset.sha256})")
+    looked = f"looked in {', '.join(str(c) for c in candidates)}"
     if not download:
+        raise AssetError(f"asset {name} not found ({looked}); downloads are disabled. {_how_to_provide(asset)}")
+    # An offline machine fails here at once instead of inside urlopen (whose DNS lookup has no timeout);
+    # behind a proxy only urlopen can tell.
+    proxied = urllib.parse.urlparse(asset.url).scheme in urllib.request.getproxies()
+    if not proxied and (reason := _reachable(asset.url, min(timeout, 5.0))):
         raise AssetError(
-            f"asset {name} not found (looked in {', '.join(str(c) for c in candidates)}); "
-            f"set COSYSERVE_ASSETS_DIR to a folder holding it or allow the download from {asset.url}"
+            f"asset {name} not found ({looked}) and cannot be downloaded: {reason}. {_how_to_provide(asset)}"
         )
     cached.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=f".{name}.")
@@ -113,10 +118,19 @@ def asset_path(name: str, local: str | Path | None = None, download: bool = True
     except AssetError:
         raise
     except Exception as exc:
-        raise AssetError(f"cannot download {name} from {asset.url}: {exc}") from exc
+        raise AssetError(f"cannot download {name} from {asset.url}: {exc}. {_how_to_provide(asset)}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return cached
+
+
+def _how_to_provide(asset: Asset) -> str:
+    """What an offline user does instead of the download."""
+    return (
+        f"To provide it: fetch {asset.url} on a machine that can ({asset.size} bytes, "
+        f"sha256 {asset.sha256}), put it as '{asset.name}' in a folder and start with "
+        f"COSYSERVE_ASSETS_DIR=<that folder>, or copy it to {cache_dir() / 'assets' / asset.name}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +152,11 @@ _IGNORE_PATTERNS = [
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_HOSTS = {"modelscope": "https://www.modelscope.cn", "huggingface": "https://huggingface.co"}
+
+
+def is_hub_id(text: str) -> bool:
+    """``owner/name`` as the hubs spell model ids, and not a local directory of that relative name."""
+    return _HUB_ID.match(text) is not None and not Path(text).expanduser().is_dir()
 
 
 def detect_family(model_dir: Path) -> str:
@@ -224,7 +243,7 @@ def resolve_model_dir(
     text = str(model)
     if path.exists():
         raise ModelLoadError(f"{text} is not a directory (a model is a directory holding a cosyvoice*.yaml)")
-    if not _HUB_ID.match(text):
+    if not is_hub_id(text):
         raise ModelLoadError(f"model directory {text} does not exist and is not a hub id like iic/CosyVoice-300M")
     errors = []
     for name in _hub_for(text, hub):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from cosyserve.precision import parse_dtypes
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 TEXT_FRONTENDS = ("auto", "wetext", "none")
+# Default body of the official routes: wav (a header, then the official server's samples) or pcm
+# (raw int16, byte-identical to the official server, for clients written against it).
+OFFICIAL_FORMATS = ("wav", "pcm")
 # Output sample rates a client may ask for (telephony to studio); every route resamples to them.
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 
@@ -28,11 +32,47 @@ class SettingsError(ValueError):
     """A flag or environment value that cannot be used."""
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``--model_dir`` entry: ``[name=]path_or_hub_id``."""
+
+    source: str  # local directory, ModelScope id or Hugging Face id
+    name: str = ""  # the name clients use; empty: the model's id (hub id, else directory name)
+
+
+def parse_model_specs(text: str) -> tuple[ModelSpec, ...]:
+    """``v1=iic/CosyVoice-300M-SFT,/models/CosyVoice2-0.5B`` -> the models, in order.
+
+    ``name=`` is taken as a name only when it looks like one (a path may hold '=' after a '/').
+    """
+    specs = []
+    for item in _comma_list(text):
+        name, sep, source = item.partition("=")
+        if sep and "/" not in name and "\\" not in name:
+            if not _MODEL_NAME.match(name.strip()):
+                raise SettingsError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+            specs.append(ModelSpec(source.strip(), name.strip()))
+        else:
+            specs.append(ModelSpec(item))
+    if not specs or any(not spec.source for spec in specs):
+        raise SettingsError("model_dir needs a model directory or hub id for every entry")
+    names = [spec.name.lower() for spec in specs if spec.name]
+    if len(set(names)) != len(names):
+        raise SettingsError("model names given with name=... must be unique")
+    return tuple(specs)
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 50000
+    # One model or several, comma-separated, each ``[name=]path_or_hub_id`` (see ``models``).
     model_dir: str = "iic/CosyVoice-300M"
+    default_model: str = ""  # the model of tts-1 / tts-1-hd and of requests naming none; empty: the first
+    lazy_load: bool = False  # load each model on its first request instead of at start-up
     # CUDA device index; None picks cuda:0 when CUDA is there (else the CPU), -1 forces the CPU.
     gpu: int | None = None
     threads: int = 0  # torch intra-op and onnxruntime threads of the engine; 0: every core of the machine
@@ -56,12 +96,21 @@ class Settings:
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
     text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
+    official_format: str = "wav"  # /inference_* without a format field: wav | pcm (as the official server)
     # Accepted API keys; empty: no authentication. Never in the repr, so never in a log line.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Paths open without a key; an entry ending in '*' is a prefix.
     auth_exempt: tuple[str, ...] = ("/health", "/metrics")
 
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        return parse_model_specs(self.model_dir)
+
     def __post_init__(self) -> None:
+        specs = self.models  # raises on a malformed list
+        if self.default_model and not any(self.default_model in (s.name, s.source) for s in specs):
+            given = ", ".join(s.name or s.source for s in specs)
+            raise SettingsError(f"default_model {self.default_model!r} is not one of the models: {given}")
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is not in 1..65535")
         try:
@@ -82,6 +131,8 @@ class Settings:
             raise SettingsError("max upload size must be positive")
         if self.text_frontend not in TEXT_FRONTENDS:
             raise SettingsError(f"text frontend {self.text_frontend!r} is not one of {', '.join(TEXT_FRONTENDS)}")
+        if self.official_format not in OFFICIAL_FORMATS:
+            raise SettingsError(f"official format {self.official_format!r} is not one of {', '.join(OFFICIAL_FORMATS)}")
         if not self.llm_weights or Path(self.llm_weights).name != self.llm_weights:
             raise SettingsError(f"llm_weights {self.llm_weights!r} must be a file name inside the model directory")
         if self.log_level not in LOG_LEVELS:
@@ -216,9 +267,27 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     opt("port", "port to listen on (default %(default)s)", int, d.port, type=int)
     opt(
         "model_dir",
-        "local model directory, ModelScope id or Hugging Face id (default %(default)s)",
+        "local model directory, ModelScope id or Hugging Face id, optionally name=...; repeat to serve several "
+        "models (the env twin takes a comma-separated list) (default %(default)s)",
+        _comma_list,
+        _comma_list(d.model_dir),
+        action=_AppendOverDefault,
+        metavar="[NAME=]MODEL",
+    )
+    opt(
+        "default_model",
+        "model (name or --model_dir value) that tts-1 and requests naming no model use (default: the first)",
         str,
-        d.model_dir,
+        d.default_model,
+    )
+    opt(
+        "lazy_load",
+        "load each model on its first request instead of at start-up",
+        _parse_bool,
+        d.lazy_load,
+        type=_parse_bool,
+        nargs="?",
+        const=True,
     )
     opt("gpu", "CUDA device index, -1 for the CPU (default: cuda:0 when available, else the CPU)", int, d.gpu, type=int)
     opt(
@@ -318,6 +387,15 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         choices=TEXT_FRONTENDS,
     )
     opt(
+        "official_format",
+        "body of the official /inference_* routes when a request names no format: wav, or pcm for raw int16 "
+        "byte-identical to the official server (default %(default)s)",
+        str.lower,
+        d.official_format,
+        type=str.lower,
+        choices=OFFICIAL_FORMATS,
+    )
+    opt(
         "api_key",
         "API key clients must send (Authorization: Bearer KEY); repeat for several; the env twin takes a "
         "comma-separated list (default: none, no authentication)",
@@ -341,7 +419,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         host=args.host,
         port=int(args.port),
-        model_dir=args.model_dir,
+        model_dir=",".join(args.model_dir) if isinstance(args.model_dir, (list, tuple)) else args.model_dir,
+        default_model=args.default_model,
+        lazy_load=bool(args.lazy_load),
         gpu=None if args.gpu is None else int(args.gpu),
         threads=int(args.threads),
         dtype=args.dtype,
@@ -360,6 +440,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue=int(args.max_queue),
         llm_weights=args.llm_weights,
         text_frontend=args.text_frontend,
+        official_format=args.official_format,
         api_keys=tuple(args.api_key) + (read_api_key_file(args.api_key_file) if args.api_key_file else ()),
         auth_exempt=_comma_list(args.auth_exempt),
     )

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Where the engine tests put the models: cpu here; scripts/gpu_check.sh runs them on cuda.
+TEST_DEVICE = os.environ.get("COSYSERVE_TEST_DEVICE", "cpu")
 
 
 def golden_root() -> Path:

@@ -16,7 +16,7 @@ from cosyserve.api.deps import InFlight, error_response, request_id, server_stat
 from cosyserve.api.metrics import AUDIO_SCOPE_KEY
 from cosyserve.audio.encode import make_encoder, output_rate
 from cosyserve.audio.resample import OutputResampler
-from cosyserve.engine.client import AudioStream
+from cosyserve.engine.client import AudioStream, EngineClient
 from cosyserve.engine.request import SynthesisRequest
 from cosyserve.errors import GenerationFailed
 
@@ -24,6 +24,8 @@ logger = logging.getLogger("cosyserve.api")
 
 # Formats whose header holds the length: sent whole (exact header) unless the client asked to stream.
 LENGTH_IN_HEADER = ("wav", "flac")
+# Formats whose body carries 16-bit little-endian samples as such (compressed ones do not).
+PCM_SAMPLE_FORMATS = ("wav", "pcm")
 
 
 class AudioResponse(Response):
@@ -54,15 +56,10 @@ class AudioResponse(Response):
         self.sent = False  # the whole response is out
         self.resampler = OutputResampler(sample_rate, self.sample_rate)
         self.encoder = make_encoder(fmt, self.sample_rate)
-        super().__init__(
-            media_type=self.body_media_type(),
-            headers={
-                "X-Sample-Rate": str(self.sample_rate),
-                "X-Channels": "1",
-                "X-Sample-Format": "s16le",
-                "Cache-Control": "no-store",
-            },
-        )
+        headers = {"X-Sample-Rate": str(self.sample_rate), "X-Channels": "1", "Cache-Control": "no-store"}
+        if fmt in PCM_SAMPLE_FORMATS:  # only where the body holds the samples as they are
+            headers["X-Sample-Format"] = "s16le"
+        super().__init__(media_type=self.body_media_type(), headers=headers)
 
     def body_media_type(self) -> str:
         return self.encoder.media_type
@@ -169,15 +166,17 @@ async def start_generation(
     *,
     buffered: bool | None = None,
     response_class: type[AudioResponse] = AudioResponse,
+    engine: EngineClient | None = None,
 ) -> AudioResponse:
     """Submit ``synthesis`` to the engine and wrap its audio in a response; the engine's validation
     errors (and ServerBusy) propagate as HTTP errors before any byte is sent.
 
     ``sample_rate``: the rate to send (None: the model's, or the nearest the format takes);
-    ``buffered`` (None: formats with the length in their header, unless streaming).
+    ``buffered`` (None: formats with the length in their header, unless streaming); ``engine``: the
+    model's (None: the default model's).
     """
     state = server_state(request)
-    engine = state.require_engine()
+    engine = engine or state.require_engine()
     fmt = fmt.lower()
     model_rate = engine.info.sample_rate
     rate = output_rate(fmt, sample_rate, model_rate)  # a bad format / rate fails before any work

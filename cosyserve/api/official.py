@@ -9,6 +9,7 @@ is a 4xx JSON error instead of a truncated 200.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -102,10 +103,16 @@ FIELD_DOCS = {
     "stream": "Token-level streaming: audio starts after the first chunk of speech tokens instead of whole sentences.",
     "speed": "Speaking rate factor (1.0 = normal).",
     "seed": "Random seed: the same request with the same seed gives the same audio.",
-    "format": "wav (default; header then 16-bit PCM), pcm (raw int16 little-endian, as the official server), "
-    "mp3, opus (Ogg), flac, or aac (if the server has PyAV).",
+    "format": "wav (default; header then 16-bit PCM), pcm (raw int16 little-endian, as the official server; "
+    "the default when the server runs with --official_format pcm), mp3, opus (Ogg), flac, or aac (if the server "
+    "has PyAV).",
     "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
 }
+# Not among the documented fields (servers with one model have nothing to choose): said in each description.
+MODEL_NOTE = (
+    " On a server with several models, an optional field (or query parameter) model names the one to use "
+    "(its name, id or family, as GET /v1/models lists them); without it the default model answers."
+)
 
 
 # The engine request field each form field fills.
@@ -129,7 +136,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole request body, refused as soon as it passes ``max_bytes``."""
     too_large = PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if _ASCII_INTEGER.fullmatch(declared) and (len(declared) > 18 or int(declared) > max_bytes):
         raise too_large
     body = bytearray()
     try:
@@ -199,7 +206,7 @@ def text_field(fields: Fields, name: str, max_length: int) -> str:
 
 def check_audio(name: str, data: bytes) -> Audio:
     try:
-        wave, sr = decode_audio(data)
+        wave, sr = decode_audio(data, max_seconds=MAX_PROMPT_SECONDS)
     except AudioError as exc:
         raise AudioError(f"{name}: {exc.message}", param=name) from exc
     except Exception as exc:  # a decoder crash on hostile input is still the input's fault
@@ -226,6 +233,30 @@ async def audio_field(fields: Fields, name: str) -> Audio:
     return await anyio.to_thread.run_sync(check_audio, name, data)
 
 
+MAX_SEED = 2**63 - 1
+MAX_SAMPLE_RATE = 10**6  # far above every output rate; the format check names the ones it takes
+# Numbers from a query string or a form field are ASCII: str.isdigit() and float() also take other
+# scripts' digits, and "²" passes isdigit() but not int().
+_ASCII_INTEGER = re.compile(r"[0-9]+", re.ASCII)
+_ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def parse_integer(raw: str, name: str, maximum: int, what: str) -> int:
+    """A field's non-negative decimal integer, at most ``maximum``; anything else is a 400 naming ``what``."""
+    # The length check comes first: int() refuses strings of over 4300 digits with a ValueError.
+    if not _ASCII_INTEGER.fullmatch(raw) or len(raw) > len(str(maximum)) or int(raw) > maximum:
+        raise InvalidRequest(f"{name} must be {what}, not {raw!r}", param=name)
+    return int(raw)
+
+
+def parse_number(raw: str, name: str, what: str) -> float:
+    """A field's finite decimal number (no inf / nan / non-ASCII digits); anything else is a 400."""
+    value = float(raw) if len(raw) <= 64 and _ASCII_NUMBER.fullmatch(raw) else math.nan
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be {what}, not {raw!r}", param=name)
+    return value
+
+
 def _option(fields: Fields, name: str) -> str | None:
     value = fields.get(name)
     if isinstance(value, UploadFile):
@@ -233,8 +264,8 @@ def _option(fields: Fields, name: str) -> str | None:
     return value.strip() if value is not None and value.strip() else None
 
 
-def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
-    """``({stream, speed, seed}, format)`` from the optional fields."""
+def parse_options(fields: Fields, default_format: str = "wav") -> tuple[dict[str, Any], str]:
+    """``({stream, speed, seed}, format)`` from the optional fields; ``default_format`` when none is named."""
     stream = False
     if (raw := _option(fields, "stream")) is not None:
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
@@ -242,18 +273,13 @@ def parse_options(fields: Fields) -> tuple[dict[str, Any], str]:
         stream = raw.lower() in ("true", "1", "yes", "on")
     speed = 1.0
     if (raw := _option(fields, "speed")) is not None:
-        try:
-            speed = float(raw)
-        except ValueError:
-            speed = math.nan
-        if not math.isfinite(speed) or speed <= 0:
+        speed = parse_number(raw, "speed", "a positive number")
+        if speed <= 0:
             raise InvalidRequest(f"speed must be a positive number, not {raw!r}", param="speed")
     seed = None
     if (raw := _option(fields, "seed")) is not None:
-        if not raw.isdigit() or int(raw) >= 2**63:
-            raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {raw!r}", param="seed")
-        seed = int(raw)
-    fmt = (_option(fields, "format") or "wav").lower()
+        seed = parse_integer(raw, "seed", MAX_SEED, "an integer in 0..2^63-1")
+    fmt = (_option(fields, "format") or default_format).lower()
     if fmt not in ENCODERS:
         raise InvalidRequest(f"format must be one of {', '.join(ENCODERS)}, not {fmt!r}", param="format")
     return {"stream": stream, "speed": speed, "seed": seed}, fmt
@@ -264,9 +290,7 @@ def parse_sample_rate(fields: Fields) -> int | None:
     raw = _option(fields, "sample_rate")
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise InvalidRequest(f"sample_rate must be an integer number of Hz, not {raw!r}", param="sample_rate")
-    return int(raw)
+    return parse_integer(raw, "sample_rate", MAX_SAMPLE_RATE, "an integer number of Hz")
 
 
 def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple[str, ...]]:
@@ -281,16 +305,19 @@ def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple
 
 async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     state = server_state(request)
-    engine = state.require_engine()
-    check_mode(engine, endpoint.mode)
+    if len(state.slots) == 1 or "model" in request.query_params:
+        # A mode the model cannot serve is refused before the uploads are read (a form's model is not known yet).
+        check_mode(await state.engine_for(request.query_params.get("model")), endpoint.mode)
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
+        engine = await state.engine_for(_option(fields, "model"))
+        check_mode(engine, endpoint.mode)
         spk_id, replaced = _voice_option(fields, endpoint)
         values: dict[str, Any] = {
             REQUEST_FIELDS[name]: None if name in replaced else text_field(fields, name, state.settings.max_text_length)
             for name in endpoint.texts
         }
-        options, fmt = parse_options(fields)
+        options, fmt = parse_options(fields, state.settings.official_format)
         sample_rate = parse_sample_rate(fields)
         for name in endpoint.audios:
             values[REQUEST_FIELDS[name]] = None if name in replaced else await audio_field(fields, name)
@@ -301,17 +328,25 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
             if isinstance(value, UploadFile):
                 await value.close()
     synthesis = SynthesisRequest(endpoint.mode, options=GenerationOptions(**options), **values)
-    return await start_generation(request, endpoint.path.lstrip("/"), synthesis, fmt, sample_rate)
+    return await start_generation(request, endpoint.path.lstrip("/"), synthesis, fmt, sample_rate, engine=engine)
+
+
+# What text_field accepts: something besides white space (schema-driven clients must not send "").
+NON_BLANK_TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": r"\S"}
 
 
 def _schema(name: str) -> dict[str, Any]:
     if name.endswith("_wav"):
         return {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
     return {
+        "tts_text": NON_BLANK_TEXT,
+        "prompt_text": NON_BLANK_TEXT,
+        "instruct_text": NON_BLANK_TEXT,
+        "spk_id": NON_BLANK_TEXT,
         "stream": {"type": "boolean", "default": False},
         "speed": {"type": "number", "default": 1.0, "exclusiveMinimum": 0},
-        "seed": {"type": "integer", "minimum": 0},
-        "format": {"type": "string", "enum": list(ENCODERS), "default": "wav"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "format": {"type": "string", "enum": list(ENCODERS)},
         "sample_rate": {"type": "integer", "enum": list(OUTPUT_RATES)},
     }.get(name, {"type": "string"})
 
@@ -403,7 +438,7 @@ for _endpoint in ENDPOINTS:
             _handler(_endpoint),
             methods=[_method],
             summary=_endpoint.summary,
-            description=_endpoint.summary + (_get_note if _method == "GET" else ""),
+            description=_endpoint.summary + (_get_note if _method == "GET" else "") + MODEL_NOTE,
             operation_id=f"inference_{_endpoint.mode}_{_method.lower()}",
             response_class=Response,
             responses=_RESPONSES,

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Send
 
 from cosyserve.api.audio_response import AudioResponse, start_generation
-from cosyserve.api.deps import MalformedBody, error_body, error_response, server_state
+from cosyserve.api.deps import OPENAI_MODELS, MalformedBody, error_body, server_state
 from cosyserve.api.official import check_audio, check_mode, read_body
 from cosyserve.api.voices import voice_object
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
@@ -39,7 +39,6 @@ from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions
 from cosyserve.errors import GenerationFailed, InvalidRequest, TextError, UnknownSpeaker
 from cosyserve.settings import Settings
 
-OPENAI_MODELS = ("tts-1", "tts-1-hd")
 # fmt: off
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
                  "marin", "cedar")
@@ -52,8 +51,13 @@ class SpeechRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field("tts-1", description="tts-1, tts-1-hd, gpt-4o-mini-tts or the loaded model's name.")
-    input: str = Field(description="Text to speak.")
+    model: str = Field(
+        "tts-1",
+        description="A served model's name, id or family (GET /v1/models); tts-1, tts-1-hd and gpt-4o-mini-tts "
+        "reach the default model.",
+    )
+    # The schema says what _text enforces (not pydantic, whose message would be less clear than ours).
+    input: str = Field(description="Text to speak.", json_schema_extra={"minLength": 1, "pattern": r"\S"})
     voice: str | dict[str, str] | None = Field(
         None,
         description="A built-in speaker, a stored voice id or an OpenAI voice name (GET /v1/audio/voices); "
@@ -80,28 +84,7 @@ class SpeechRequest(BaseModel):
     stream: bool = Field(False, description="Extension: token-level streaming (first audio sooner).")
 
 
-# -- model names ----------------------------------------------------------------------------------
-
-
-def _normalized(name: str) -> str:
-    # Hub caches rewrite names (ModelScope stores CosyVoice2-0.5B as CosyVoice2-0___5B): compare loosely.
-    return re.sub(r"[^a-z0-9]", "", name.rsplit("/", 1)[-1].lower())
-
-
-def model_id(engine: Any, settings: Settings) -> str:
-    """The loaded model's name: the hub id it was started with, else its directory name."""
-    directory = engine.info.name
-    if settings.model_dir and _normalized(settings.model_dir) == _normalized(directory):
-        return settings.model_dir
-    return directory
-
-
-def serves_model(name: str, engine: Any, settings: Settings) -> bool:
-    lowered = name.strip().lower()
-    if lowered in OPENAI_MODELS or lowered.startswith("gpt-4o-mini-tts"):
-        return True
-    wanted = _normalized(lowered)
-    return wanted in (_normalized(model_id(engine, settings)), _normalized(engine.info.family))
+# -- models ---------------------------------------------------------------------------------------
 
 
 def _model_card(name: str, owner: str) -> dict[str, Any]:
@@ -281,12 +264,9 @@ _SPEECH_DOC = {
 )
 async def create_speech(request: Request) -> Response:
     state = server_state(request)
-    engine, settings = state.require_engine(), state.settings
+    settings = state.settings
     req = parse_request(await read_body(request, settings.max_upload_bytes))
-    if not serves_model(req.model, engine, settings):
-        names = ", ".join((model_id(engine, settings), *OPENAI_MODELS))
-        message = f"model '{req.model}' is not served here; use one of: {names}"
-        return error_response(message, "model_not_found", 404, "model")
+    engine = await state.engine_for(req.model)
     text = _text(req.input, settings.max_text_length)
     fmt = req.response_format.strip().lower()
     rate = req.sample_rate or (settings.pcm_sample_rate if fmt == "pcm" else None)
@@ -320,6 +300,7 @@ async def create_speech(request: Request) -> Response:
         rate,
         buffered=False if sse else None,
         response_class=SpeechEvents if sse else AudioResponse,
+        engine=engine,
     )
     response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
     if isinstance(response, SpeechEvents):
@@ -332,28 +313,31 @@ async def create_speech(request: Request) -> Response:
 @router.get("/v1/models", summary="The models /v1/audio/speech accepts (OpenAI list shape).")
 async def list_models(request: Request) -> dict[str, Any]:
     state = server_state(request)
-    own = model_id(state.require_engine(), state.settings)
-    return {
-        "object": "list",
-        "data": [_model_card(own, "cosyserve")] + [_model_card(n, "openai") for n in OPENAI_MODELS],
-    }
+    if not state.settings.lazy_load:
+        state.require_engine()  # 503 while the default model loads
+    own = [_model_card(slot.model_id, "cosyserve") for slot in state.slots]
+    return {"object": "list", "data": own + [_model_card(n, "openai") for n in OPENAI_MODELS]}
 
 
-@router.get("/v1/models/{name:path}", summary="One model of GET /v1/models.")
+@router.get(
+    "/v1/models/{name:path}",
+    summary="One model of GET /v1/models.",
+    responses={404: {**_ERROR, "description": "Not a model this server serves (OpenAI error shape)."}},
+)
 async def get_model(name: str, request: Request) -> JSONResponse:
     state = server_state(request)
-    engine = state.require_engine()
+    if not state.settings.lazy_load:
+        state.require_engine()
     if name.lower() in OPENAI_MODELS:
         return JSONResponse(_model_card(name.lower(), "openai"))
-    if serves_model(name, engine, state.settings):
-        return JSONResponse(_model_card(model_id(engine, state.settings), "cosyserve"))
-    return error_response(f"model '{name}' is not served here", "model_not_found", 404, "model")
+    return JSONResponse(_model_card(state.find(name).model_id, "cosyserve"))
 
 
 @router.get(
     "/v1/audio/voices",
-    summary='Voices for /v1/audio/speech: {"voices": [{"id", "name", "kind"}]} (kind: speaker, clone, alias).',
+    summary='Voices for /v1/audio/speech: {"voices": [{"id", "name", "kind"}]} (kind: speaker, clone, alias); '
+    "those of the default model, or of ?model=.",
 )
-async def list_voices(request: Request) -> dict[str, list[dict[str, Any]]]:
+async def list_voices(request: Request, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
     state = server_state(request)
-    return {"voices": voice_list(state.require_engine(), state.settings)}
+    return {"voices": voice_list(await state.engine_for(model), state.settings)}

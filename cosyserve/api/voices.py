@@ -45,6 +45,11 @@ _CREATE_DOC = {
                             "format": "binary",
                             "description": "The recording: any common audio format, 0.5 to 30 s, at least 16 kHz.",
                         },
+                        "model": {
+                            "type": "string",
+                            "description": "The served model that makes the voice (default: the default model); "
+                            "the voice serves the models of its family and token rate.",
+                        },
                         "ref_text": {
                             "type": "string",
                             "description": "Transcript of the recording. Without it the voice serves every mode "
@@ -103,9 +108,10 @@ def _optional_text(fields: dict[str, Any], name: str, max_length: int) -> str | 
 )
 async def create_voice(request: Request) -> JSONResponse:
     state = server_state(request)
-    engine = state.require_engine()
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
+        model = fields.get("model")
+        engine = await state.engine_for(model if isinstance(model, str) else None)  # the voice is made by it
         name = text_field(fields, "name", state.settings.max_text_length)
         # Invalid, taken or over the cap: answered before the recording is decoded and analysed.
         name = await anyio.to_thread.run_sync(engine.voices.check_new, name)
@@ -127,12 +133,12 @@ async def create_voice(request: Request) -> JSONResponse:
 
 @router.get(
     "/v1/audio/voices/{voice_id:path}",
-    summary="A voice's metadata: stored voices (any model family; usable says whether this model can use it) "
-    "and built-in speakers.",
+    summary="A voice's metadata: stored voices (any model family; usable says whether the model, the default "
+    "one or ?model=, can use it) and built-in speakers.",
     responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
 )
-async def get_voice(voice_id: str, request: Request) -> dict[str, Any]:
-    store = server_state(request).require_engine().voices
+async def get_voice(voice_id: str, request: Request, model: str | None = None) -> dict[str, Any]:
+    store = (await server_state(request).engine_for(model)).voices
     voice_id = _checked_id(store, voice_id)
     info = await anyio.to_thread.run_sync(store.info, voice_id, "voice_id")
     return voice_object(info, store)
@@ -143,8 +149,8 @@ async def get_voice(voice_id: str, request: Request) -> dict[str, Any]:
     summary="Delete a stored voice (of any model family); built-in speakers are read-only.",
     responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
 )
-async def delete_voice(voice_id: str, request: Request) -> dict[str, Any]:
-    store = server_state(request).require_engine().voices
+async def delete_voice(voice_id: str, request: Request, model: str | None = None) -> dict[str, Any]:
+    store = (await server_state(request).engine_for(model)).voices
     voice_id = _checked_id(store, voice_id)
     info = await anyio.to_thread.run_sync(store.remove, voice_id)
     return {"id": info.id, "object": "audio.voice.deleted", "deleted": True}

@@ -36,6 +36,7 @@ from .request import GenerationOptions, SynthesisRequest
 from .scheduler import Scheduler, Sequence, new_sequence, run_alone
 from .streaming import Draws, Synthesizer
 from .voice_library import open_voice_library
+from .voice_library.base import VoiceBackend
 from .voices import DEFAULT_MAX_VOICES, Voice, VoiceStore, read_spk2info
 
 _MODE_HINTS = {
@@ -316,9 +317,13 @@ def load_model(
     device: str = "cpu",
     hub: str = "auto",
     options: EngineOptions | None = None,
+    library: VoiceBackend | None = None,
     **option_overrides: Any,
 ) -> TTSModel:
-    """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...)."""
+    """Load a model directory or hub id (``iic/CosyVoice-300M``, ``FunAudioLLM/CosyVoice2-0.5B``...).
+
+    ``library``: the voice library to use, shared by the models of one server (None: one opened on
+    ``options.data_dir``)."""
     options = options or EngineOptions(**option_overrides)
     if options.threads:
         # One setting for every kernel: the engine is the only thing computing in this process.
@@ -367,7 +372,7 @@ def load_model(
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
-    library = open_voice_library(options.voice_store, options.data_dir, options.max_voices)
+    library = library or open_voice_library(options.voice_store, options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt")
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)

@@ -84,6 +84,9 @@ class PromptCondition:
     feat: torch.Tensor
     embedding: torch.Tensor
 
+    def to(self, device: torch.device) -> PromptCondition:
+        return PromptCondition(self.token.to(device), self.feat.to(device), self.embedding.to(device))
+
 
 class Synthesizer:
     """Base class: pulls tokens and turns them into float32 audio chunks."""
@@ -93,7 +96,9 @@ class Synthesizer:
     ) -> None:
         self.model = model
         self.stream = stream
-        self.condition = condition
+        # Every tensor this state makes lives where the flow's weights are (the one place inputs move).
+        self.device = next(model.flow.parameters()).device
+        self.condition = condition.to(self.device)
         self.draws = draws
         self.speed = speed
         self.hift_cache: dict[str, torch.Tensor] | None = None
@@ -168,10 +173,10 @@ class V1Synthesizer(Synthesizer):
         frame_rate = model.token_frame_rate
         self.token_hop = 2 * frame_rate
         self.mel_overlap = int(self.TOKEN_OVERLAP / frame_rate * model.sample_rate / model.hop_size)
-        self.mel_window = hamming(2 * self.mel_overlap)
+        self.mel_window = hamming(2 * self.mel_overlap).to(self.device)
         self.mel_cache = 20
         self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache)
+        self.speech_window = hamming(2 * self.source_cache).to(self.device)
         self.flow_cache: torch.Tensor | None = None
         self.mel_tail: torch.Tensor | None = None
         self.pending: list[int] = []
@@ -181,7 +186,7 @@ class V1Synthesizer(Synthesizer):
         mel, self.flow_cache = self.timed(
             "flow",
             self.model.flow.inference,
-            torch.tensor([tokens], dtype=torch.int32),
+            torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
             c.embedding,
@@ -234,7 +239,7 @@ class V2Synthesizer(Synthesizer):
         self.mel_ratio = model.token_mel_ratio
         self.mel_cache = 8
         self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache)
+        self.speech_window = hamming(2 * self.source_cache).to(self.device)
         self.kept: list[int] = []  # the ids the flow sees
         self.offset = 0  # tokens already turned into audio
         prompt_len = condition.token.shape[1]
@@ -245,7 +250,7 @@ class V2Synthesizer(Synthesizer):
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
-        args = (torch.tensor([tokens], dtype=torch.int32), c.token, c.feat, c.embedding)
+        args = (torch.tensor([tokens], dtype=torch.int32, device=self.device), c.token, c.feat, c.embedding)
         if self.flow_state is None:
             mel = self.timed("flow", self.model.flow.inference, *args, streaming=streaming, finalize=finalize)
         else:
@@ -298,7 +303,7 @@ class V3Synthesizer(V2Synthesizer):
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
     ) -> None:
         super().__init__(model, condition, draws, speed, stream)
-        self.mel = torch.zeros(1, 80, 0)
+        self.mel = torch.zeros(1, 80, 0, device=self.device)
         self.samples_out = 0
         self.token_filter = model.new_token_filter()
         self.hift_state = model.hift.stream_state() if stream and hasattr(model.hift, "stream_state") else None

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from cosyserve.config import Node
 
 # --- Slaney mel filterbank (librosa.filters.mel with htk=False, norm="slaney") -------------------
 
@@ -175,15 +172,6 @@ class MelExtractor:
         basis = slaney_mel_filters(self.sampling_rate, self.n_fft, self.num_mels, self.fmin, self.fmax)
         self.mel_basis = torch.from_numpy(basis.copy())  # (num_mels, n_fft // 2 + 1)
         self.window = torch.hann_window(self.win_size)
-
-    @classmethod
-    def from_node(cls, node: Node | dict[str, Any], sample_rate: int | None = None) -> MelExtractor:
-        """Build from the yaml ``feat_extractor`` node (or its args); ``sample_rate`` fills a missing rate."""
-        args = dict(node.args if isinstance(node, Node) else node)
-        if "sampling_rate" not in args and sample_rate is not None:
-            args["sampling_rate"] = sample_rate
-        keys = ("n_fft", "num_mels", "sampling_rate", "hop_size", "win_size", "fmin", "fmax", "center")
-        return cls(**{k: args[k] for k in keys if k in args})
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         """(1, N) float at ``sampling_rate`` -> (1, num_mels, T) natural-log mel, T = N // hop (center=False)."""

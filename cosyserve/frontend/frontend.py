@@ -9,14 +9,12 @@ int32 (1, L), the prompt mel float32 (1, T, 80), embeddings float32 (1, 192), al
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
 
 from cosyserve.audio.io import AudioInput, decode_audio, to_mono
-from cosyserve.config import ConfigError, Node
 from cosyserve.errors import AudioError, InvalidRequest, UnsupportedMode
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
@@ -26,13 +24,6 @@ TOKENIZER_SR = 16000
 REFERENCE_PROMPT_MEL_SR = 24000
 PROMPT_MEL_RATES = ("model", "reference")
 VERSIONS = ("v1", "v2", "v3")
-# The reference picks the speech tokenizer file by model class (the 25 Hz v1 model uses v1's name).
-SPEECH_TOKENIZER_FILES = {
-    "v1": "speech_tokenizer_v1.onnx",
-    "v2": "speech_tokenizer_v2.onnx",
-    "v3": "speech_tokenizer_v3.onnx",
-}
-SPEAKER_ENCODER_FILE = "campplus.onnx"
 
 # Fields of a processed prompt / stored zero-shot speaker that describe the voice.
 PROMPT_FIELDS = (
@@ -241,37 +232,3 @@ def _speaker_embedding(speaker: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if key in speaker:
             return torch.as_tensor(speaker[key]).cpu().to(torch.float32).reshape(1, -1)
     raise InvalidRequest("the speaker entry has no embedding")
-
-
-def load_frontend(
-    model_dir: str | Path,
-    config: dict[str, Any],
-    version: str,
-    tokenizer: _Tokenizer,
-    normalizer: _Normalizer,
-    prompt_mel_rate: str = "model",
-    providers: Sequence[str] | None = None,
-) -> Frontend:
-    """A :class:`Frontend` with the ONNX models of ``model_dir`` and the yaml's ``feat_extractor``.
-
-    Raises ``ModelLoadError`` (naming the file) for a missing or unreadable ONNX model.
-    """
-    if version not in VERSIONS:
-        raise ValueError(f"unknown model version '{version}' (expected one of {', '.join(VERSIONS)})")
-    model_dir = Path(model_dir)
-    node = config.get("feat_extractor")
-    if not isinstance(node, Node):
-        raise ConfigError("the model yaml has no 'feat_extractor' entry")
-    if "sample_rate" not in config:
-        raise ConfigError("the model yaml has no 'sample_rate'")
-    sample_rate = int(config["sample_rate"])
-    return Frontend(
-        version=version,
-        tokenizer=tokenizer,
-        normalizer=normalizer,
-        speech_tokenizer=SpeechTokenizer(model_dir / SPEECH_TOKENIZER_FILES[version], providers),
-        speaker_encoder=SpeakerEncoder(model_dir / SPEAKER_ENCODER_FILE, providers),
-        mel_extractor=MelExtractor.from_node(node, sample_rate),
-        sample_rate=sample_rate,
-        prompt_mel_rate=prompt_mel_rate,
-    )

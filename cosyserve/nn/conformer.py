@@ -3,20 +3,16 @@
 Everywhere in CosyVoice the Conformer runs with the macaron FFN and the convolution module off,
 so both encoder kinds are pre-norm transformer stacks with relative-position attention; they
 differ only in parameter names (norm_mha/norm_ff vs norm1/norm2) and default activation.
-Constructors take exactly the keys of the official yaml: training-only keys are ignored, options
-the reference would honour differently (conv module, other positional encodings...) and unknown
-keys raise ConfigError naming the key.
+Constructors take the sizes only; the yaml's other keys (training-only ones, options fixed to the
+values above) are checked in :mod:`cosyserve.models.config_checks`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.config import ConfigError
 from cosyserve.nn.attention import (
     LayerCache,
     RelPositionalEncoding,
@@ -26,46 +22,14 @@ from cosyserve.nn.attention import (
 )
 from cosyserve.nn.kv_cache import KVCache
 
-_ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU}
-
-# Keys of the reference constructors that change nothing at inference (or are checked below).
-_IGNORED = {
-    "dropout_rate",
-    "positional_dropout_rate",
-    "attention_dropout_rate",
-    "use_dynamic_left_chunk",
-    "gradient_checkpointing",
-    "positionwise_conv_kernel_size",
-    "cnn_module_kernel",
-    "cnn_module_norm",
-    "causal",
-}
-
-# key -> values we can honour; anything else raises ConfigError naming the key.
-_SUPPORTED = {
-    "pos_enc_layer_type": ("rel_pos_espnet",),
-    "selfattention_layer_type": ("rel_selfattn",),
-    "normalize_before": (True,),
-    "use_cnn_module": (False,),
-    "macaron_style": (False,),
-    "use_dynamic_chunk": (False,),
-    "global_cmvn": (None,),
-}
+ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU}
+INPUT_LAYERS = ("linear", "linear_legacy")
 
 
-def _check_options(options: dict[str, Any], owner: str) -> None:
-    for key, value in options.items():
-        if key in _SUPPORTED:
-            if value not in _SUPPORTED[key]:
-                raise ConfigError(f"{owner}: unsupported {key}={value!r} (supported: {_SUPPORTED[key]})")
-        elif key not in _IGNORED:
-            raise ConfigError(f"{owner}: unknown key '{key}'")
-
-
-def _activation(name: str, owner: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ConfigError(f"{owner}: unsupported activation_type={name!r}")
-    return _ACTIVATIONS[name]()
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation_type={name!r}")
+    return ACTIVATIONS[name]()
 
 
 class LinearInput(nn.Module):
@@ -86,9 +50,9 @@ class LinearInput(nn.Module):
         return self.pos_enc(self.out(x))
 
 
-def _input_layer(kind: str, idim: int, odim: int, owner: str) -> LinearInput:
-    if kind not in ("linear", "linear_legacy"):
-        raise ConfigError(f"{owner}: unsupported input_layer={kind!r} (supported: linear, linear_legacy)")
+def _input_layer(kind: str, idim: int, odim: int) -> LinearInput:
+    if kind not in INPUT_LAYERS:
+        raise ValueError(f"unsupported input_layer={kind!r} (supported: {', '.join(INPUT_LAYERS)})")
     return LinearInput(idim, odim, legacy=kind == "linear_legacy")
 
 
@@ -176,20 +140,16 @@ class _Encoder(nn.Module):
         num_blocks: int = 6,
         input_layer: str | None = None,
         static_chunk_size: int = 0,
-        normalize_before: bool = True,
         activation_type: str | None = None,
         key_bias: bool = True,
-        **options: Any,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        _check_options({"normalize_before": normalize_before, **options}, owner)
         activation = activation_type or self.default_activation
         self.output_size = output_size
         self.static_chunk_size = static_chunk_size
-        self.embed = _input_layer(input_layer or self.default_input_layer, input_size, output_size, owner)
+        self.embed = _input_layer(input_layer or self.default_input_layer, input_size, output_size)
         self.encoders = nn.ModuleList(
-            self.layer_class(output_size, attention_heads, linear_units, _activation(activation, owner), key_bias)
+            self.layer_class(output_size, attention_heads, linear_units, _activation(activation), key_bias)
             for _ in range(num_blocks)
         )
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
@@ -225,8 +185,7 @@ class _Encoder(nn.Module):
                 att_mask = torch.ones(t, s, dtype=torch.bool, device=xs.device).tril(cached).unsqueeze(0)
             pos_seq = self.embed.pos_enc.sequence(s - 1, -(t - 1), x)
         else:
-            s = max(cache.lengths) + t
-            att_mask = cache.key_mask(t, xs.device)[:, 0]  # (B, 1, S)
+            s = max(cache.lengths) + t  # a decode batch: attention runs row by row over each row's own keys
             pos_seq = self.embed.pos_enc.sequence(s - 1, 0, x)
         for i, layer in enumerate(self.encoders):
             x = layer(x, att_mask, pos_seq, LayerCache(cache, i))
@@ -310,30 +269,26 @@ class UpsampleConformerEncoder(nn.Module):
         pre_lookahead_len: int = 3,
         up_num_blocks: int = 4,
         input_layer: str = "linear",
-        normalize_before: bool = True,
         activation_type: str = "swish",
         key_bias: bool = True,
-        **options: Any,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        _check_options({"normalize_before": normalize_before, **options}, owner)
         self.output_size = output_size
         self.static_chunk_size = static_chunk_size
-        self.embed = _input_layer(input_layer, input_size, output_size, owner)
+        self.embed = _input_layer(input_layer, input_size, output_size)
         self.pre_lookahead_layer = PreLookaheadLayer(output_size, output_size, pre_lookahead_len)
 
         def layers(n: int) -> nn.ModuleList:
             return nn.ModuleList(
                 ConformerEncoderLayer(
-                    output_size, attention_heads, linear_units, _activation(activation_type, owner), key_bias
+                    output_size, attention_heads, linear_units, _activation(activation_type), key_bias
                 )
                 for _ in range(n)
             )
 
         self.encoders = layers(num_blocks)
         self.up_layer = Upsample1D(output_size, output_size, stride=2)
-        self.up_embed = _input_layer(input_layer, output_size, output_size, owner)
+        self.up_embed = _input_layer(input_layer, output_size, output_size)
         self.up_encoders = layers(up_num_blocks)
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
 

@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyserve.config import ConfigError
-
 
 class SinusPositionEmbedding(nn.Module):
     """Sinusoidal embedding of the flow time t (scaled x1000), [sin, cos] halves."""
@@ -216,7 +214,7 @@ class DiT(nn.Module):
     ) -> None:
         super().__init__()
         if long_skip_connection:
-            raise ConfigError("DiT: long_skip_connection=True is not supported")
+            raise ValueError("DiT: long_skip_connection=True is not supported")
         self.static_chunk_size = static_chunk_size
         self.num_decoding_left_chunks = num_decoding_left_chunks
         self.time_embed = TimestepEmbedding(dim)

@@ -8,12 +8,9 @@ and an unconditional (mu, speaker and prompt zeroed) row in one batch of two.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from cosyserve.config import ConfigError, Node
 
 # The official v2/v3 samplers draw this buffer once at construction: 15000 frames = 300 s of mel
 # at 50 frames/s, from a generator seeded with 0.
@@ -55,14 +52,15 @@ class ConditionalCFM(nn.Module):
         self.n_timesteps = int(n_timesteps)
         self._fixed_noise: Tensor | None = None  # v2/v3 starting noise, built on first use
 
-    def fixed_noise(self, frames: int) -> Tensor:
-        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on the CPU.
+    def fixed_noise(self, frames: int, device: torch.device | str = "cpu") -> Tensor:
+        """The first ``frames`` frames (1, 80, frames) of the v2/v3 fixed noise, on ``device``.
 
-        Built once per module from the private seed-0 generator (module-level :func:`fixed_noise`).
-        Not a buffer, so it stays out of the state dict; callers move the slice to their device.
+        Built once per module and device from the private seed-0 generator (module-level
+        :func:`fixed_noise`), so no call copies it. Not a buffer: it stays out of the state dict.
         """
-        if self._fixed_noise is None:
-            self._fixed_noise = fixed_noise()
+        device = torch.device(device)
+        if self._fixed_noise is None or self._fixed_noise.device != device:
+            self._fixed_noise = fixed_noise().to(device)
         available = self._fixed_noise.size(2)
         if frames > available:
             raise ValueError(
@@ -70,16 +68,6 @@ class ConditionalCFM(nn.Module):
                 f"({available // 50} s of audio); split the text into shorter segments"
             )
         return self._fixed_noise[:, :, :frames]
-
-    @classmethod
-    def from_config(cls, node: Node, estimator: nn.Module) -> ConditionalCFM:
-        """Build from the yaml ``decoder`` node (``ConditionalCFM`` / ``CausalConditionalCFM``)."""
-        params = _cfm_params(node)
-        solver = params.get("solver", "euler")
-        scheduler = params.get("t_scheduler", "cosine")
-        if solver != "euler" or scheduler != "cosine":
-            raise ConfigError(f"{node.target}: only the euler solver on the cosine schedule is supported")
-        return cls(estimator, inference_cfg_rate=params.get("inference_cfg_rate", 0.7))
 
     @torch.no_grad()
     def solve(
@@ -230,13 +218,3 @@ class FlowStream:
             new = cfm.solve_chunk(mu[:, :, start:], spks, cond[:, :, start:], noise[:, :, start:], self.cache)
             self.mel = new if self.mel is None else torch.cat([self.mel, new], dim=2)
         return self.mel[:, :, : mu.size(2)]
-
-
-def _cfm_params(node: Node) -> dict[str, Any]:
-    """The ``cfm_params`` mapping: an ``omegaconf.DictConfig`` node holding ``content``, or a plain dict."""
-    params = node.get("cfm_params", {})
-    if isinstance(params, Node):
-        params = params.get("content", params.args)
-    if not isinstance(params, dict):
-        raise ConfigError(f"{node.target}: cfm_params must be a mapping")
-    return params

@@ -11,7 +11,6 @@ come from a caller-supplied ``torch.Generator``, never from torch's global RNG.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,35 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from cosyserve.config import ConfigError, Node
-
-
-def config_kwargs(cls: type, node: Node) -> dict[str, Any]:
-    """``node.args`` checked against ``cls``'s constructor: the class name and every key must be known."""
-    if node.cls != cls.__name__:
-        raise ConfigError(f"unsupported class {node.target} (expected {cls.__name__})")
-    known = set(inspect.signature(cls).parameters)
-    for key in node.args:
-        if key not in known:
-            raise ConfigError(f"{node.target}: unsupported key '{key}'")
-    return dict(node.args)
-
-
-def _build_f0_predictor(value: nn.Module | Node | None, cls: type) -> nn.Module:
-    if value is None:
-        return cls()
-    if isinstance(value, Node):
-        return cls.from_config(value)
-    if isinstance(value, nn.Module):
-        return value
-    raise ConfigError(f"f0_predictor must be a {cls.__name__} object, got {value!r}")
-
-
-def _check_lengths(**lists: list) -> None:
-    sizes = {name: len(v) for name, v in lists.items()}
-    if len(set(sizes.values())) != 1:
-        raise ConfigError(f"hift: these lists must have equal lengths: {sizes}")
 
 
 class CausalConv1d(nn.Conv1d):
@@ -63,7 +33,7 @@ class CausalConv1d(nn.Conv1d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
         if causal_type not in ("left", "right"):
-            raise ConfigError(f"unsupported causal_type '{causal_type}'")
+            raise ValueError(f"unsupported causal_type '{causal_type}'")
         self.causal_type = causal_type
         # The reference's padding rule; it equals dilation * (kernel_size - 1) for every kernel in use.
         self.causal_padding = 2 * ((kernel_size * dilation - dilation) // 2) + (kernel_size + 1) % 2
@@ -122,7 +92,7 @@ class ConvRNNF0Predictor(nn.Module):
     def __init__(self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512) -> None:
         super().__init__()
         if num_class != 1:
-            raise ConfigError(f"{type(self).__name__}: unsupported num_class {num_class} (only 1)")
+            raise ValueError(f"{type(self).__name__}: unsupported num_class {num_class} (only 1)")
         layers: list[nn.Module] = []
         for i in range(5):
             layers += [self._conv(in_channels if i == 0 else cond_channels, cond_channels, first=i == 0), nn.ELU()]
@@ -132,10 +102,6 @@ class ConvRNNF0Predictor(nn.Module):
     @staticmethod
     def _conv(in_channels: int, out_channels: int, first: bool) -> nn.Module:
         return nn.Conv1d(in_channels, out_channels, 3, padding=1)
-
-    @classmethod
-    def from_config(cls, node: Node) -> ConvRNNF0Predictor:
-        return cls(**config_kwargs(cls, node))
 
     def _head(self, x: Tensor) -> Tensor:  # (B, C, T) -> (B, T)
         return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))
@@ -290,20 +256,9 @@ class _HiFTBase(nn.Module):
         source_resblock_dilation_sizes: Sequence[Sequence[int]],
         lrelu_slope: float,
         audio_limit: float,
-        f0_predictor: nn.Module | Node | None,
+        f0_predictor: nn.Module | None,
     ) -> None:
         super().__init__()
-        if not isinstance(istft_params, dict) or set(istft_params) != {"n_fft", "hop_len"}:
-            raise ConfigError(f"hift: unsupported istft_params {istft_params!r} (expected n_fft and hop_len)")
-        _check_lengths(
-            upsample_rates=upsample_rates,
-            upsample_kernel_sizes=upsample_kernel_sizes,
-            source_resblock_kernel_sizes=source_resblock_kernel_sizes,
-            source_resblock_dilation_sizes=source_resblock_dilation_sizes,
-        )
-        _check_lengths(resblock_kernel_sizes=resblock_kernel_sizes, resblock_dilation_sizes=resblock_dilation_sizes)
-        if base_channels % 2 ** len(upsample_rates):
-            raise ConfigError(f"hift: base_channels {base_channels} is not divisible by 2^{len(upsample_rates)}")
         self.sampling_rate = sampling_rate
         self.n_fft = istft_params["n_fft"]
         self.hop_len = istft_params["hop_len"]
@@ -316,7 +271,7 @@ class _HiFTBase(nn.Module):
         self.samples_per_frame = self.stft_frames_per_frame * self.hop_len
         stft_channels = self.n_fft + 2
 
-        self.f0_predictor = _build_f0_predictor(f0_predictor, self.f0_predictor_cls)
+        self.f0_predictor = self.f0_predictor_cls() if f0_predictor is None else f0_predictor
         self.m_source = SourceModuleHnNSF(
             self._sine_gen(
                 sampling_rate, self.samples_per_frame, nb_harmonics, nsf_alpha, nsf_sigma, nsf_voiced_threshold
@@ -345,11 +300,6 @@ class _HiFTBase(nn.Module):
         # scipy's periodic Hann rounded to float32, as the reference builds it; not in the checkpoint.
         window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).float()
         self.register_buffer("stft_window", window, persistent=False)
-
-    @classmethod
-    def from_config(cls, node: Node) -> _HiFTBase:
-        """Build from the yaml's ``hift`` node (its ``f0_predictor`` node included)."""
-        return cls(**config_kwargs(cls, node))
 
     # Layer factories (v1/v2: 'same' convs and transposed-conv upsampling).
     def _sine_gen(self, sampling_rate: int, *args: Any) -> SineGen | SineGen2:
@@ -421,7 +371,7 @@ class HiFTGenerator(_HiFTBase):
         source_resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5),) * 2,
         lrelu_slope: float = 0.1,
         audio_limit: float = 0.99,
-        f0_predictor: ConvRNNF0Predictor | Node | None = None,
+        f0_predictor: ConvRNNF0Predictor | None = None,
     ) -> None:
         super().__init__(
             in_channels, base_channels, nb_harmonics, sampling_rate, nsf_alpha, nsf_sigma, nsf_voiced_threshold,

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cosyserve.config import Node
 from cosyserve.nn.hift import (
     CausalConv1d,
     ConvRNNF0Predictor,
@@ -144,7 +143,7 @@ class CausalHiFTGenerator(_HiFTBase):
         lrelu_slope: float = 0.1,
         audio_limit: float = 0.99,
         conv_pre_look_right: int = 4,
-        f0_predictor: CausalConvRNNF0Predictor | Node | None = None,
+        f0_predictor: CausalConvRNNF0Predictor | None = None,
     ) -> None:
         self.conv_pre_look_right = conv_pre_look_right
         super().__init__(

@@ -8,16 +8,13 @@ heads, scaled-dot-product attention). Only the final-normed hidden states are pr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.config import ConfigError
 from cosyserve.nn.kv_cache import KVCache
 
 
@@ -38,47 +35,10 @@ class Qwen2Config:
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
+            raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> Qwen2Config:
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"unsupported Qwen2 hidden_act {cfg['hidden_act']!r}")
-        if cfg.get("use_sliding_window"):
-            raise ConfigError("Qwen2 sliding-window attention is not supported")
-        if cfg.get("rope_scaling"):
-            raise ConfigError("Qwen2 rope_scaling is not supported")
-        try:
-            return cls(
-                hidden_size=int(cfg["hidden_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=int(cfg["num_attention_heads"]),
-                num_key_value_heads=int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])),
-                intermediate_size=int(cfg["intermediate_size"]),
-                vocab_size=int(cfg["vocab_size"]),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 1e6)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"incomplete Qwen2 config: {exc!r}") from exc
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Qwen2Config:
-        """Read the ``config.json`` of ``CosyVoice-BlankEN`` (the geometry only, never the weights)."""
-        path = Path(path)
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read Qwen2 config {path}: {exc}") from exc
-        try:
-            return cls.from_dict(cfg)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -138,18 +98,24 @@ class Qwen2Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
+        gqa = self.num_heads != self.num_kv_heads  # query head h reads key/value head h // (H / Hkv)
+        ragged = cache is not None and not cache.uniform
+        spans = [n + t for n in cache.lengths] if ragged else []
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, Hkv, S, hd), S = longest row after this step
-        # Query head h reads key/value head h // (heads / kv heads), without copying the keys (GQA).
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and t > 1,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        if ragged:
+            # A decode batch: each row attends over exactly its own keys, so its result is the same
+            # whatever the longest row of the batch is (the kernels split the keys by their count).
+            out = torch.empty_like(q)
+            for row, span in enumerate(spans):
+                out[row : row + 1] = F.scaled_dot_product_attention(
+                    q[row : row + 1], k[row : row + 1, :, :span], v[row : row + 1, :, :span],
+                    scale=self.head_dim**-0.5, enable_gqa=gqa,
+                )  # fmt: skip
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.head_dim**-0.5, enable_gqa=gqa
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -212,8 +178,7 @@ class Qwen2Model(nn.Module):
                 mask = torch.ones(t, past + t, dtype=torch.bool, device=device).tril(diagonal=past)
         else:
             cos, sin = self.rotary_emb(cache.lengths_tensor(device), inputs_embeds.dtype)  # (B, hd)
-            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-            mask = cache.key_mask(t, device)  # (B, 1, 1, S): each row's own keys only
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # attention then runs row by row
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)

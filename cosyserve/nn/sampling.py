@@ -14,8 +14,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cosyserve.config import ConfigError, Node
-
 
 class Sampler(Protocol):
     def __call__(self, logp: Tensor, history: list[int]) -> int: ...
@@ -57,20 +55,6 @@ class RasSampler:
             generator = torch.Generator()
             generator.seed()
         self.generator = generator
-
-    @classmethod
-    def from_config(cls, node: Node, generator: torch.Generator | None = None) -> RasSampler:
-        """Build from the yaml ``sampling: !name:...ras_sampling`` node."""
-        if node.cls != "ras_sampling":
-            raise ConfigError(f"sampling: unsupported function {node.target} (expected ras_sampling)")
-        known = {"top_p", "top_k", "win_size", "tau_r"}
-        for key in node.args:
-            if key not in known:
-                raise ConfigError(f"sampling: unknown key '{key}'")
-        try:
-            return cls(**node.args, generator=generator)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"sampling: {exc}") from exc
 
     def __call__(self, logp: Tensor, history: list[int]) -> int:
         scores = logp.detach().to(device=self.generator.device, dtype=torch.float32)

@@ -209,7 +209,7 @@ def chunk_attention_mask(size: int, chunk_size: int, num_left_chunks: int = -1, 
 
 
 class ConditionalDecoder(nn.Module):
-    """U-Net velocity estimator. ``causal=True`` builds the v2 CausalConditionalDecoder.
+    """U-Net velocity estimator. ``causal=True`` is the v2 estimator (the reference's CausalConditionalDecoder).
 
     forward(x, mask, mu, t, spks, cond, streaming): x / mu / cond (B, 80, T), mask (B, 1, T),
     t (B,), spks (B, 80) -> (B, out_channels, T). ``streaming`` matters only for the causal variant

@@ -17,6 +17,7 @@ from typing import Any
 import regex
 
 from cosyserve.errors import ModelLoadError
+from cosyserve.text.numbers import chinese_prepass, english_prepass
 from cosyserve.text.tokenizers import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ BACKENDS = ("auto", "wetext", "none")
 _CHINESE = re.compile(r"[\u4e00-\u9fff]")
 _ONLY_PUNCTUATION = regex.compile(r"^[\p{P}\p{S}]*$")
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
+_LEADING_TAGS = re.compile(r"^(?:<\|[^|<>]{1,32}\|>)+")
 
 _ZH_STOPS = frozenset("。？！；：、.?!;")
 _EN_STOPS = frozenset(".?!;:")
@@ -35,6 +37,15 @@ _CLOSING_QUOTES = frozenset('"”')
 TOKEN_MAX_N = 80
 TOKEN_MIN_N = 60
 MERGE_LEN = 20
+# No segment is ever longer than this many text tokens, punctuation or not, in either language (a rare
+# CJK character can be three tokens). The LLM may generate up to 20 speech tokens per text token and the
+# flow attends over all of them, so one unpunctuated 4,000-character "sentence" would otherwise cost tens
+# of gigabytes. It is well above what the reference's splitting gives ordinary text (its merge target is
+# 80; a 96-character Chinese sentence of the golden set is 178 Qwen tokens), so such text is split
+# exactly as the reference splits it.
+SEGMENT_MAX_N = 200
+# Where an over-long run is cut when it has one of these (else anywhere within the bound).
+_SOFT_BREAKS = frozenset(" ，,、\n\t")
 
 
 def contains_chinese(text: str) -> bool:
@@ -114,16 +125,22 @@ def split_paragraph(
     token_min_n: int = TOKEN_MIN_N,
     merge_len: int = MERGE_LEN,
     comma_split: bool = False,
+    segment_max_n: int = SEGMENT_MAX_N,
 ) -> list[str]:
     """Cut ``text`` after sentence punctuation, then greedily merge the pieces (spec §5.3).
 
-    Lengths are characters for ``lang='zh'`` and ``len(tokenize(piece))`` otherwise.
+    Lengths are characters for ``lang='zh'`` and ``len(tokenize(piece))`` otherwise. Unlike the
+    reference, a run without sentence punctuation longer than ``segment_max_n`` text tokens is cut
+    too, and no merge makes a sentence longer than that.
     """
     if not text:
         return []
 
+    def tokens(piece: str) -> int:
+        return len(tokenize(piece))
+
     def length(piece: str) -> int:
-        return len(piece) if lang == "zh" else len(tokenize(piece))
+        return len(piece) if lang == "zh" else tokens(piece)
 
     stops = _ZH_STOPS if lang == "zh" else _EN_STOPS
     if comma_split:
@@ -145,19 +162,53 @@ def split_paragraph(
         else:
             start = i + 1
 
+    pieces = [bounded for piece in pieces for bounded in cut_to_bound(piece, tokens, segment_max_n)]
     sentences: list[str] = []
     current = ""
     for piece in pieces:
-        if length(current + piece) > token_max_n and length(current) > token_min_n:
+        merged = current + piece
+        reference_flush = length(merged) > token_max_n and length(current) > token_min_n
+        if current and (reference_flush or tokens(merged) > segment_max_n):
             sentences.append(current)
             current = ""
         current += piece
     if current:
-        if sentences and length(current) < merge_len:
+        if sentences and length(current) < merge_len and tokens(sentences[-1] + current) <= segment_max_n:
             sentences[-1] += current
         else:
             sentences.append(current)
     return sentences
+
+
+def cut_to_bound(text: str, length: Callable[[str], int], max_n: int = SEGMENT_MAX_N) -> list[str]:
+    """``text`` as consecutive pieces of at most ``max_n`` by ``length``; text within the bound is kept whole.
+
+    A piece ends at the last space or comma that keeps it within the bound and in its second half,
+    else at the longest prefix within the bound, never inside a ``<|...|>`` special token.
+    """
+    pieces: list[str] = []
+    while length(text) > max_n:
+        # The longest prefix within the bound, by bisection: a prefix never has more tokens than a longer one
+        # has (up to BPE merges at the cut, which the check below catches).
+        low, high = 1, len(text) - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if length(text[:mid]) <= max_n:
+                low = mid
+            else:
+                high = mid - 1
+        end = low
+        tag_start = text.rfind("<|", 0, end)
+        if tag_start > 0 and text.find("|>", tag_start, end + 1) < 0:
+            end = tag_start  # do not cut a special token in two
+        soft = next((i for i in range(end - 1, end // 2, -1) if text[i] in _SOFT_BREAKS), -1)
+        if soft > 0 and length(text[: soft + 1]) <= max_n:
+            end = soft + 1
+        pieces.append(text[:end])
+        text = text[end:]
+    if text:
+        pieces.append(text)
+    return pieces
 
 
 class _WeText:
@@ -186,9 +237,12 @@ class _WeText:
                     cls._normalizer = Normalizer(remove_erhua=False)
         try:
             return cls._normalizer.normalize(text, lang=lang)
-        except Exception:
-            # An FST without a path for some input must not fail the request: keep the text as is.
-            log.warning("wetext failed on a %d-character text; using it unnormalised", len(text), exc_info=True)
+        except Exception as exc:
+            # An FST without a path for some input must not fail the request: keep the text as is. Ordinary
+            # user text can do this, so one line (the traceback only at debug level).
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning("wetext failed on a %d-character text (%s); using it unnormalised", len(text), reason)
+            log.debug("wetext traceback", exc_info=True)
             return text
 
 
@@ -215,14 +269,15 @@ class TextNormalizer:
         """Normalise ``text``; with ``split`` return the list of sentences to synthesise one by one.
 
         A streamed input (an iterator of text pieces) is returned untouched as ``[text]``. Text
-        holding both ``<|`` and ``|>`` (language / system tags) is neither normalised nor split.
+        holding both ``<|`` and ``|>`` (language / system tags) is neither normalised nor split, unless it is
+        over :data:`SEGMENT_MAX_N` tokens.
         """
         if not isinstance(text, str):
             return [text]
-        if "<|" in text and "|>" in text:
-            text_frontend = False
         if not text_frontend or text == "":
-            return [text] if split else text
+            return [text] if split else text  # the caller's choice: exactly the reference's segments
+        if "<|" in text and "|>" in text:
+            return self._bounded(text) if split else text
         text = text.strip()
         if contains_chinese(text):
             text = self._normalize_zh(text)
@@ -235,9 +290,24 @@ class TextNormalizer:
         pieces = split_paragraph(text, self.tokenizer.encode, lang)
         return [p for p in pieces if not is_only_punctuation(p)]
 
+    def _bounded(self, text: str) -> list[str]:
+        """Tagged text, which the frontend leaves alone: one segment as in the reference unless it is over
+        :data:`SEGMENT_MAX_N` tokens; then cut, each piece keeping the leading tags (``<|en|>``...)."""
+
+        def length(piece: str) -> int:
+            return len(self.tokenizer.encode(piece))
+
+        if not text or length(text) <= SEGMENT_MAX_N:
+            return [text]
+        tags = _LEADING_TAGS.match(text)
+        prefix = tags.group() if tags else ""
+        body = text[len(prefix) :]
+        pieces = cut_to_bound(body, length, SEGMENT_MAX_N - length(prefix))
+        return [prefix + piece for piece in pieces]
+
     def _normalize_zh(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(text, "zh")
+            text = _WeText.normalize(chinese_prepass(text), "zh")
         text = text.replace("\n", "")
         text = replace_blank(text)
         text = replace_corner_mark(text)
@@ -248,5 +318,5 @@ class TextNormalizer:
 
     def _normalize_en(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(text, "en")
+            text = _WeText.normalize(english_prepass(text), "en")
         return spell_out_number(text)

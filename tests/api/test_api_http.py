@@ -600,3 +600,12 @@ def test_waiting_requests_are_served_first_come_first_served():
     ideal = clients * service  # FIFO: a request waits for the one request of each other client at most
     worst = max(x for w in waits.values() for x in w)
     assert worst <= 1.5 * ideal, f"max wait {worst:.2f} s, FIFO ideal {ideal:.2f} s"
+
+
+@pytest.mark.parametrize(("fmt", "has_format"), [("pcm", True), ("wav", True), ("mp3", False), ("flac", False)])
+def test_sample_format_header_only_on_raw_samples(client, fmt, has_format):
+    resp = client.post("/inference_sft", data=form("sft")[0] | {"format": fmt})
+    assert resp.status_code == 200, resp.text
+    assert ("x-sample-format" in resp.headers) == has_format
+    if has_format:
+        assert resp.headers["x-sample-format"] == "s16le"

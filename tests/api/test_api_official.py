@@ -280,35 +280,19 @@ def test_concurrent_requests_equal_solo_runs(entry):
 
 
 class Recording:
-    """Wraps the engine; records how far each generation got and whether it was closed."""
+    """Wraps the model; keeps each sequence the engine prepares, to see how far it got."""
 
     def __init__(self, model: Any) -> None:
         self._model = model
-        self.runs: list[dict[str, Any]] = []
+        self.sequences: list[Any] = []
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._model, name)
-        if not name.startswith("inference_"):
-            return attr
+        return getattr(self._model, name)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            run = {"produced": 0, "finished": False, "closed": False}
-            self.runs.append(run)
-            inner = attr(*args, **kwargs)
-
-            def chunks():
-                try:
-                    for chunk in inner:
-                        run["produced"] += 1
-                        yield chunk
-                    run["finished"] = True
-                finally:
-                    inner.close()
-                    run["closed"] = True
-
-            return chunks()
-
-        return call
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        sequence = self._model.prepare(*args, **kwargs)
+        self.sequences.append(sequence)
+        return sequence
 
 
 @pytest.mark.parametrize("entry", STREAM_CASES)
@@ -328,12 +312,16 @@ def test_disconnect_stops_generation(entry):
             + body
         )
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        wait_for(lambda: recording.runs and recording.runs[0]["produced"] >= 1, 60, "the first chunk")
+        wait_for(lambda: recording.sequences and recording.sequences[0].chunks_out >= 1, 60, "the first chunk")
         sock.close()
-        at_close = recording.runs[0]["produced"]
-        wait_for(lambda: recording.runs[0]["closed"], 30, "generation to stop")
-        run = recording.runs[0]
-        assert not run["finished"], "generation ran to the end despite the disconnect"
-        assert run["produced"] <= at_close + 1, "generation went on for more than one chunk after the disconnect"
+        sequence = recording.sequences[0]
+        at_close = sequence.chunks_out
+        core = app.state.cosyserve.engine.core
+        wait_for(lambda: sequence not in core.scheduler.sequences and not core.running_ids(), 30, "generation to stop")
+        assert sequence.next_input < len(sequence.inputs) or sequence.chunks_out < 3 * at_close + 3, (
+            "generation ran to the end despite the disconnect"
+        )
+        assert sequence.chunks_out <= at_close + 1, "generation went on for more than one chunk after the disconnect"
+        assert core.scheduler.batch.cache is None, "its batch row was not freed"
         wait_for(lambda: app.state.cosyserve.in_flight.value == 0, 10, "in-flight count back to 0")
         assert requests.get(server.url + "/health").json()["in_flight"] == 0

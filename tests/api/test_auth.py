@@ -155,11 +155,12 @@ def test_websocket_handshake(model: Any) -> None:
         await websocket.send_text("hello")
         await websocket.close()
 
-    app.add_api_websocket_route("/v1/text-to-speech/{voice_id}/stream-input", echo)
+    # A stand-in under the ElevenLabs prefix (the real stream-input route: test_websocket.py).
+    app.add_api_websocket_route("/v1/text-to-speech/{voice_id}/echo", echo)
     client = TestClient(app)
     with (
         pytest.raises(WebSocketDisconnect) as refused,
-        client.websocket_connect("/v1/text-to-speech/中文女/stream-input") as ws,
+        client.websocket_connect("/v1/text-to-speech/中文女/echo") as ws,
     ):
         ws.receive_text()
     assert refused.value.code == 1008
@@ -167,9 +168,9 @@ def test_websocket_handshake(model: Any) -> None:
         {"params": None, "headers": {"xi-api-key": KEYS[0]}},
         {"params": None, "headers": {"Authorization": f"Bearer {KEYS[1]}"}},
     ):
-        with client.websocket_connect("/v1/text-to-speech/中文女/stream-input", **kwargs) as ws:
+        with client.websocket_connect("/v1/text-to-speech/中文女/echo", **kwargs) as ws:
             assert ws.receive_text() == "hello"
-    with client.websocket_connect(f"/v1/text-to-speech/中文女/stream-input?api_key={KEYS[0]}") as ws:
+    with client.websocket_connect(f"/v1/text-to-speech/中文女/echo?api_key={KEYS[0]}") as ws:
         assert ws.receive_text() == "hello"
     assert seen == [True, True, True]
 

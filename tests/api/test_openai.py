@@ -443,20 +443,25 @@ class FailingAfterFirstChunk:
         self._model = model
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._model, name)
-        if not name.startswith("inference_"):
-            return attr
+        return getattr(self._model, name)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            chunks = attr(*args, **kwargs)
+    def new_scheduler(self) -> Any:
+        """The real scheduler, whose requests break right after their first chunk."""
+        scheduler = self._model.new_scheduler()
+        step = scheduler.step
 
-            def broken():
-                yield next(chunks)
-                raise RuntimeError("broken on purpose")
+        def breaking_step() -> list:
+            events = step()
+            for sequence, chunk in list(events):
+                if chunk is not None and sequence.failed is None:
+                    sequence.failed = RuntimeError("broken on purpose")
+                    if not any(s is sequence and c is None for s, c in events):  # not ended in this step yet
+                        scheduler.remove(sequence)
+                        events.append((sequence, None))
+            return events
 
-            return broken()
-
-        return call
+        scheduler.step = breaking_step
+        return scheduler
 
 
 @pytest.mark.parametrize("version", VERSIONS[:1])

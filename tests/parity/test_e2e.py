@@ -14,7 +14,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from golden import assert_close, entries, golden_root, load_case, model_dir
+from golden import TEST_DEVICE, assert_close, entries, golden_root, load_case, model_dir
 
 from cosyserve.engine.core import EngineCore, Work
 from cosyserve.engine.pipeline import TTSModel, load_model
@@ -26,7 +26,13 @@ from cosyserve.nn.sampling import GreedySampler
 @cache
 def _model(model: str) -> TTSModel:
     # The golden used the normaliser-free text path, HEAD's 24 kHz prompt mel and HEAD's v3 EOS mask.
-    return load_model(model_dir(model), text_frontend="none", prompt_mel_rate="reference", reference_eos_mask=True)
+    return load_model(
+        model_dir(model),
+        text_frontend="none",
+        prompt_mel_rate="reference",
+        reference_eos_mask=True,
+        device=TEST_DEVICE,
+    )
 
 
 class GoldenDraws(Draws):

@@ -11,7 +11,9 @@ from golden import assert_close, entries, load_case, model_dir, model_version
 
 from cosyserve.config import Node, load_yaml
 from cosyserve.models.checkpoint import load_into, read_state_dict
+from cosyserve.models.cosyvoice1 import config as v1_config
 from cosyserve.models.cosyvoice1.flow import MaskedDiffWithXvec
+from cosyserve.models.cosyvoice2 import config as v2_config
 from cosyserve.models.cosyvoice2.flow import CausalMaskedDiffWithXvec
 from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES, ConditionalCFM, fixed_noise
 
@@ -19,7 +21,7 @@ CASES = entries("flow", ("v1", "v2"))
 MU_ATOL = 1e-4
 MEL_ATOL = 2e-4
 
-_FLOWS = {"v1": MaskedDiffWithXvec, "v2": CausalMaskedDiffWithXvec}
+_FLOWS = {"v1": (MaskedDiffWithXvec, v1_config), "v2": (CausalMaskedDiffWithXvec, v2_config)}
 
 
 def _yaml(model: str) -> dict:
@@ -29,7 +31,8 @@ def _yaml(model: str) -> dict:
 
 @cache
 def _flow(model: str) -> MaskedDiffWithXvec | CausalMaskedDiffWithXvec:
-    flow = _FLOWS[model_version(model)].from_config(_yaml(model)["flow"])
+    cls, family_config = _FLOWS[model_version(model)]
+    flow = cls(family_config.flow_config(_yaml(model)["flow"]))
     path = model_dir(model) / "flow.pt"
     load_into(flow, read_state_dict(path), path)
     return flow.eval().requires_grad_(False)
@@ -169,7 +172,7 @@ def test_v2_legacy_estimator_spelling() -> None:
     node.args["decoder"].args["estimator"] = Node(
         est.kind, "cosyvoice.flow.decoder.ConditionalDecoder", {**args, "causal": True}
     )
-    legacy = CausalMaskedDiffWithXvec.from_config(node)
+    legacy = CausalMaskedDiffWithXvec(v2_config.flow_config(node))
     current = _flow(model)
     assert legacy.state_dict().keys() == current.state_dict().keys()
     assert legacy.decoder.estimator.causal

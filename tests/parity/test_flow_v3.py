@@ -11,6 +11,7 @@ from golden import assert_close, entries, load_case, manifest, model_dir
 
 from cosyserve.config import load_yaml
 from cosyserve.models.checkpoint import load_into, read_state_dict
+from cosyserve.models.cosyvoice3.config import flow_config
 from cosyserve.models.cosyvoice3.flow import CausalMaskedDiffWithDiT
 
 CASES = entries("flow", ("v3",))
@@ -23,7 +24,7 @@ DIT_ATOL = 2e-4
 def _flow(model: str) -> CausalMaskedDiffWithDiT:
     directory = model_dir(model)
     (yaml_path,) = sorted(directory.glob("cosyvoice*.yaml"))
-    flow = CausalMaskedDiffWithDiT.from_config(load_yaml(yaml_path)["flow"])
+    flow = CausalMaskedDiffWithDiT(flow_config(load_yaml(yaml_path)["flow"]))
     load_into(flow, read_state_dict(directory / "flow.pt"), directory / "flow.pt")
     return flow.eval()
 

@@ -11,6 +11,7 @@ from golden import assert_close, entries, load_case, manifest, model_dir
 from cosyserve.config import load_yaml
 from cosyserve.models.base import load_weights
 from cosyserve.models.checkpoint import read_vocoder_state
+from cosyserve.models.config_checks import build_hift, hift_config
 from cosyserve.nn.hift import HiFTGenerator, SourceDraws
 from cosyserve.nn.hift_causal import CausalHiFTGenerator
 
@@ -33,7 +34,8 @@ def _hift_node(model: str):
 @cache
 def _vocoder(model: str) -> HiFTGenerator | CausalHiFTGenerator:
     node = _hift_node(model)
-    hift = (CausalHiFTGenerator if node.cls == CausalHiFTGenerator.__name__ else HiFTGenerator).from_config(node)
+    cls = CausalHiFTGenerator if node.cls == CausalHiFTGenerator.__name__ else HiFTGenerator
+    hift = build_hift(cls, hift_config(node, cls))
     path = model_dir(model) / "hift.pt"
     load_weights(hift, path, read_vocoder_state(path))
     if isinstance(hift, CausalHiFTGenerator):

@@ -11,6 +11,7 @@ from golden import assert_close, entries, load_case, model_dir
 
 from cosyserve.config import ConfigError, Node, load_yaml
 from cosyserve.models.checkpoint import load_into, read_state_dict
+from cosyserve.models.cosyvoice1.config import llm_config
 from cosyserve.models.cosyvoice1.llm import TransformerLM
 from cosyserve.nn.sampling import GreedySampler
 
@@ -20,7 +21,7 @@ LOGP_ATOL = 1e-4
 @cache
 def _llm(model: str) -> TransformerLM:
     directory = model_dir(model)
-    llm = TransformerLM.from_config(load_yaml(directory / "cosyvoice.yaml")["llm"])
+    llm = TransformerLM(llm_config(load_yaml(directory / "cosyvoice.yaml")["llm"]))
     load_into(llm, read_state_dict(directory / "llm.pt"), directory / "llm.pt")
     return llm.eval()
 
@@ -93,7 +94,7 @@ def test_config_errors_name_the_key(entry):
         target.args[path[-1]] = value
         return fresh
 
-    TransformerLM.from_config(node)
+    TransformerLM(llm_config(node))
     cases = [
         (("text_encoder", "use_cnn_module"), True, "use_cnn_module"),
         (("llm", "pos_enc_layer_type"), "abs_pos", "pos_enc_layer_type"),
@@ -104,4 +105,4 @@ def test_config_errors_name_the_key(entry):
     ]
     for path, value, name in cases:
         with pytest.raises(ConfigError, match=name):
-            TransformerLM.from_config(broken(path, value))
+            llm_config(broken(path, value))

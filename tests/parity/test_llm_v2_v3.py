@@ -14,6 +14,7 @@ from golden import assert_close, entries, load_case, model_dir, model_version
 from cosyserve.config import load_yaml
 from cosyserve.errors import InvalidRequest
 from cosyserve.models.checkpoint import load_into, read_state_dict
+from cosyserve.models.cosyvoice2.config import BLANK_EN, llm_config
 from cosyserve.models.cosyvoice2.llm import Qwen2LM
 from cosyserve.models.cosyvoice3.llm import ENDOFPROMPT_ID, CosyVoice3LM, drop_excess_silence
 
@@ -27,7 +28,7 @@ _FAMILY = {"v2": ("cosyvoice2.yaml", Qwen2LM), "v3": ("cosyvoice3.yaml", CosyVoi
 def _llm(model: str) -> Qwen2LM:
     yaml_name, cls = _FAMILY[model_version(model)]
     root = model_dir(model)
-    llm = cls.from_config(load_yaml(root / yaml_name)["llm"], root / "CosyVoice-BlankEN")
+    llm = cls(llm_config(load_yaml(root / yaml_name)["llm"], root / BLANK_EN, cls.__name__))
     load_into(llm, read_state_dict(root / "llm.pt"), root / "llm.pt")
     return llm.eval().requires_grad_(False)
 

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from golden import assert_close, entries, golden_root, load_case, model_dir, model_version
+from golden import assert_close, entries, golden_root, load_case, model_dir
 
-from cosyserve.config import load_yaml
-from cosyserve.frontend.frontend import Frontend, load_frontend
+from cosyserve.engine.pipeline import load_model
+from cosyserve.frontend.frontend import Frontend
 
 FIELDS = (
     "text",
@@ -33,15 +33,8 @@ FLOAT_FIELDS = {"prompt_speech_feat": 1e-4, "llm_embedding": 1e-4, "flow_embeddi
 
 @cache
 def frontend(model: str) -> Frontend:
-    tokenizers = pytest.importorskip("cosyserve.text.tokenizers")
-    normalize = pytest.importorskip("cosyserve.text.normalize")
-    directory = model_dir(model)
-    (yaml_path,) = directory.glob("cosyvoice*.yaml")
-    config = load_yaml(yaml_path)
-    tokenizer = tokenizers.load_tokenizer(config, directory)
-    normalizer = normalize.TextNormalizer(tokenizer, backend="none")
     # The golden ran the reference commit, whose prompt mel is always computed at 24 kHz.
-    return load_frontend(directory, config, model_version(model), tokenizer, normalizer, "reference")
+    return load_model(model_dir(model), text_frontend="none", prompt_mel_rate="reference").frontend
 
 
 @cache

@@ -11,9 +11,9 @@ from golden import assert_close, entries, golden_root, load_case, model_dir, mod
 
 from cosyserve.audio.io import load_audio
 from cosyserve.audio.resample import resample
-from cosyserve.config import load_yaml
+from cosyserve.engine.pipeline import load_model
 from cosyserve.frontend.features import kaldi_fbank, whisper_log_mel
-from cosyserve.frontend.frontend import Frontend, load_frontend
+from cosyserve.frontend.frontend import Frontend
 
 WAVE_ATOL = 1e-5
 FEAT_ATOL = 1e-4
@@ -22,11 +22,8 @@ EMBED_ATOL = 1e-4
 
 @cache
 def frontend(model: str, prompt_mel_rate: str) -> Frontend:
-    """The model's audio frontend (no text side: prompt processing does not need it)."""
-    directory = model_dir(model)
-    (yaml_path,) = directory.glob("cosyvoice*.yaml")
-    config = load_yaml(yaml_path)
-    return load_frontend(directory, config, model_version(model), None, None, prompt_mel_rate)
+    """The model's frontend as the server assembles it."""
+    return load_model(model_dir(model), text_frontend="none", prompt_mel_rate=prompt_mel_rate).frontend
 
 
 @pytest.mark.parametrize("entry", entries("prompt_audio"))

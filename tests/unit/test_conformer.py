@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyserve.config import ConfigError
+from cosyserve.config import ConfigError, Node
+from cosyserve.models.config_checks import encoder_config
 from cosyserve.nn.attention import chunk_mask, padding_mask
 from cosyserve.nn.conformer import ConformerEncoder, PreLookaheadLayer, TransformerEncoder, UpsampleConformerEncoder
 
@@ -175,6 +176,10 @@ def test_upsample_encoder_shapes_and_streaming_chunks():
     torch.testing.assert_close(ctx_out, stream[:, :16], atol=1e-5, rtol=0)
 
 
+def _encoder_node(cls: type, **args) -> Node:
+    return Node("new", f"cosyvoice.transformer.encoder.{cls.__name__}", args)
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -190,12 +195,21 @@ def test_upsample_encoder_shapes_and_streaming_chunks():
 )
 def test_unsupported_options_raise_config_error_naming_the_key(key, value):
     for cls in (ConformerEncoder, TransformerEncoder, UpsampleConformerEncoder):
+        node = _encoder_node(cls, input_size=8, output_size=16, attention_heads=2, **{key: value})
         with pytest.raises(ConfigError, match=key):
+            encoder_config(node, "flow.encoder", cls.__name__)
+
+
+@pytest.mark.parametrize(("key", "value"), [("input_layer", "conv2d"), ("activation_type", "tanh")])
+def test_blocks_refuse_what_they_cannot_build(key, value):
+    for cls in (ConformerEncoder, TransformerEncoder, UpsampleConformerEncoder):
+        with pytest.raises(ValueError, match=key):
             cls(input_size=8, output_size=16, attention_heads=2, **{key: value})
 
 
 def test_training_only_options_are_accepted():
-    ConformerEncoder(
+    node = _encoder_node(
+        ConformerEncoder,
         input_size=8,
         output_size=16,
         attention_heads=2,
@@ -209,3 +223,6 @@ def test_training_only_options_are_accepted():
         pos_enc_layer_type="rel_pos_espnet",
         selfattention_layer_type="rel_selfattn",
     )
+    config = encoder_config(node, "llm.text_encoder", "ConformerEncoder")
+    assert dict(config.args) == {"input_size": 8, "output_size": 16, "attention_heads": 2}
+    assert config.output_size == 16 and isinstance(config.build(), ConformerEncoder)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from golden import golden_root, manifest, model_dir, model_version
+from golden import TEST_DEVICE, golden_root, manifest, model_dir, model_version
 
 from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.engine.scheduler import Scheduler
@@ -79,7 +79,7 @@ def engine():
 
     def get(name: str) -> TTSModel:
         if name not in loaded:
-            loaded[name] = load_model(model_dir(name), text_frontend="none")
+            loaded[name] = load_model(model_dir(name), text_frontend="none", device=TEST_DEVICE)
         return loaded[name]
 
     return get

@@ -12,7 +12,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from golden import assert_close, model_dir
+from golden import TEST_DEVICE, assert_close, model_dir
 
 from cosyserve.engine.client import AsyncEngine
 from cosyserve.engine.core import EngineCore, Work
@@ -33,7 +33,7 @@ TEXTS = (
 
 @cache
 def _model(name: str) -> TTSModel:
-    return load_model(model_dir(name), text_frontend="none")
+    return load_model(model_dir(name), text_frontend="none", device=TEST_DEVICE)
 
 
 def _sft(model: TTSModel, text: str, seed: int = 0, stream: bool = False) -> SynthesisRequest:
@@ -55,7 +55,8 @@ class RecordingSampler:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_batched_logprobs_equal_solo(name):
     """Each request decoded inside a batch of others with different lengths, joining at different
-    steps, sees the log-probs it sees alone (within the golden LLM tolerance)."""
+    steps, sees the log-probs it sees alone: bit for bit (the batch is padded to a fixed width and each
+    row attends over its own keys), so certainly within the golden LLM tolerance."""
     model = _model(name)
     solo = []
     for text in TEXTS:
@@ -83,12 +84,14 @@ def test_batched_logprobs_equal_solo(name):
             finite = torch.isfinite(a)
             assert torch.equal(finite, torch.isfinite(b))
             assert_close(b[finite], a[finite].numpy(), LOGP_ATOL, f"request {i} step {k} logp")
+            assert torch.equal(a, b), f"request {i} step {k}: log-probs differ in a batch (batch-invariance lost)"
     assert scheduler.batch.cache is None and not scheduler.sequences, "rows left behind"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_seeded_tokens_same_solo_and_batched(name):
-    """A seeded request picks the same tokens whoever shares its batch (24 seeds, 4 per batch)."""
+    """A seeded request picks the same tokens whoever shares its batch (24 seeds, 4 per batch, joining at
+    different steps, with and without a prompt recording)."""
     model = _model(name)
     llm = model.core.llm
     flips = 0
@@ -102,13 +105,18 @@ def test_seeded_tokens_same_solo_and_batched(name):
             list(model.synthesize(_sft(model, TEXTS[seed % 3], seed), sampler=_tap(sampler, tokens)))
             picks[seed] = [tokens]
         scheduler = model.new_scheduler()
+        waiting = []
         for seed in batch:
             tokens = []
             picks[seed].append(tokens)
             sampler = llm.make_sampler(torch.Generator().manual_seed(seed))
-            scheduler.add(model.prepare(_sft(model, TEXTS[seed % 3], seed), sampler=_tap(sampler, tokens)))
-        while scheduler.has_work:
+            waiting.append(model.prepare(_sft(model, TEXTS[seed % 3], seed), sampler=_tap(sampler, tokens)))
+        step = 0
+        while waiting or scheduler.has_work:
+            if waiting and step % 2 == 0:  # one joins every other step: rows of different lengths
+                scheduler.add(waiting.pop(0))
             scheduler.step()
+            step += 1
         flips += sum(alone != together for alone, together in picks.values())
     assert flips == 0, f"{flips} of {len(seeds)} seeded requests picked other tokens in a batch"
 
@@ -276,3 +284,22 @@ def test_async_client_streams_and_aborts_on_close():
         assert not engine.core.scheduler.has_work
     finally:
         engine.core.stop()
+
+
+def test_abort_of_a_long_non_streaming_request_takes_effect_within_a_second():
+    model = _model("v2-tiny")
+    core = EngineCore(model, max_running=2, max_queue=2).start()
+    try:
+        sink = CollectingSink()
+        long_text = "我们一起去公园散步吧" * 100  # one long sentence: minutes of tokens, no audio until the end
+        core.submit(Work("long", sink, request=_sft(model, long_text, seed=1)))
+        _wait(lambda: core.scheduler.llm_steps >= 5, 60, "decoding to start")
+        aborted_at = time.monotonic()
+        core.abort("long")
+        assert sink.done.wait(5)
+        _wait(lambda: core.stats().running == 0 and not core.scheduler.has_work, 5, "the request to leave")
+        assert time.monotonic() - aborted_at < 1.0
+        assert [kind for kind, _ in sink.events] == ["started", "finished"], "no audio, a clean end"
+        assert core.scheduler.batch.cache is None
+    finally:
+        core.stop()

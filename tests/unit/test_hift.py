@@ -12,6 +12,7 @@ from golden import entries, load_case, manifest, model_dir
 from cosyserve.config import ConfigError, Node, load_yaml
 from cosyserve.models.base import load_weights
 from cosyserve.models.checkpoint import read_vocoder_state
+from cosyserve.models.config_checks import build_hift, hift_config
 from cosyserve.nn.hift import HiFTGenerator
 from cosyserve.nn.hift_causal import NOISE_BLOCK, CausalHiFTGenerator, UniformTable
 
@@ -29,7 +30,8 @@ def _node(model: str) -> Node:
 
 def _build(model: str) -> HiFTGenerator | CausalHiFTGenerator:
     node = _node(model)
-    hift = (CausalHiFTGenerator if node.cls == CausalHiFTGenerator.__name__ else HiFTGenerator).from_config(node)
+    cls = CausalHiFTGenerator if node.cls == CausalHiFTGenerator.__name__ else HiFTGenerator
+    hift = build_hift(cls, hift_config(node, cls))
     path = model_dir(model) / "hift.pt"
     load_weights(hift, path, read_vocoder_state(path))
     return hift.eval()
@@ -70,13 +72,13 @@ def test_config_errors(model):
         bad = copy.deepcopy(node)
         bad.args[key] = value
         with pytest.raises(ConfigError, match=key if key == "unknown_key" else "hift"):
-            HiFTGenerator.from_config(bad)
+            hift_config(bad, HiFTGenerator)
     bad = copy.deepcopy(node)
     bad.args["f0_predictor"].target = "somewhere.OtherPredictor"
     with pytest.raises(ConfigError, match="OtherPredictor"):
-        HiFTGenerator.from_config(bad)
+        hift_config(bad, HiFTGenerator)
     with pytest.raises(ConfigError, match="HiFTGenerator"):
-        CausalHiFTGenerator.from_config(node)
+        hift_config(node, CausalHiFTGenerator)
 
 
 @pytest.mark.parametrize("model", _models(False))

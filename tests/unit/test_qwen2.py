@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cosyserve.config import ConfigError
+from cosyserve.models.cosyvoice2.config import read_qwen2_config
 from cosyserve.nn.qwen2 import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
 CFG = Qwen2Config(
@@ -145,13 +146,13 @@ def test_config_from_json(tmp_path: Path) -> None:
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
-    cfg = Qwen2Config.from_json(path)
+    cfg = read_qwen2_config(path)
     assert (cfg.head_dim, cfg.num_key_value_heads, cfg.rope_theta) == (64, 2, 1e6)
     path.write_text(json.dumps({**raw, "hidden_act": "gelu"}))
     with pytest.raises(ConfigError, match="hidden_act"):
-        Qwen2Config.from_json(path)
+        read_qwen2_config(path)
     path.write_text(json.dumps({k: v for k, v in raw.items() if k != "hidden_size"}))
     with pytest.raises(ConfigError, match="hidden_size"):
-        Qwen2Config.from_json(path)
+        read_qwen2_config(path)
     with pytest.raises(ConfigError):
-        Qwen2Config.from_json(tmp_path / "missing.json")
+        read_qwen2_config(tmp_path / "missing.json")

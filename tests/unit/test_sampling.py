@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cosyserve.config import ConfigError, Node
+from cosyserve.models.config_checks import sampling_args
 from cosyserve.nn.sampling import GreedySampler, RasSampler
 
 
@@ -92,13 +93,15 @@ def test_greedy_is_argmax():
     assert GreedySampler()(row, []) == int(row.argmax())
 
 
-def test_from_config():
+def test_sampling_args_from_the_yaml():
     node = Node(
         "name", "cosyvoice.utils.common.ras_sampling", {"top_p": 0.8, "top_k": 25, "win_size": 10, "tau_r": 0.1}
     )
-    sampler = RasSampler.from_config(node, _gen(0))
+    sampler = RasSampler(**sampling_args(node), generator=_gen(0))
     assert (sampler.top_p, sampler.top_k, sampler.win_size, sampler.tau_r) == (0.8, 25, 10, 0.1)
     with pytest.raises(ConfigError, match="temperature"):
-        RasSampler.from_config(Node("name", node.target, {"temperature": 2.0}))
+        sampling_args(Node("name", node.target, {"temperature": 2.0}))
     with pytest.raises(ConfigError, match="random_sampling"):
-        RasSampler.from_config(Node("name", "cosyvoice.utils.common.random_sampling", {}))
+        sampling_args(Node("name", "cosyvoice.utils.common.random_sampling", {}))
+    with pytest.raises(ConfigError, match="top_k"):
+        sampling_args(Node("name", node.target, {"top_k": 0}))

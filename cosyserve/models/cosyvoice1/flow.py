@@ -7,15 +7,12 @@ noise on every call.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.config import ConfigError, Node, node_kwargs
-from cosyserve.nn.conformer import ConformerEncoder
-from cosyserve.nn.flow_matching import ConditionalCFM
+from cosyserve.models.cosyvoice1.config import V1FlowConfig
+from cosyserve.models.flow import TokenFlow
 from cosyserve.nn.unet import ConditionalDecoder
 
 # The reference converts token counts to mel frames with these numbers for every v1 model,
@@ -34,16 +31,6 @@ _EDGE_TOKENS = 20
 def tokens_to_frames(n_tokens: int, input_frame_rate: int) -> int:
     """Mel frames the reference generates for ``n_tokens`` tokens (same float expression, floored)."""
     return int(n_tokens / input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP)
-
-
-class FlowCondition(NamedTuple):
-    """What the CFM is conditioned on for one call (batch 1)."""
-
-    mu: Tensor  # (1, 80, T) length-regulated encoder output
-    mask: Tensor  # (1, 1, T)
-    spks: Tensor  # (1, 80) projected, normalised speaker embedding
-    cond: Tensor  # (1, 80, T) prompt mel in the first frames, zeros after
-    prompt_frames: int  # mel_len1, cut from the output
 
 
 class InterpolateRegulator(nn.Module):
@@ -81,73 +68,24 @@ class InterpolateRegulator(nn.Module):
         return self.model(x).transpose(1, 2)
 
 
-class MaskedDiffWithXvec(nn.Module):
-    def __init__(
-        self,
-        encoder: nn.Module,
-        length_regulator: InterpolateRegulator,
-        decoder: ConditionalCFM,
-        input_size: int = 512,
-        output_size: int = 80,
-        spk_embed_dim: int = 192,
-        vocab_size: int = 4096,
-        input_frame_rate: int = 50,
-        encoder_output_size: int = 512,
-    ) -> None:
-        super().__init__()
-        self.output_size = output_size
-        self.input_frame_rate = input_frame_rate
-        self.input_embedding = nn.Embedding(vocab_size, input_size)
-        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
-        self.encoder = encoder
-        self.encoder_proj = nn.Linear(encoder_output_size, output_size)
-        self.length_regulator = length_regulator
-        self.decoder = decoder
+class MaskedDiffWithXvec(TokenFlow):
+    """Conformer encoder, then interpolation to the mel length; fresh noise on every call."""
 
-    @classmethod
-    def from_config(cls, node: Node) -> MaskedDiffWithXvec:
-        """Build from the yaml's ``flow`` node (weights are loaded separately)."""
-        node = expect_class(node, ("MaskedDiffWithXvec",), "flow")
-        args = node_kwargs(node, "input_size", "output_size", "spk_embed_dim", "vocab_size", "input_frame_rate")
-        enc = expect_class(node.require("encoder", "flow"), ("ConformerEncoder",), "flow.encoder")
-        reg = expect_class(node.require("length_regulator", "flow"), ("InterpolateRegulator",), "flow.length_regulator")
-        dec = expect_class(node.require("decoder", "flow"), ("ConditionalCFM",), "flow.decoder")
-        est = expect_class(dec.require("estimator", "flow.decoder"), ("ConditionalDecoder",), "flow.decoder.estimator")
+    def __init__(self, config: V1FlowConfig) -> None:
+        super().__init__(config, ConditionalDecoder(**config.estimator))
+        self.input_frame_rate = config.input_frame_rate
+        self.encoder = config.encoder.build()
+        self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
+        self.length_regulator = InterpolateRegulator(**config.length_regulator)
 
-        enc_args = dict(enc.args)
-        enc_args.setdefault("input_size", args.get("input_size", 512))
-        if enc_args["input_size"] != args.get("input_size", 512):
-            raise ConfigError("flow.encoder.input_size does not match flow.input_size")
-        encoder = ConformerEncoder(**enc_args)
-        regulator = InterpolateRegulator(**node_kwargs(reg, "channels", "sampling_ratios", "out_channels", "groups"))
-        estimator = ConditionalDecoder(**estimator_kwargs(est))
-        decoder = ConditionalCFM.from_config(dec, estimator)
-        return cls(encoder, regulator, decoder, encoder_output_size=enc_args.get("output_size", 256), **args)
-
-    def condition(
-        self,
-        token: Tensor,
-        prompt_token: Tensor,
-        prompt_feat: Tensor,
-        embedding: Tensor,
-    ) -> FlowCondition:
-        """Encode the tokens and build the CFM condition (spec §10.4 steps 1-5)."""
-        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
-        n_prompt, n_target = prompt_token.size(1), token.size(1)
-        tokens = torch.cat([prompt_token, token], dim=1)
-        emb = self.input_embedding(tokens.clamp(min=0))  # (1, P+N, input_size)
-        lens = torch.tensor([tokens.size(1)], device=tokens.device)
-        h, _ = self.encoder(emb, lens)
+    def encode(self, emb: Tensor, n_prompt: int, prompt_frames: int, finalize: bool, streaming: bool) -> Tensor:
+        """Conformer, then prompt and target interpolated separately to their mel lengths (spec §10.4)."""
+        h, _ = self.encoder(emb, torch.tensor([emb.size(1)], device=emb.device))
         h = self.encoder_proj(h)  # (1, P+N, 80)
-
-        mel_len1 = prompt_feat.size(1)
-        mel_len2 = tokens_to_frames(n_target, self.input_frame_rate)
-        h = self.length_regulator.inference(h[:, :n_prompt], h[:, n_prompt:], mel_len1, mel_len2, self.input_frame_rate)
-        frames = mel_len1 + mel_len2
-        cond = torch.zeros(1, frames, self.output_size, dtype=h.dtype, device=h.device)
-        cond[:, :mel_len1] = prompt_feat
-        mask = torch.ones(1, 1, frames, dtype=h.dtype, device=h.device)
-        return FlowCondition(h.transpose(1, 2).contiguous(), mask, spks, cond.transpose(1, 2), mel_len1)
+        target_frames = tokens_to_frames(emb.size(1) - n_prompt, self.input_frame_rate)
+        return self.length_regulator.inference(
+            h[:, :n_prompt], h[:, n_prompt:], prompt_frames, target_frames, self.input_frame_rate
+        )
 
     @torch.no_grad()
     def inference(
@@ -195,29 +133,3 @@ class MaskedDiffWithXvec(nn.Module):
         )
         mel = self.decoder.solve(mu, c.mask, c.spks, c.cond, noise)
         return mel[:, :, p:], new_cache
-
-
-def expect_class(node: object, classes: tuple[str, ...], where: str) -> Node:
-    if not isinstance(node, Node) or node.cls not in classes:
-        found = node.target if isinstance(node, Node) else type(node).__name__
-        raise ConfigError(f"{where}: expected {' or '.join(classes)}, found {found}")
-    return node
-
-
-def estimator_kwargs(node: Node) -> dict:
-    """The U-Net arguments of an estimator node (the official parameter names)."""
-    return node_kwargs(
-        node,
-        "in_channels",
-        "out_channels",
-        "channels",
-        "dropout",
-        "attention_head_dim",
-        "n_blocks",
-        "num_mid_blocks",
-        "num_heads",
-        "act_fn",
-        "causal",
-        "static_chunk_size",
-        "num_decoding_left_chunks",
-    )

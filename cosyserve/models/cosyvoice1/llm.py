@@ -12,17 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.config import ConfigError, Node
 from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
-from cosyserve.nn.conformer import ConformerEncoder, TransformerEncoder
+from cosyserve.models.cosyvoice1.config import TransformerLMConfig
 from cosyserve.nn.kv_cache import KVCache
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
 TokenIds = Tensor | Sequence[int] | None
-
-
-_ENCODERS = {"ConformerEncoder": ConformerEncoder, "TransformerEncoder": TransformerEncoder}
-_TRAINING_KEYS = {"length_normalized_loss", "lsm_weight"}
 
 
 def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
@@ -32,88 +27,21 @@ def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(device)
 
 
-def _encoder_from_node(node: object, key: str) -> nn.Module:
-    if not isinstance(node, Node) or node.kind != "new":
-        raise ConfigError(f"llm.{key} must be a !new: encoder object")
-    if node.cls not in _ENCODERS:
-        raise ConfigError(f"llm.{key}: unsupported class {node.target} (expected {' or '.join(_ENCODERS)})")
-    try:
-        return _ENCODERS[node.cls](**node.args)
-    except TypeError as exc:
-        raise ConfigError(f"llm.{key}: {exc}") from exc
-    except ConfigError as exc:
-        raise ConfigError(f"llm.{key}: {exc}") from exc
-
-
 class TransformerLM(nn.Module):
     """v1 LLM with the reference parameter names (``llm.pt`` loads strictly)."""
 
-    def __init__(
-        self,
-        text_encoder_input_size: int,
-        llm_input_size: int,
-        llm_output_size: int,
-        text_token_size: int,
-        speech_token_size: int,
-        text_encoder: nn.Module,
-        llm: TransformerEncoder,
-        spk_embed_dim: int = 192,
-        sampling: dict | None = None,
-    ) -> None:
+    def __init__(self, config: TransformerLMConfig) -> None:
         super().__init__()
-        self.speech_token_size = speech_token_size
-        self.sampling_args = dict(sampling or {})
-        self.text_embedding = nn.Embedding(text_token_size, text_encoder_input_size)
-        self.text_encoder = text_encoder
-        self.text_encoder_affine_layer = nn.Linear(text_encoder.output_size, llm_input_size)
-        self.llm_embedding = nn.Embedding(2, llm_input_size)  # row 0: sos, row 1: task id
-        self.llm = llm
-        self.llm_decoder = nn.Linear(llm_output_size, speech_token_size + 1)
-        self.speech_embedding = nn.Embedding(speech_token_size, llm_input_size)
-        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, llm_input_size)
-
-    @classmethod
-    def from_config(cls, node: Node) -> TransformerLM:
-        """Build from the yaml ``llm: !new:cosyvoice.llm.llm.TransformerLM`` node."""
-        if node.cls != cls.__name__:
-            raise ConfigError(f"llm: expected {cls.__name__}, got {node.target}")
-        sizes = {}
-        for key in (
-            "text_encoder_input_size",
-            "llm_input_size",
-            "llm_output_size",
-            "text_token_size",
-            "speech_token_size",
-        ):
-            value = node.require(key, "llm")
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"llm.{key} must be a positive integer, got {value!r}")
-            sizes[key] = value
-        spk_dim = node.get("spk_embed_dim", 192)
-        if not isinstance(spk_dim, int) or spk_dim <= 0:
-            raise ConfigError(f"llm.spk_embed_dim must be a positive integer, got {spk_dim!r}")
-        known = {*sizes, "spk_embed_dim", "text_encoder", "llm", "sampling", *_TRAINING_KEYS}
-        for key in node.args:
-            if key not in known:
-                raise ConfigError(f"llm: unknown key '{key}'")
-        text_encoder = _encoder_from_node(node.require("text_encoder", "llm"), "text_encoder")
-        body = _encoder_from_node(node.require("llm", "llm"), "llm")
-        sampling = node.get("sampling")
-        if sampling is not None:
-            if not isinstance(sampling, Node):
-                raise ConfigError("llm.sampling must be a !name: ras_sampling entry")
-            RasSampler.from_config(sampling)  # validates the arguments now, not at the first request
-        if body.output_size != sizes["llm_output_size"]:
-            raise ConfigError(
-                f"llm.llm.output_size {body.output_size} != llm.llm_output_size {sizes['llm_output_size']}"
-            )
-        return cls(
-            **sizes,
-            text_encoder=text_encoder,
-            llm=body,
-            spk_embed_dim=spk_dim,
-            sampling=dict(sampling.args) if isinstance(sampling, Node) else None,
-        )
+        self.speech_token_size = config.speech_token_size
+        self.sampling_args = dict(config.sampling)
+        self.text_embedding = nn.Embedding(config.text_token_size, config.text_encoder_input_size)
+        self.text_encoder = config.text_encoder.build()
+        self.text_encoder_affine_layer = nn.Linear(self.text_encoder.output_size, config.llm_input_size)
+        self.llm_embedding = nn.Embedding(2, config.llm_input_size)  # row 0: sos, row 1: task id
+        self.llm = config.llm.build()
+        self.llm_decoder = nn.Linear(config.llm_output_size, config.speech_token_size + 1)
+        self.speech_embedding = nn.Embedding(config.speech_token_size, config.llm_input_size)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.llm_input_size)
 
     @property
     def eos_token(self) -> int:

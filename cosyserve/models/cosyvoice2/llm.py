@@ -6,13 +6,12 @@ Uni-stream inference only: the whole text is known when decoding starts.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from cosyserve.config import ConfigError, Node
 from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
+from cosyserve.models.cosyvoice2.config import Qwen2LMConfig
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
 
@@ -50,21 +49,15 @@ class Qwen2LM(nn.Module):
     num_special_tokens = 3
     decoder_bias = True
 
-    def __init__(
-        self,
-        qwen_config: Qwen2Config,
-        speech_token_size: int = 6561,
-        sampling: dict | None = None,
-        reference_eos_mask: bool = False,
-    ) -> None:
+    def __init__(self, config: Qwen2LMConfig, reference_eos_mask: bool = False) -> None:
         super().__init__()
-        d = qwen_config.hidden_size
-        self.speech_token_size = speech_token_size
-        self.sampling_args = dict(sampling or {})
+        d = config.qwen.hidden_size
+        self.speech_token_size = config.speech_token_size
+        self.sampling_args = dict(config.sampling)
         self.reference_eos_mask = reference_eos_mask
         self._build_task_embeddings(d)
-        self.llm = Qwen2Encoder(qwen_config)
-        vocab = speech_token_size + self.num_special_tokens
+        self.llm = Qwen2Encoder(config.qwen)
+        vocab = config.speech_token_size + self.num_special_tokens
         self.llm_decoder = nn.Linear(d, vocab, bias=self.decoder_bias)
         self.speech_embedding = nn.Embedding(vocab, d)
 
@@ -86,34 +79,6 @@ class Qwen2LM(nn.Module):
     @property
     def stop_token_ids(self) -> range:
         return range(self.speech_token_size, self.speech_token_size + self.num_special_tokens)
-
-    @classmethod
-    def from_config(cls, node: Node, blank_en_dir: str | Path, reference_eos_mask: bool = False) -> Qwen2LM:
-        """Build from the yaml ``llm`` node; the Qwen2 geometry comes from ``<blank_en_dir>/config.json``."""
-        if node.cls != cls.__name__:
-            raise ConfigError(f"llm: expected {cls.__name__}, got {node.target}")
-        inner = node.get("llm")
-        if isinstance(inner, Node) and inner.cls != "Qwen2Encoder":
-            raise ConfigError(f"llm.llm: unsupported class {inner.target} (expected Qwen2Encoder)")
-        qwen = Qwen2Config.from_json(Path(blank_en_dir) / "config.json")
-        for key in ("llm_input_size", "llm_output_size"):
-            size = node.get(key)
-            if size is not None and size != qwen.hidden_size:
-                raise ConfigError(f"llm.{key} is {size} but the Qwen2 hidden size is {qwen.hidden_size}")
-        size = node.get("speech_token_size", 6561)
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ConfigError(f"llm.speech_token_size must be a positive integer, got {size!r}")
-        sampling = node.get("sampling")
-        if sampling is not None:
-            if not isinstance(sampling, Node):
-                raise ConfigError("llm.sampling must be a !name: ras_sampling entry")
-            RasSampler.from_config(sampling)  # validates the arguments now, not at the first request
-        return cls(
-            qwen,
-            speech_token_size=size,
-            sampling=dict(sampling.args) if isinstance(sampling, Node) else None,
-            reference_eos_mask=reference_eos_mask,
-        )
 
     def make_sampler(self, generator: torch.Generator | None = None) -> RasSampler:
         """The yaml's repetition-aware sampler drawing from ``generator``."""

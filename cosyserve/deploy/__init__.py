@@ -1,0 +1,1 @@
+"""Ways to run cosyserve beyond one process (Ray Serve)."""
