@@ -217,10 +217,18 @@ class V1Synthesizer(Synthesizer):
 
 
 class V2Synthesizer(Synthesizer):
-    """CosyVoice2: chunk-causal flow re-run from the start, growing hop, HiFT caches (spec §14.3)."""
+    """CosyVoice2: chunk-causal flow, growing hop, HiFT caches (spec §14.3).
+
+    Streaming, the flow continues from the request's state (each chunk computes its own frames only)
+    rather than re-running from the start of the utterance as the reference does; same output.
+    """
 
     MAX_HOP = 100
     HOP_SCALE = 2
+    # The reference computes a streamed request's last chunk with full-context attention (a full
+    # re-run of the flow, as costly as the non-streamed request's). False keeps the chunk-causal
+    # attention for it, so it too costs only its own frames; its audio then differs from the reference.
+    FULL_CONTEXT_LAST_CHUNK = True
 
     def __init__(
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
@@ -237,19 +245,19 @@ class V2Synthesizer(Synthesizer):
         prompt_len = condition.token.shape[1]
         # The first hop also covers the prompt's padding up to a whole flow chunk.
         self.prompt_pad = math.ceil(prompt_len / self.hop) * self.hop - prompt_len
+        # Streaming: the flow's per-request incremental state (linear cost over the chunks).
+        self.flow_state = model.flow.stream_state() if stream and hasattr(model.flow, "stream_state") else None
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
-        mel = self.timed(
-            "flow",
-            self.model.flow.inference,
-            torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            c.token,
-            c.feat,
-            c.embedding,
-            streaming=streaming,
-            finalize=finalize,
-        )
+        args = (torch.tensor([tokens], dtype=torch.int32, device=self.device), c.token, c.feat, c.embedding)
+        if self.flow_state is None:
+            mel = self.timed("flow", self.model.flow.inference, *args, streaming=streaming, finalize=finalize)
+        else:
+            # The estimator runs on the new frames only; the earlier ones come from this request's state.
+            mel = self.timed(
+                "flow", self.model.flow.inference_stream, self.flow_state, *args, streaming=streaming, finalize=finalize
+            )
         return mel[:, :, token_offset * self.mel_ratio :]
 
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
@@ -276,11 +284,20 @@ class V2Synthesizer(Synthesizer):
     def finish(self) -> np.ndarray | None:
         if not self.kept:
             return None
-        return _chunk(self.token2wav(self.kept, self.offset, streaming=False, finalize=True))
+        # Chunk-causal only after streamed chunks (else a single full-context call costs as much).
+        streaming = self.stream and self.offset > 0 and not self.FULL_CONTEXT_LAST_CHUNK
+        speech = self.token2wav(self.kept, self.offset, streaming=streaming, finalize=True)
+        if self.flow_state is not None:
+            self.flow_state.cache.reset()  # the keys / values of every frame and step: the bulk of the state
+        return _chunk(speech)
 
 
 class V3Synthesizer(V2Synthesizer):
-    """CosyVoice3: as v2, but the causal HiFT re-runs on the whole accumulated mel (spec §14.4)."""
+    """CosyVoice3: as v2, but the vocoder is the causal HiFT on the accumulated mel (spec §14.4).
+
+    The reference re-runs it on the whole mel each chunk and keeps the new samples; streaming here
+    continues it from the request's state, which gives the same samples (every layer is causal).
+    """
 
     def __init__(
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
@@ -289,6 +306,7 @@ class V3Synthesizer(V2Synthesizer):
         self.mel = torch.zeros(1, 80, 0, device=self.device)
         self.samples_out = 0
         self.token_filter = model.new_token_filter()
+        self.hift_state = model.hift.stream_state() if stream and hasattr(model.hift, "stream_state") else None
 
     def add(self, token: int) -> None:
         # The LLM conditions on every id; the flow may skip some (v3: long runs of silence, spec §9.5).
@@ -299,6 +317,11 @@ class V3Synthesizer(V2Synthesizer):
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
         self.mel = torch.cat([self.mel, mel], dim=2)
         source = self.draws.next_hift_source()
+        if self.hift_state is not None:
+            # The causal vocoder continues from this request's state: only the new frames are computed.
+            return self.timed(
+                "vocoder", self.model.hift.inference_stream, self.hift_state, self.mel, finalize, source=source
+            )
         speech, _ = self.timed("vocoder", self.model.hift.inference, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.nn.flow_matching import ConditionalCFM
+from cosyserve.nn.flow_matching import ConditionalCFM, FlowStream
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,4 +145,42 @@ class CausalFlow(TokenFlow):
             raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
         noise = noise[:, :, :frames].to(c.mu)
         mel = self.decoder.solve(c.mu, c.mask, c.spks, c.cond, noise, streaming=streaming)
+        return mel[:, :, c.prompt_frames :]
+
+    def stream_state(self) -> FlowStream:
+        """A fresh per-request state for :meth:`inference_stream`."""
+        return FlowStream()
+
+    @torch.inference_mode()
+    def inference_stream(
+        self,
+        state: FlowStream,
+        token: Tensor,
+        prompt_token: Tensor,
+        prompt_feat: Tensor,
+        embedding: Tensor,
+        streaming: bool,
+        finalize: bool,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`inference` for the next call of one streamed request, whose earlier calls used ``state``.
+
+        Same arguments and result (the tokens so far, the mel of all of them), but a streaming call
+        runs the estimator on the frames not computed by an earlier call only; the earlier frames come
+        from ``state``, exactly as a full chunk-causal run computes them. A non-streaming call (the
+        full-attention last chunk) recomputes everything. The encoder re-runs on all tokens.
+        """
+        if not streaming or not self.decoder.estimator.supports_chunks:
+            state.reset()
+            return self.inference(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+        n_encoded = prompt_token.size(1) + token.size(1) - (0 if finalize else self.pre_lookahead_len)
+        frames = n_encoded * self.token_mel_ratio
+        if noise is None:
+            noise = self.decoder.fixed_noise(frames, token.device)
+        elif noise.size(2) < frames:
+            raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
+        c = self.condition(token, prompt_token, prompt_feat, embedding, finalize, streaming)
+        if c.mu.size(2) != frames:
+            raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
+        mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise[:, :, :frames].to(c.mu))
         return mel[:, :, c.prompt_frames :]

@@ -247,3 +247,82 @@ class DiT(nn.Module):
             h = block(h, temb, attn_mask, rope)
         h = self.norm_out(h, temb)
         return self.proj_out(h).transpose(1, 2)
+
+    @property
+    def supports_chunks(self) -> bool:
+        """Whether :meth:`forward_chunk` applies (a chunk size for the streaming attention)."""
+        return self.static_chunk_size > 0
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        state: dict[nn.Module, tuple[torch.Tensor, ...]],
+        offset: int,
+    ) -> torch.Tensor:
+        """The streaming forward of the frames from ``offset`` on (see the v2 U-Net's ``forward_chunk``).
+
+        ``state`` holds the earlier frames' keys / values (rotated) of every block and the last 30
+        input frames of both position convolutions; it is extended in place. ``offset`` must be a
+        multiple of the chunk size. x / mu / cond (B, 80, T new), spks (B, 80) -> (B, out_channels, T new).
+        """
+        chunk = self.static_chunk_size
+        if chunk <= 0 or offset % chunk:
+            raise ValueError(f"offset {offset} is not on a {chunk}-frame chunk boundary")
+        b, _, length = x.shape
+        if t.ndim == 0:
+            t = t.repeat(b)
+        temb = self.time_embed(t)
+        embed = self.input_embed
+        spk = spks.unsqueeze(1).expand(-1, length, -1)
+        h = embed.proj(torch.cat((x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spk), dim=-1))
+        pos = embed.conv_pos_embed
+        y = h.transpose(1, 2)
+        for conv in (pos.conv1, pos.conv2):
+            y = conv(_left_context(conv[0], y, pos.kernel_size - 1, state))
+        h = y.transpose(1, 2) + h
+        rope = self.rotary_embed(offset + length)[offset:]
+        keys = torch.ones(1, 1, offset + length, dtype=torch.bool, device=x.device)
+        mask = chunk_attention_mask(keys, chunk, self.num_decoding_left_chunks)[:, :, offset:]
+        for block in self.transformer_blocks:
+            norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, temb)
+            h = h + gate_msa.unsqueeze(1) * _attention_chunk(block.attn, norm, mask, rope, state)
+            norm = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            h = h + gate_mlp.unsqueeze(1) * block.ff(norm)
+        h = self.norm_out(h, temb)
+        return self.proj_out(h).transpose(1, 2)
+
+
+def _left_context(
+    key: nn.Module, x: torch.Tensor, keep: int, state: dict[nn.Module, tuple[torch.Tensor, ...]]
+) -> torch.Tensor:
+    """x (B, C, T) with the last ``keep`` frames of the earlier input prepended (zeros at the start)."""
+    (left,) = state.get(key, (x.new_zeros(x.size(0), x.size(1), keep),))
+    x = torch.cat([left, x], dim=2)
+    state[key] = (x[:, :, -keep:],)
+    return x
+
+
+def _attention_chunk(
+    attn: Attention,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    rope: torch.Tensor,
+    state: dict[nn.Module, tuple[torch.Tensor, ...]],
+) -> torch.Tensor:
+    """The new frames' attention over the cached (rotated) keys / values and their own."""
+    b = x.size(0)
+    q = apply_rotary(attn.to_q(x), rope)
+    k = apply_rotary(attn.to_k(x), rope)
+    v = attn.to_v(x)
+    q, k, v = (z.view(b, -1, attn.heads, z.size(-1) // attn.heads).transpose(1, 2) for z in (q, k, v))
+    if attn in state:
+        cached_k, cached_v = state[attn]
+        k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+    state[attn] = (k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(b, -1, q.size(1) * q.size(-1)).to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](out))

@@ -112,3 +112,109 @@ class ConditionalCFM(nn.Module):
             if step < len(t_span) - 1:
                 dt = t_span[step + 1] - t
         return x.float()
+
+    @torch.no_grad()
+    def solve_chunk(self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, cache: EstimatorCache) -> Tensor:
+        """:meth:`solve` (streaming) for the frames after ``cache.frames``, reusing the earlier frames' state.
+
+        mu / cond / noise (1, C, T new) cover only the new frames. The estimator's per-frame state
+        of the earlier frames (attention keys / values, causal convolution context) is kept per
+        Euler step in ``cache``; both CFG rows are one batch, so each entry holds both halves.
+        Because the estimator is chunk-causal and every frame's noise is fixed by its position,
+        the result equals the new frames of a full streaming :meth:`solve`.
+        """
+        if noise.shape != mu.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != mu shape {tuple(mu.shape)}")
+        dtype = mu.dtype
+        est_dtype = next(self.estimator.parameters()).dtype
+        batch = mu.size(0)
+        t_span = cosine_time_grid(self.n_timesteps, device=mu.device)
+        x = noise.to(device=mu.device, dtype=dtype)
+        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(est_dtype)
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(est_dtype)
+        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(est_dtype)
+        rate = self.inference_cfg_rate
+        states = cache.steps(self.n_timesteps)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            t_in = t.expand(2 * batch).to(est_dtype)
+            x_in = torch.cat([x, x]).to(est_dtype)
+            v = self.estimator.forward_chunk(x_in, mu_in, t_in, spks_in, cond_in, states[step - 1], cache.frames)
+            v = v.to(dtype)
+            v_cond, v_uncond = v[:batch], v[batch:]
+            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        cache.frames += mu.size(2)
+        return x.float()
+
+
+class EstimatorCache:
+    """One request's streaming estimator state: per Euler step, per module, the earlier frames' tensors.
+
+    Owned by the request (never by the shared model); :meth:`ConditionalCFM.solve_chunk` extends it.
+    """
+
+    def __init__(self) -> None:
+        self.frames = 0  # frames already computed
+        self._steps: list[dict[nn.Module, tuple[Tensor, ...]]] = []
+
+    def steps(self, n: int) -> list[dict[nn.Module, tuple[Tensor, ...]]]:
+        if not self._steps:
+            self._steps = [{} for _ in range(n)]
+        elif len(self._steps) != n:
+            raise ValueError(f"the cache holds {len(self._steps)} Euler steps, {n} asked")
+        return self._steps
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for step in self._steps for ts in step.values() for t in ts)
+
+    def reset(self) -> None:
+        self.frames = 0
+        self._steps = []
+
+
+class FlowStream:
+    """One streamed request's incremental flow state: the estimator cache and the mel computed so far.
+
+    Made by the flow's ``stream_state()`` and owned by the request's synthesizer.
+    """
+
+    # The cache holds keys / values per block, Euler step and CFG row: about 4.6 MB per mel frame for
+    # the full-size v2 estimator, 3.6 MB for v3's DiT. A request whose cache would outgrow this budget
+    # drops it and re-runs the flow from the start for each later chunk (the same result, the old cost).
+    max_cache_bytes = 4 << 30
+
+    def __init__(self, max_cache_bytes: int | None = None) -> None:
+        self.cache = EstimatorCache()
+        self.mel: Tensor | None = None  # (1, C, cache.frames), prompt frames included
+        if max_cache_bytes is not None:
+            self.max_cache_bytes = max_cache_bytes
+        self.over_budget = False
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.mel = None
+
+    def advance(self, cfm: ConditionalCFM, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
+        """The streaming mel (1, C, T) of all T frames of mu, computing only those not computed before.
+
+        The frames already computed must end on an attention chunk boundary (the v2/v3 hops do);
+        otherwise, or when the request shrank, everything is recomputed from the first frame.
+        """
+        start = self.cache.frames
+        if start and self.cache.nbytes() / start * mu.size(2) > self.max_cache_bytes:
+            self.over_budget = True
+        if self.over_budget:
+            self.reset()
+            mask = torch.ones_like(mu[:, :1])
+            return cfm.solve(mu, mask, spks, cond, noise, streaming=True)
+        if start % cfm.estimator.static_chunk_size or start > mu.size(2) or self.mel is None:
+            self.reset()
+            start = 0
+        if start < mu.size(2):
+            new = cfm.solve_chunk(mu[:, :, start:], spks, cond[:, :, start:], noise[:, :, start:], self.cache)
+            self.mel = new if self.mel is None else torch.cat([self.mel, new], dim=2)
+        return self.mel[:, :, : mu.size(2)]

@@ -372,3 +372,124 @@ class ConditionalDecoder(nn.Module):
 
         x = self.final_block(x, mask_up)
         return self.final_proj(x * mask_up) * mask
+
+    @property
+    def supports_chunks(self) -> bool:
+        """Whether :meth:`forward_chunk` applies: causal, chunk-causal attention, one resolution."""
+        return self.causal and self.static_chunk_size > 0 and len(self.down_blocks) == 1
+
+    def forward_chunk(
+        self, x: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor, state: ChunkState, offset: int
+    ) -> Tensor:
+        """The streaming (chunk-causal) forward of the frames from ``offset`` on, given ``state``.
+
+        ``state`` holds, for the frames before ``offset``, every attention layer's keys / values and
+        every causal convolution's last input frames; it is extended in place. ``offset`` must fall
+        on an attention chunk boundary, so the earlier frames never see the new ones and their
+        cached values are those a full streaming forward would compute. x / mu / cond (B, 80, T new),
+        t (B,), spks (B, 80) -> (B, out_channels, T new); the mask is all ones (one utterance per row).
+        """
+        if not self.supports_chunks:
+            raise ValueError("forward_chunk needs the causal single-resolution decoder with a chunk size")
+        if offset % self.static_chunk_size:
+            raise ValueError(f"offset {offset} is not on a {self.static_chunk_size}-frame chunk boundary")
+        temb = self.time_mlp(self.time_embeddings(t).to(t.dtype))
+        x = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
+        bias = _chunk_bias(offset, x.size(-1), self.static_chunk_size, self.num_decoding_left_chunks, x.dtype, x.device)
+
+        def transformers(blocks: nn.ModuleList, h: Tensor) -> Tensor:
+            h = h.transpose(1, 2)
+            for block in blocks:
+                h = h + _attention_chunk(block.attn1, block.norm1(h), bias, state)
+                h = h + block.ff(block.norm3(h))
+            return h.transpose(1, 2)
+
+        ((resnet, blocks, conv),) = self.down_blocks
+        x = transformers(blocks, _resnet_chunk(resnet, x, temb, state))
+        skip = x
+        x = _conv_chunk(conv, x, state)
+        for resnet, blocks in self.mid_blocks:
+            x = transformers(blocks, _resnet_chunk(resnet, x, temb, state))
+        ((resnet, blocks, conv),) = self.up_blocks
+        x = transformers(blocks, _resnet_chunk(resnet, torch.cat([x, skip], dim=1), temb, state))
+        x = _conv_chunk(conv, x, state)
+        return self.final_proj(_block_chunk(self.final_block, x, state))
+
+
+# Per-request streaming state of one estimator evaluation: module -> cached tensors.
+ChunkState = dict[nn.Module, tuple[Tensor, ...]]
+
+
+def _chunk_bias(offset: int, length: int, chunk: int, left_chunks: int, dtype, device) -> Tensor:
+    """(1, 1, length, offset + length) additive bias of the streaming mask for queries from ``offset`` on."""
+    allowed = chunk_attention_mask(offset + length, chunk, left_chunks, device)[offset:]
+    return ((1.0 - allowed.to(dtype)) * _MASK_BIAS)[None, None]
+
+
+def _conv_chunk(conv: nn.Conv1d, x: Tensor, state: ChunkState) -> Tensor:
+    """A left-padded stride-1 conv continued from the last (k - 1) input frames of the earlier frames."""
+    keep = conv.kernel_size[0] - 1
+    if keep == 0:
+        return nn.Conv1d.forward(conv, x)
+    (left,) = state.get(conv, (x.new_zeros(x.size(0), x.size(1), keep),))
+    x = torch.cat([left, x], dim=2)
+    state[conv] = (x[:, :, -keep:],)
+    return nn.Conv1d.forward(conv, x)
+
+
+def _block_chunk(block: CausalBlock1D, x: Tensor, state: ChunkState) -> Tensor:
+    conv, *rest = block.block
+    x = _conv_chunk(conv, x, state)
+    for layer in rest:
+        x = layer(x)
+    return x
+
+
+def _resnet_chunk(resnet: ResnetBlock1D, x: Tensor, temb: Tensor, state: ChunkState) -> Tensor:
+    h = _block_chunk(resnet.block1, x, state) + resnet.mlp(temb).unsqueeze(-1)
+    return _block_chunk(resnet.block2, h, state) + resnet.res_conv(x)
+
+
+def _attention_chunk(attn: Attention, x: Tensor, bias: Tensor, state: ChunkState) -> Tensor:
+    """Self-attention of the new frames over the cached keys / values and their own."""
+    b, t, _ = x.shape
+    q, k, v = (proj(x).view(b, t, attn.heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn in state:
+        cached_k, cached_v = state[attn]
+        k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+    state[attn] = (k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return attn.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
+
+
+class CausalConditionalDecoder(ConditionalDecoder):
+    """The v2 estimator: ``ConditionalDecoder`` with ``causal=True`` (chunk size 50 frames by default)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (256, 256),
+        dropout: float = 0.0,
+        attention_head_dim: int = 64,
+        n_blocks: int = 1,
+        num_mid_blocks: int = 2,
+        num_heads: int = 4,
+        act_fn: str = "gelu",
+        static_chunk_size: int = 50,
+        num_decoding_left_chunks: int = -1,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            channels,
+            dropout,
+            attention_head_dim,
+            n_blocks,
+            num_mid_blocks,
+            num_heads,
+            act_fn,
+            causal=True,
+            static_chunk_size=static_chunk_size,
+            num_decoding_left_chunks=num_decoding_left_chunks,
+        )

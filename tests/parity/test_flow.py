@@ -85,6 +85,12 @@ def test_flow(entry: dict) -> None:
             _check_condition(c, expected, f"call{k}")
             mel = flow.inference(**inputs, streaming=streaming, finalize=finalize)
             assert_close(mel, case[f"call{k}_mel"], MEL_ATOL, f"call{k} mel")
+        # The same calls through the incremental flow, which computes only each call's new frames.
+        state = flow.stream_state()
+        for k, call in enumerate(meta["calls"]):
+            inputs = {"token": token_all[:, : call["n_tokens"]], **common}
+            mel = flow.inference_stream(state, **inputs, streaming=call["streaming"], finalize=call["finalize"])
+            assert_close(mel, case[f"call{k}_mel"], MEL_ATOL, f"call{k} incremental mel")
         return
 
     inputs = {"token": _t(case["token"]), **common}

@@ -100,6 +100,16 @@ def test_flow_v3(entry: dict) -> None:
             expected = {name: case[f"call{k}_{name}"] for name in ("mel", "mu", "cond")}
             inputs = {"token": token_all[:, : call["n_tokens"]], **common}
             _check_call(flow, entry["model"], inputs, expected, call["streaming"], call["finalize"], f"call{k}")
+        # The same calls through the incremental flow, which computes only each call's new frames.
+        state = flow.stream_state()
+        for k, call in enumerate(meta["calls"]):
+            inputs = {"token": token_all[:, : call["n_tokens"]], **common}
+            frames = (inputs["prompt_token"].size(1) + call["n_tokens"] - (0 if call["finalize"] else 3)) * 2
+            noise = _noise(entry["model"], frames)
+            mel = flow.inference_stream(
+                state, **inputs, streaming=call["streaming"], finalize=call["finalize"], noise=noise
+            )
+            assert_close(mel, case[f"call{k}_mel"], MEL_ATOL, f"call{k} incremental mel")
         return
 
     inputs = {"token": _t(case["token"]), **common}
