@@ -38,9 +38,6 @@ from .streaming import Draws, PromptCondition, Synthesizer
 
 logger = logging.getLogger("cosyserve.engine")
 
-# Decode batches are padded to a multiple of this many rows (see DecodeBatch.step). On a CPU the
-# step is bound by reading the weights, so the padding rows cost little.
-DECODE_ROW_BLOCK = 8
 PREFILL_TOKENS_PER_STEP = 2048  # prefix positions prefilled per step, beyond the first sequence's
 
 _arrivals = itertools.count()
@@ -116,22 +113,10 @@ class DecodeBatch:
             self.cache = None
 
     def step(self) -> torch.Tensor:
-        """Feed every row its last picked id; (rows, V) log-probs of the next one.
-
-        The batch is padded with empty rows to a multiple of ``DECODE_ROW_BLOCK`` and always masked, so
-        the matrix kernels and the attention path are the same however many requests share the step:
-        a row's log-probs, and so a seeded request's tokens, do not depend on its batch-mates."""
+        """Feed every row its last picked id; (rows, V) log-probs of the next one."""
         device = self.llm.speech_embedding.weight.device
-        rows = len(self.segments)
-        padding = -rows % DECODE_ROW_BLOCK
-        ids = [s.next_input for s in self.segments] + [0] * padding
-        self.cache.always_masked = True
-        self.cache.add_padding_rows(padding)
-        try:
-            hidden = self.llm.decode_batch(torch.tensor(ids, dtype=torch.long, device=device), self.cache)
-        finally:
-            self.cache.drop_padding_rows(padding)
-        return self.llm.logp(hidden)[:rows]  # the padded rows too: the same kernel for any batch
+        ids = torch.tensor([s.next_input for s in self.segments], dtype=torch.long, device=device)
+        return self.llm.logp(self.llm.decode_batch(ids, self.cache))
 
 
 class Scheduler:

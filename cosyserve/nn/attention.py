@@ -118,29 +118,14 @@ class RelPositionMultiHeadedAttention(nn.Module):
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         ragged = cache is not None and not cache.cache.uniform
-        spans = [n + t for n in cache.cache.lengths] if ragged else []
+        lengths = cache.cache.lengths_tensor(x.device) if ragged else None
         if cache is not None:
             k, v = cache.write(k, v)
+        s = k.size(2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, h, T, d_k)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
-        if ragged:
-            # A decode batch (T = 1): each row attends over exactly its own keys and distances, so its
-            # result is the same whatever the longest row of the batch is. pos_seq: PE(S-1) ... PE(0).
-            out = torch.empty_like(q_u)
-            for row, span in enumerate(spans):
-                rows = slice(row, row + 1)
-                out[rows] = self._attend(
-                    q_u[rows], q_v[rows], k[rows, :, :span], v[rows, :, :span], pos_seq[:, -span:], None
-                )
-        else:
-            out = self._attend(q_u, q_v, k, v, pos_seq, mask)
-        return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
-
-    def _attend(self, q_u: Tensor, q_v: Tensor, k: Tensor, v: Tensor, pos_seq: Tensor, mask: Tensor | None) -> Tensor:
-        """Scores, softmax and the weighted values: (B, h, T, d_k)."""
-        s = k.size(2)
         content = torch.matmul(q_u, k.transpose(-2, -1))  # (B, h, T, S)
-        position = self._position_scores(q_v, pos_seq, s)
+        position = self._position_scores(q_v, pos_seq, s, lengths)
         scores = (content + position) / math.sqrt(self.d_k)
         if mask is not None:
             blocked = ~mask.unsqueeze(1)  # (B, 1, T|1, S)
@@ -148,10 +133,13 @@ class RelPositionMultiHeadedAttention(nn.Module):
             attn = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1).masked_fill(blocked, 0.0)
         else:
             attn = torch.softmax(scores, dim=-1)
-        return torch.matmul(attn, v)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
+        return self.linear_out(out)
 
-    def _position_scores(self, q_v: Tensor, pos_seq: Tensor, s: int) -> Tensor:
-        """(q_i + v) . p(i - j) for every query row i and key j -> (B, h, T, S)."""
+    def _position_scores(self, q_v: Tensor, pos_seq: Tensor, s: int, lengths: Tensor | None = None) -> Tensor:
+        """(q_i + v) . p(i - j) for every query row i and key j -> (B, h, T, S).
+
+        ``lengths`` (B,): each batch row's cached length when they differ (T = 1, pos_seq = PE(S-1)..PE(0))."""
         b, h, t, d_k = q_v.shape
         n = pos_seq.size(1)  # S + T - 1 distances, from S-1 down to -(T-1)
         d = pos_seq.size(2)
@@ -164,6 +152,12 @@ class RelPositionMultiHeadedAttention(nn.Module):
             p = self.linear_pos(pos_seq).view(1, n, h, d_k).transpose(1, 2)  # (1, h, n, d_k)
             raw = torch.matmul(q_v, p.transpose(-2, -1))
         raw = raw.contiguous()  # (B, h, T, n)
+        if lengths is not None:
+            # Row b's query sits at position lengths[b]: key j is at distance lengths[b] - j, column
+            # s - 1 - lengths[b] + j. Keys past the row's end are padding (masked), so clamp them.
+            column = (s - 1 - lengths)[:, None] + torch.arange(s, device=raw.device)[None, :]
+            index = column.clamp(max=n - 1)[:, None, None, :].expand(b, h, t, s)
+            return raw.gather(-1, index)
         # Row r holds distances S-1 .. -(T-1); key j of query r (distance (S - T + r) - j) sits at
         # column T - 1 - r + j, i.e. a diagonal walk with row stride n - 1 (Transformer-XL shift).
         return raw.as_strided((b, h, t, s), (h * t * n, t * n, n - 1, 1), raw.storage_offset() + t - 1)

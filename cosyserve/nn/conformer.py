@@ -185,7 +185,8 @@ class _Encoder(nn.Module):
                 att_mask = torch.ones(t, s, dtype=torch.bool, device=xs.device).tril(cached).unsqueeze(0)
             pos_seq = self.embed.pos_enc.sequence(s - 1, -(t - 1), x)
         else:
-            s = max(cache.lengths) + t  # a decode batch: attention runs row by row over each row's own keys
+            s = max(cache.lengths) + t
+            att_mask = cache.key_mask(t, xs.device)[:, 0]  # (B, 1, S)
             pos_seq = self.embed.pos_enc.sequence(s - 1, 0, x)
         for i, layer in enumerate(self.encoders):
             x = layer(x, att_mask, pos_seq, LayerCache(cache, i))

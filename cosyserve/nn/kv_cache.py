@@ -20,9 +20,6 @@ class KVCache:
         self._k: list[Tensor | None] = [None] * num_layers
         self._v: list[Tensor | None] = [None] * num_layers
         self.lengths: list[int] = []
-        # A decode batch always takes the masked (ragged) path, even when its rows happen to have the same
-        # length: then a row's numbers do not depend on what else shares the batch.
-        self.always_masked = False
 
     # -- shape -------------------------------------------------------------------------------------
     @property
@@ -41,12 +38,20 @@ class KVCache:
     @property
     def uniform(self) -> bool:
         """Every row has the same length (no padding to mask)."""
-        if self.always_masked and self.rows > 1:
-            return False
         return len(set(self.lengths)) <= 1
 
     def lengths_tensor(self, device: torch.device | str) -> Tensor:
         return torch.tensor(self.lengths, dtype=torch.long, device=device)
+
+    def key_mask(self, new: int, device: torch.device | str) -> Tensor | None:
+        """(rows, 1, 1, S) bool, True where key ``j`` is a real position of its row after ``new`` more
+        positions are written; None when no row is padded. Only for ``new == 1`` on ragged rows."""
+        if self.uniform:
+            return None
+        span = max(self.lengths) + new
+        return (torch.arange(span, device=device)[None, :] < (self.lengths_tensor(device) + new)[:, None])[
+            :, None, None, :
+        ]
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,16 +133,6 @@ class KVCache:
         if not self.lengths:
             self.clear()
         return moved
-
-    def add_padding_rows(self, count: int) -> None:
-        """Append ``count`` empty rows (length 0) that a decode step computes and then drops: a batch padded
-        to a fixed width runs the same kernels whatever the number of real rows."""
-        self.lengths.extend([0] * count)
-
-    def drop_padding_rows(self, count: int) -> None:
-        """Remove the last ``count`` rows added by :meth:`add_padding_rows` (their storage is reused)."""
-        if count:
-            del self.lengths[-count:]
 
     def clear(self) -> None:
         """Free the storage (no rows left)."""

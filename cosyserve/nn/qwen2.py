@@ -98,24 +98,18 @@ class Qwen2Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
-        gqa = self.num_heads != self.num_kv_heads  # query head h reads key/value head h // (H / Hkv)
-        ragged = cache is not None and not cache.uniform
-        spans = [n + t for n in cache.lengths] if ragged else []
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, Hkv, S, hd), S = longest row after this step
-        if ragged:
-            # A decode batch: each row attends over exactly its own keys, so its result is the same
-            # whatever the longest row of the batch is (the kernels split the keys by their count).
-            out = torch.empty_like(q)
-            for row, span in enumerate(spans):
-                out[row : row + 1] = F.scaled_dot_product_attention(
-                    q[row : row + 1], k[row : row + 1, :, :span], v[row : row + 1, :, :span],
-                    scale=self.head_dim**-0.5, enable_gqa=gqa,
-                )  # fmt: skip
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.head_dim**-0.5, enable_gqa=gqa
-            )
+        # Query head h reads key/value head h // (heads / kv heads), without copying the keys (GQA).
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and t > 1,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -178,7 +172,8 @@ class Qwen2Model(nn.Module):
                 mask = torch.ones(t, past + t, dtype=torch.bool, device=device).tril(diagonal=past)
         else:
             cos, sin = self.rotary_emb(cache.lengths_tensor(device), inputs_embeds.dtype)  # (B, hd)
-            cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # attention then runs row by row
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+            mask = cache.key_mask(t, device)  # (B, 1, 1, S): each row's own keys only
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)

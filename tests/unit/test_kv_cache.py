@@ -41,6 +41,8 @@ def test_rows_join_write_at_their_own_length_and_leave() -> None:
     for b, n in enumerate((5, 9, 2)):
         assert torch.equal(k[b, :, n], new[b, :, 0]) and torch.equal(v[b, :, n], -new[b, :, 0])
         assert torch.equal(k[b, :, :n], rows[b]._k[0][0, :, :n])
+    mask = batch.key_mask(1, "cpu")
+    assert mask.shape == (3, 1, 1, 10) and mask[2, 0, 0].tolist() == [True] * 3 + [False] * 7
     batch.advance(1)
     moved = batch.remove_row(0)  # the last row moves into row 0
     assert moved == 2 and batch.lengths == [3, 10]
