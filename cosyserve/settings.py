@@ -91,7 +91,7 @@ class Settings:
     max_voices: int = 1000  # stored voices, all model families together
     # Where voices are stored: "" the SQLite library under data_dir; a postgresql:// URL a shared database.
     voice_store: str = ""
-    max_concurrency: int = 4  # generations running at once; more wait in a queue
+    max_concurrency: int = 8  # requests generating at once (the decode batch); more wait in a FIFO queue
     max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
