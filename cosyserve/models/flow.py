@@ -133,6 +133,21 @@ class CausalFlow(TokenFlow):
         chunk-causal attention. ``noise`` (1, 80, >= T) replaces the fixed seed-0 noise; its first T
         frames are used. Raises ValueError when T exceeds the fixed noise (callers split the text).
         """
+        c, noise = self._conditioned(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+        mel = self.decoder.solve(c.mu, c.mask, c.spks, c.cond, noise, streaming=streaming)
+        return mel[:, :, c.prompt_frames :]
+
+    def _conditioned(
+        self,
+        token: Tensor,
+        prompt_token: Tensor,
+        prompt_feat: Tensor,
+        embedding: Tensor,
+        streaming: bool,
+        finalize: bool,
+        noise: Tensor | None,
+    ) -> tuple[FlowCondition, Tensor]:
+        """The estimator's condition and the starting noise of its frames (checked to match)."""
         n_encoded = prompt_token.size(1) + token.size(1) - (0 if finalize else self.pre_lookahead_len)
         frames = n_encoded * self.token_mel_ratio
         # Checked before encoding: an over-long request fails fast.
@@ -143,9 +158,7 @@ class CausalFlow(TokenFlow):
         c = self.condition(token, prompt_token, prompt_feat, embedding, finalize, streaming)
         if c.mu.size(2) != frames:
             raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
-        noise = noise[:, :, :frames].to(c.mu)
-        mel = self.decoder.solve(c.mu, c.mask, c.spks, c.cond, noise, streaming=streaming)
-        return mel[:, :, c.prompt_frames :]
+        return c, noise[:, :, :frames].to(c.mu)
 
     def stream_state(self) -> FlowStream:
         """A fresh per-request state for :meth:`inference_stream`."""
@@ -173,14 +186,6 @@ class CausalFlow(TokenFlow):
         if not streaming or not self.decoder.estimator.supports_chunks:
             state.reset()
             return self.inference(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
-        n_encoded = prompt_token.size(1) + token.size(1) - (0 if finalize else self.pre_lookahead_len)
-        frames = n_encoded * self.token_mel_ratio
-        if noise is None:
-            noise = self.decoder.fixed_noise(frames, token.device)
-        elif noise.size(2) < frames:
-            raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
-        c = self.condition(token, prompt_token, prompt_feat, embedding, finalize, streaming)
-        if c.mu.size(2) != frames:
-            raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
-        mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise[:, :, :frames].to(c.mu))
+        c, noise = self._conditioned(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+        mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise)
         return mel[:, :, c.prompt_frames :]
