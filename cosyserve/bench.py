@@ -36,6 +36,7 @@ from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import BLANK_EN
 from cosyserve.nn.kv_cache import KVCache
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES
 
 # The official benchmark's text and prompt transcript (the reference repo's example).
 DEFAULT_TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐，笑容如花儿般绽放。"
@@ -62,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--dtype", default="fp32", help="precision: fp32, bf16, or llm=int8,flow=bf16 (default fp32)")
     parser.add_argument("--flow-steps", type=int, help="Euler steps of the flow (default: the model's 10)")
+    parser.add_argument(
+        "--stream-last-chunk",
+        choices=STREAM_LAST_CHUNK_MODES,
+        default="reference",
+        help="streamed v2/v3 last chunk: reference (full context) or causal (its own frames only)",
+    )
+    parser.add_argument(
+        "--stream-cache-mb",
+        type=int,
+        default=DEFAULT_STREAM_CACHE_MB,
+        help="per streamed request, MB of the flow's cached keys / values (default %(default)s)",
+    )
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
     parser.add_argument("--stream-only", action="store_true", help="skip the non-streaming runs")
     parser.add_argument("--seed", type=int, default=0)
@@ -240,21 +253,19 @@ def run(args: argparse.Namespace) -> int:
     model_dir, _ = resolve_model_dir(args.model)
     progress(f"loading {model_dir} ({'random weights' if args.random_weights else 'weights'})")
     started = time.perf_counter()
+    options = {
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "flow_steps": args.flow_steps,
+        "stream_last_chunk": args.stream_last_chunk,
+        "stream_cache_mb": args.stream_cache_mb,
+        "device": args.device,
+    }
     if args.random_weights:
         directory = _bench_dir(model_dir, args.frontend_from, args.blank_en)
-        model = load_model(
-            directory,
-            random_weights=True,
-            threads=args.threads,
-            text_frontend="none",
-            dtype=args.dtype,
-            flow_steps=args.flow_steps,
-            device=args.device,
-        )
+        model = load_model(directory, random_weights=True, text_frontend="none", **options)
     else:
-        model = load_model(
-            model_dir, threads=args.threads, dtype=args.dtype, flow_steps=args.flow_steps, device=args.device
-        )
+        model = load_model(model_dir, **options)
     load_s = time.perf_counter() - started
     report: dict[str, Any] = {
         "model": str(args.model),
@@ -264,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "dtype": args.dtype,
         "flow_steps": args.flow_steps,
+        "stream_last_chunk": args.stream_last_chunk,
+        "stream_cache_mb": args.stream_cache_mb,
         "load_s": round(load_s, 2),
         "runs": [],
     }
@@ -306,7 +319,8 @@ def _print_table(report: dict[str, Any]) -> None:
     print(
         f"model {report['model']} ({report['family']}, random weights: {report['random_weights']}, "
         f"{report['mode']}), {report['threads']} threads, dtype {report['dtype']}, "
-        f"flow steps {report['flow_steps'] or 'default'}, load {report['load_s']} s"
+        f"flow steps {report['flow_steps'] or 'default'}, stream last chunk {report['stream_last_chunk']}, "
+        f"stream cache {report['stream_cache_mb']} MB, load {report['load_s']} s"
     )
     print("kind        N  audio_s  wall_s  audio_s/s   RTF  first p50/p95 s  total p50/p95 s")
     for r in report["runs"]:

@@ -94,6 +94,8 @@ def model_loaders(settings: Settings, device: str) -> dict[str, Any]:
                 threads=settings.threads or os.cpu_count() or 1,
                 dtype=settings.dtype,
                 flow_steps=settings.flow_steps or None,
+                stream_last_chunk=settings.stream_last_chunk,
+                stream_cache_mb=settings.stream_cache_mb,
             )
 
         return load

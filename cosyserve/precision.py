@@ -14,6 +14,16 @@ STAGE_DTYPES: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_DTYPE = "fp32"
 
+# The attention of a streamed v2/v3 request's last chunk. "reference": full context over the whole
+# utterance, as the official code computes it (a full re-run of the flow, as costly as the
+# non-streamed request's flow); "causal": chunk-causal like every earlier chunk, so the last chunk
+# costs only its own frames (its audio then differs slightly from the reference's last chunk).
+STREAM_LAST_CHUNK_MODES = ("reference", "causal")
+# Per streamed request, the flow's cached keys / values (about 4.6 MB per mel frame for the full-size
+# v2 estimator in fp32, 9 s of audio ~ 2 GB); a request that would outgrow it re-runs the flow from
+# the start for its later chunks (same audio, the quadratic cost).
+DEFAULT_STREAM_CACHE_MB = 1024
+
 
 def parse_dtypes(spec: str) -> dict[str, str]:
     """``"bf16"`` (every stage that takes it) or ``"llm=int8,flow=bf16"`` -> {stage: dtype}.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cosyserve.engine.voice_library import check_voice_store
-from cosyserve.precision import parse_dtypes
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES, parse_dtypes
 
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -78,6 +78,8 @@ class Settings:
     threads: int = 0  # torch intra-op and onnxruntime threads of the engine; 0: every core of the machine
     dtype: str = "fp32"  # precision per stage: fp32 | bf16 | "llm=int8,flow=bf16" (cosyserve.precision)
     flow_steps: int = 0  # Euler steps of the flow; 0: the model's own (10)
+    stream_last_chunk: str = "reference"  # streamed v2/v3 last chunk: reference (full context) | causal
+    stream_cache_mb: int = DEFAULT_STREAM_CACHE_MB  # per streamed request, the flow's cached keys / values
     max_text_length: int = 5000  # characters, per text field
     max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
@@ -119,6 +121,11 @@ class Settings:
             raise SettingsError(str(exc)) from exc
         if self.flow_steps < 0:
             raise SettingsError(f"flow_steps must be 0 (the model's) or a positive count, not {self.flow_steps}")
+        if self.stream_last_chunk not in STREAM_LAST_CHUNK_MODES:
+            modes = ", ".join(STREAM_LAST_CHUNK_MODES)
+            raise SettingsError(f"stream_last_chunk {self.stream_last_chunk!r} is not one of {modes}")
+        if self.stream_cache_mb < 0:
+            raise SettingsError(f"stream_cache_mb must be 0 or more, not {self.stream_cache_mb}")
         if self.threads < 0:
             raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:
@@ -298,6 +305,25 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("flow_steps", "Euler steps of the flow; 0: the model's 10 (default %(default)s)", int, d.flow_steps, type=int)
     opt(
+        "stream_last_chunk",
+        "attention of a streamed v2/v3 request's last chunk: reference (full context, as the official code: "
+        "a full re-run of the flow) or causal (chunk-causal like the others: only its own frames; its audio "
+        "differs slightly from the reference's) (default %(default)s)",
+        str.lower,
+        d.stream_last_chunk,
+        type=str.lower,
+        choices=STREAM_LAST_CHUNK_MODES,
+    )
+    opt(
+        "stream_cache_mb",
+        "per streamed v2/v3 request, MB of the flow's cached keys / values (~4.6 MB per mel frame, 9 s of "
+        "audio ~ 2 GB for CosyVoice2 in fp32); a longer request re-runs the flow for its later chunks "
+        "(default %(default)s)",
+        int,
+        d.stream_cache_mb,
+        type=int,
+    )
+    opt(
         "threads",
         "engine threads, torch and onnxruntime; 0: every core (default %(default)s)",
         int,
@@ -426,6 +452,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         threads=int(args.threads),
         dtype=args.dtype,
         flow_steps=int(args.flow_steps),
+        stream_last_chunk=args.stream_last_chunk,
+        stream_cache_mb=int(args.stream_cache_mb),
         max_text_length=int(args.max_text_length),
         max_upload_bytes=int(upload_mb * 1024 * 1024),
         cors_origins=_comma_list(args.cors_origins),

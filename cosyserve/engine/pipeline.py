@@ -27,7 +27,7 @@ from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
 from cosyserve.nn.sampling import Sampler
-from cosyserve.precision import parse_dtypes
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES, parse_dtypes
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
@@ -82,6 +82,8 @@ class EngineOptions:
     random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
     dtype: str = "fp32"  # precision per stage: "bf16" or "llm=int8,flow=bf16" (cosyserve.precision)
     flow_steps: int | None = None  # Euler steps of the flow (None: the model's, 10)
+    stream_last_chunk: str = "reference"  # streamed v2/v3 last chunk: reference (full context) | causal
+    stream_cache_mb: int = DEFAULT_STREAM_CACHE_MB  # per streamed request, the flow's cached keys / values
     voice_store: str = ""  # a postgresql:// URL: voices in that shared database instead of under data_dir
 
 
@@ -356,6 +358,13 @@ def load_model(
         if options.flow_steps < 1:
             raise ModelLoadError(f"flow_steps must be at least 1, not {options.flow_steps}")
         core.flow.decoder.n_timesteps = options.flow_steps
+    if options.stream_last_chunk not in STREAM_LAST_CHUNK_MODES:
+        modes = ", ".join(STREAM_LAST_CHUNK_MODES)
+        raise ModelLoadError(f"stream_last_chunk {options.stream_last_chunk!r} is not one of {modes}")
+    if options.stream_cache_mb < 0:
+        raise ModelLoadError(f"stream_cache_mb must be 0 or more, not {options.stream_cache_mb}")
+    core.stream_last_chunk = options.stream_last_chunk
+    core.stream_cache_bytes = options.stream_cache_mb << 20
     if device != "cpu":
         core.llm.to(device)
         core.flow.to(device)

@@ -225,10 +225,6 @@ class V2Synthesizer(Synthesizer):
 
     MAX_HOP = 100
     HOP_SCALE = 2
-    # The reference computes a streamed request's last chunk with full-context attention (a full
-    # re-run of the flow, as costly as the non-streamed request's). False keeps the chunk-causal
-    # attention for it, so it too costs only its own frames; its audio then differs from the reference.
-    FULL_CONTEXT_LAST_CHUNK = True
 
     def __init__(
         self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
@@ -246,7 +242,11 @@ class V2Synthesizer(Synthesizer):
         # The first hop also covers the prompt's padding up to a whole flow chunk.
         self.prompt_pad = math.ceil(prompt_len / self.hop) * self.hop - prompt_len
         # Streaming: the flow's per-request incremental state (linear cost over the chunks).
-        self.flow_state = model.flow.stream_state() if stream and hasattr(model.flow, "stream_state") else None
+        streamable = stream and hasattr(model.flow, "stream_state")
+        self.flow_state = model.flow.stream_state(model.stream_cache_bytes) if streamable else None
+        # The reference's last chunk attends to the whole utterance (a full re-run of the flow);
+        # "causal" keeps the chunk-causal attention, so it costs only its own frames.
+        self.full_context_last_chunk = model.stream_last_chunk == "reference"
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
@@ -285,7 +285,7 @@ class V2Synthesizer(Synthesizer):
         if not self.kept:
             return None
         # Chunk-causal only after streamed chunks (else a single full-context call costs as much).
-        streaming = self.stream and self.offset > 0 and not self.FULL_CONTEXT_LAST_CHUNK
+        streaming = self.stream and self.offset > 0 and not self.full_context_last_chunk
         speech = self.token2wav(self.kept, self.offset, streaming=streaming, finalize=True)
         if self.flow_state is not None:
             self.flow_state.cache.reset()  # the keys / values of every frame and step: the bulk of the state

@@ -12,6 +12,7 @@ from torch import nn
 
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 from cosyserve.models.config_checks import BLANK_EN, FamilyConfig, StageNumbers, build_hift, feat_extractor_args
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
@@ -48,6 +49,9 @@ class FamilyModel(StageNumbers):
     flow: nn.Module
     hift: nn.Module
     silent_tokens: frozenset[int] = field(default_factory=frozenset)
+    # Streaming v2/v3 (see cosyserve.precision): the last chunk's attention, the flow cache's budget.
+    stream_last_chunk: str = "reference"
+    stream_cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20
 
     def new_token_filter(self) -> SilenceFilter | None:
         """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.nn.flow_matching import ConditionalCFM, FlowStream
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,9 +161,9 @@ class CausalFlow(TokenFlow):
             raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
         return c, noise[:, :, :frames].to(c.mu)
 
-    def stream_state(self) -> FlowStream:
-        """A fresh per-request state for :meth:`inference_stream`."""
-        return FlowStream()
+    def stream_state(self, max_cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20) -> FlowStream:
+        """A fresh per-request state for :meth:`inference_stream`, its cache bounded by ``max_cache_bytes``."""
+        return FlowStream(max_cache_bytes)
 
     @torch.inference_mode()
     def inference_stream(

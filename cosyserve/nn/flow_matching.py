@@ -183,17 +183,13 @@ class FlowStream:
     """
 
     # The cache holds keys / values per block, Euler step and CFG row: about 4.6 MB per mel frame for
-    # the full-size v2 estimator, 3.6 MB for v3's DiT. A request whose cache would outgrow this budget
+    # the full-size v2 estimator, 3.6 MB for v3's DiT. A request whose cache would outgrow its budget
     # drops it and re-runs the flow from the start for each later chunk (the same result, the old cost).
-    # 1 GiB keeps 8 concurrent streams within a 24 GiB machine next to the weights (about 220 mel frames
-    # of v2, ~9 s of audio with a short prompt, cached; longer ones fall back for their later chunks).
-    max_cache_bytes = 1 << 30
 
-    def __init__(self, max_cache_bytes: int | None = None) -> None:
+    def __init__(self, max_cache_bytes: int) -> None:
         self.cache = EstimatorCache()
         self.mel: Tensor | None = None  # (1, C, cache.frames), prompt frames included
-        if max_cache_bytes is not None:
-            self.max_cache_bytes = max_cache_bytes
+        self.max_cache_bytes = max_cache_bytes
         self.over_budget = False
 
     def reset(self) -> None:

@@ -172,10 +172,10 @@ def test_causal_hift_continued_from_state_equals_the_rerun(cuts, monkeypatch):
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_chunk_causal_last_chunk_computes_its_own_frames_only(model, monkeypatch):
-    """FULL_CONTEXT_LAST_CHUNK = False: the last chunk continues the state too (not the reference's audio)."""
+    """stream_last_chunk="causal": the last chunk continues the state too (not the reference's audio)."""
     core = _core(model)
     synth_cls = getattr(streaming, FAMILIES[MODELS[model]].synthesizer)
-    monkeypatch.setattr(synth_cls, "FULL_CONTEXT_LAST_CHUNK", False)
+    monkeypatch.setattr(core, "stream_last_chunk", "causal")
     counter = _FrameCounter(core.flow.decoder.estimator, monkeypatch)
     c = _condition(prompt_tokens=25)
     synth = synth_cls(core, c, Draws(seed=0), stream=True)

@@ -47,3 +47,29 @@ def test_engine_runs_in_lower_precision(dtype):
 def test_bad_flow_steps_is_a_load_error():
     with pytest.raises(ModelLoadError, match="flow_steps"):
         load_model(model_dir("v2-tiny"), text_frontend="none", flow_steps=0)
+
+
+def test_streaming_options_reach_each_request_state():
+    model = load_model(model_dir("v2-tiny"), text_frontend="none", stream_last_chunk="causal", stream_cache_mb=7)
+    request = SynthesisRequest(
+        "sft", "今天天气真好。", spk_id=model.list_speakers()[0], options=GenerationOptions(seed=3, stream=True)
+    )
+    sequence = model.prepare(request)
+    scheduler = model.new_scheduler()
+    scheduler.add(sequence)
+    scheduler.step()  # the first segment starts: its synthesizer holds the request's streaming state
+    synthesizer = sequence.segments[0].synthesizer
+    assert synthesizer.full_context_last_chunk is False
+    assert synthesizer.flow_state.max_cache_bytes == 7 << 20
+    scheduler.remove(sequence)
+    default = load_model(model_dir("v2-tiny"), text_frontend="none")
+    assert default.core.stream_last_chunk == "reference"
+
+
+def test_bad_streaming_options_are_refused():
+    with pytest.raises(ModelLoadError, match="stream_last_chunk"):
+        load_model(model_dir("v2-tiny"), text_frontend="none", stream_last_chunk="full")
+    with pytest.raises(SettingsError, match="stream_last_chunk"):
+        Settings(stream_last_chunk="full")
+    with pytest.raises(SettingsError, match="stream_cache_mb"):
+        Settings(stream_cache_mb=-1)
