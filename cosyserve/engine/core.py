@@ -28,6 +28,7 @@ import numpy as np
 
 from cosyserve.errors import CosyServeError, ServerBusy
 
+from .memory import HeapTrimmer
 from .request import SynthesisRequest
 
 logger = logging.getLogger("cosyserve.engine")
@@ -97,6 +98,7 @@ class EngineCore:
         self._aborted: set[str] = set()
         self._stopping = False
         self._tokens_per_s = 0.0
+        self.heap = HeapTrimmer()  # freed request memory back to the system as requests finish
         self._thread = threading.Thread(target=self._loop, name=f"cosyserve-{name}", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -222,6 +224,7 @@ class EngineCore:
         work, sequence = entry
         if sequence is not None:
             self.scheduler.remove(sequence)
+            self.heap.request_finished(idle=not self.scheduler.has_work)
         logger.info("[%s] aborted", request_id)
         work.sink.finished()
 
@@ -249,6 +252,8 @@ class EngineCore:
                 entry = self._running.get(sequence.request_id)
                 if chunk is None:
                     self._running.pop(sequence.request_id, None)
+            if chunk is None:
+                self.heap.request_finished(idle=not self.scheduler.has_work)
             if entry is None:
                 continue
             work = entry[0]
