@@ -295,7 +295,7 @@ class TTSModel:
         if audio is None:
             raise AudioError(f"{param} is required", param=param)
         try:
-            wave, sr = decode_audio(audio)
+            wave, sr = decode_audio(audio, max_seconds=self.options.max_prompt_seconds)
         except AudioError as exc:
             exc.param = exc.param or param
             raise

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from golden import REPO
+from golden import REPO, model_dir
 
 from cosyserve.audio.io import MAX_INPUT_SAMPLE_RATE, decode_audio
 from cosyserve.engine.pipeline import MAX_PROMPT_SECONDS
@@ -178,3 +178,36 @@ def test_garbage_is_still_a_plain_decode_error():
         decode_audio(b"\x00\x00\x00\x20ftypM4A " + b"garbage" * 10)  # PyAV refuses it
     with pytest.raises(AudioError, match="could not decode audio"):
         decode_audio(b"not audio at all" * 10)
+
+
+_MEASURE_PYTHON_API = """
+import json, resource, sys
+from cosyserve.engine.pipeline import load_model
+from cosyserve.errors import AudioError
+model = load_model(sys.argv[2], text_frontend="none")
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    model.prompt(data)
+    outcome = "decoded"
+except AudioError as exc:
+    outcome = f"{exc.param}: {exc.message}"
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"outcome": outcome, "growth_mb": (after - before) / 1024}))
+"""
+
+
+def test_python_api_prompt_is_measured_before_decoding(bomb):
+    """The Python API's own prompt path (not only the HTTP routes) refuses the bomb before decoding it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE_PYTHON_API, str(bomb), str(model_dir("v2-tiny"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"].startswith("prompt_wav: ") and "at most 30" in result["outcome"], result
+    assert result["growth_mb"] < RSS_BUDGET_MB, result
