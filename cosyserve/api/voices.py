@@ -37,6 +37,8 @@ _CREATE_DOC = {
                     "properties": {
                         "name": {
                             "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_ID_LENGTH,
                             "description": f"The voice's name, which is also its id: 1-{MAX_ID_LENGTH} letters, "
                             "digits, spaces, '.', '_' or '-'; unique regardless of case.",
                         },

@@ -8,6 +8,7 @@ from test_api_http import ALL_MODES, StubModel, assert_error, form
 
 from cosyserve.api import create_app
 from cosyserve.audio.encode import to_int16
+from cosyserve.engine.voices import MAX_ID_LENGTH
 from cosyserve.settings import Settings, SettingsError, load_settings
 
 # str.isdigit() takes these, int() / float() refuse or misread some of them: each must be a 400, never a 500.
@@ -192,7 +193,12 @@ def test_schema_declares_that_text_fields_reject_blank(client):
                 assert post["schema"]["properties"][name]["minLength"] == 1, (mode, name)
     speech = spec["paths"]["/v1/audio/speech"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert speech["properties"]["input"]["minLength"] == 1
+    voice = spec["paths"]["/v1/audio/voices"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert (voice["properties"]["name"]["minLength"], voice["properties"]["name"]["maxLength"]) == (1, MAX_ID_LENGTH)
     # ... and the server does reject what the schema excludes.
     assert_error(client.get("/inference_sft", params={"tts_text": " ", "spk_id": "spk_a"}), 422, "missing_field")
     assert client.post("/v1/audio/speech", json={"input": "", "voice": "spk_a"}).status_code == 400
+    sample = {"audio_sample": ("a.wav", b"RIFF", "audio/wav")}
+    for name in ("", "x" * (MAX_ID_LENGTH + 1)):
+        assert client.post("/v1/audio/voices", data={"name": name}, files=sample).status_code == 400, name
     assert "404" in spec["paths"]["/v1/models/{name}"]["get"]["responses"]
