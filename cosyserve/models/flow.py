@@ -117,7 +117,7 @@ class CausalFlow(TokenFlow):
         return emb[:, : -self.pre_lookahead_len], emb[:, -self.pre_lookahead_len :]
 
     @torch.inference_mode()
-    def inference(
+    def tokens_to_mel(
         self,
         token: Tensor,
         prompt_token: Tensor,
@@ -161,11 +161,11 @@ class CausalFlow(TokenFlow):
         return c, noise[:, :, :frames].to(c.mu)
 
     def stream_state(self) -> FlowStream:
-        """A fresh per-request state for :meth:`inference_stream`."""
+        """A fresh per-request state for :meth:`tokens_to_mel_stream`."""
         return FlowStream()
 
     @torch.inference_mode()
-    def inference_stream(
+    def tokens_to_mel_stream(
         self,
         state: FlowStream,
         token: Tensor,
@@ -176,7 +176,7 @@ class CausalFlow(TokenFlow):
         finalize: bool,
         noise: Tensor | None = None,
     ) -> Tensor:
-        """:meth:`inference` for the next call of one streamed request, whose earlier calls used ``state``.
+        """:meth:`tokens_to_mel` for the next call of one streamed request, whose earlier calls used ``state``.
 
         Same arguments and result (the tokens so far, the mel of all of them), but a streaming call
         runs the estimator on the frames not computed by an earlier call only; the earlier frames come
@@ -185,7 +185,7 @@ class CausalFlow(TokenFlow):
         """
         if not streaming or not self.decoder.estimator.supports_chunks:
             state.reset()
-            return self.inference(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+            return self.tokens_to_mel(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
         c, noise = self._conditioned(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
         mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise)
         return mel[:, :, c.prompt_frames :]
