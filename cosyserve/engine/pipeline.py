@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosyserve.audio.io import decode_audio
+from cosyserve.audio.io import decode_audio, duration_s
 from cosyserve.config import ConfigError, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
 from cosyserve.families import FAMILIES
@@ -246,7 +246,7 @@ class TTSModel:
         if ref_text is not None:
             text = self._v3_text(self._text(ref_text, "prompt_text", split=False, frontend=text_frontend))
             voice = self.frontend.with_transcript(voice, ref_text, text)
-        self.voices.add(spk_id, voice, duration=audio[0].shape[1] / audio[1])
+        self.voices.add(spk_id, voice, duration=duration_s(*audio))
         return voice
 
     def prompt(self, audio: Any, param: str = "prompt_wav", align: bool | None = None) -> VoicePrompt:
@@ -300,7 +300,7 @@ class TTSModel:
         except AudioError as exc:
             exc.param = exc.param or param
             raise
-        seconds = wave.shape[1] / sr
+        seconds = duration_s(wave, sr)
         opts = self.options
         if seconds < opts.min_prompt_seconds:
             raise AudioError(f"{param} is {seconds:.2f} s long; at least {opts.min_prompt_seconds} s needed", param)

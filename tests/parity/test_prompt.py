@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 from golden import assert_close, entries, golden_root, load_case, model_dir, model_version
+from helpers import load_audio
 
-from cosyserve.audio.io import load_audio
 from cosyserve.audio.resample import resample
 from cosyserve.engine.pipeline import load_model
 from cosyserve.frontend.features import kaldi_fbank, whisper_log_mel

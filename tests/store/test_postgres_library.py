@@ -13,6 +13,7 @@ import sys
 import psycopg
 import pytest
 import torch
+from helpers import load_settings
 
 from cosyserve.engine.voice_library import open_voice_library
 from cosyserve.engine.voice_library.postgres import (
@@ -33,7 +34,7 @@ from cosyserve.engine.voices import (
     VoiceStore,
 )
 from cosyserve.errors import ModelLoadError, UnknownSpeaker
-from cosyserve.settings import Settings, SettingsError, load_settings
+from cosyserve.settings import Settings, SettingsError
 
 BUILTIN = {"中文女": VoicePrompt("cosyvoice2", 25, torch.ones(192))}
 V2 = {"family": "cosyvoice2", "token_rate": 25, "model": "CosyVoice2-0.5B"}

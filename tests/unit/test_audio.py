@@ -12,8 +12,9 @@ import pytest
 import soundfile as sf
 import torch
 from golden import REPO, golden_root, manifest, model_dir, model_version
+from helpers import load_audio
 
-from cosyserve.audio.io import decode_audio, duration_s, load_audio, to_mono
+from cosyserve.audio.io import decode_audio, duration_s, to_mono
 from cosyserve.audio.resample import OutputResampler, resample
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, UnsupportedMode
 from cosyserve.frontend.features import MelExtractor, slaney_mel_filters
