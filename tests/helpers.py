@@ -10,6 +10,7 @@ import torch
 
 from cosyserve.audio.io import AudioInput, decode_audio, to_mono
 from cosyserve.config import Node
+from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.settings import Settings, add_server_arguments, settings_from_args
 from cosyserve.text.tokenizers import TIKTOKEN_ASSETS
 
@@ -32,3 +33,29 @@ def required_assets(config: dict[str, Any]) -> list[str]:
     node = config.get("get_tokenizer")
     target = node.target if isinstance(node, Node) else None
     return [TIKTOKEN_ASSETS[target]] if target in TIKTOKEN_ASSETS else []
+
+
+def assert_same_voice(actual: VoicePrompt, expected: VoicePrompt) -> None:
+    """Every field of two voices equal, tensors to the bit and in dtype."""
+    assert isinstance(actual, VoicePrompt)
+    for name in ("family", "token_rate", "prompt_text"):
+        assert getattr(actual, name) == getattr(expected, name), name
+    for name in ("embedding", "speech_token", "speech_feat", "prompt_text_ids"):
+        a, e = getattr(actual, name), getattr(expected, name)
+        assert (a is None) == (e is None), name
+        assert a is None or (a.dtype == e.dtype and torch.equal(a, e)), name
+
+
+def sample_voice(
+    i: int, family: str = "cosyvoice2", token_rate: int = 25, prompt_text: str | None = None
+) -> VoicePrompt:
+    """A small voice whose values identify ``i`` (with transcript ids when ``prompt_text`` is given)."""
+    return VoicePrompt(
+        family,
+        token_rate,
+        embedding=torch.linspace(-1, 1, 192).reshape(1, -1) * (i + 1),
+        speech_token=torch.arange(12, dtype=torch.int32).reshape(1, -1) + i,
+        speech_feat=torch.full((1, 24, 80), float(i)),
+        prompt_text=prompt_text,
+        prompt_text_ids=None if prompt_text is None else torch.tensor([[7, 8, 9 + i]], dtype=torch.int32),
+    )

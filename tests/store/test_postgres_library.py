@@ -13,7 +13,7 @@ import sys
 import psycopg
 import pytest
 import torch
-from helpers import load_settings
+from helpers import assert_same_voice, load_settings, sample_voice
 
 from cosyserve.engine.voice_library import open_voice_library
 from cosyserve.engine.voice_library.postgres import (
@@ -39,27 +39,7 @@ from cosyserve.settings import Settings, SettingsError
 BUILTIN = {"中文女": VoicePrompt("cosyvoice2", 25, torch.ones(192))}
 V2 = {"family": "cosyvoice2", "token_rate": 25, "model": "CosyVoice2-0.5B"}
 
-
-def voice(i: int, family: str = "cosyvoice2", token_rate: int = 25, prompt_text: str | None = None) -> VoicePrompt:
-    return VoicePrompt(
-        family,
-        token_rate,
-        embedding=torch.linspace(-1, 1, 192).reshape(1, -1) * (i + 1),
-        speech_token=torch.arange(12, dtype=torch.int32).reshape(1, -1) + i,
-        speech_feat=torch.full((1, 24, 80), float(i)),
-        prompt_text=prompt_text,
-        prompt_text_ids=None if prompt_text is None else torch.tensor([[7, 8, 9 + i]], dtype=torch.int32),
-    )
-
-
-def assert_same(actual: VoicePrompt, expected: VoicePrompt) -> None:
-    assert isinstance(actual, VoicePrompt)
-    for name in ("family", "token_rate", "prompt_text"):
-        assert getattr(actual, name) == getattr(expected, name), name
-    for name in ("embedding", "speech_token", "speech_feat", "prompt_text_ids"):
-        a, e = getattr(actual, name), getattr(expected, name)
-        assert (a is None) == (e is None), name
-        assert a is None or (a.dtype == e.dtype and torch.equal(a, e)), name
+voice = sample_voice  # a small voice whose values identify i
 
 
 def info(voice_id: str, created_at: int = 1) -> VoiceInfo:
@@ -74,12 +54,12 @@ def test_round_trip_order_and_reopen(pg_url):
         stored = store.add(name, voice(i, prompt_text=f"text {i}"), duration=1.5)
         assert (stored.id, stored.ref_text, stored.duration, stored.family) == (name, f"text {i}", 1.5, "cosyvoice2")
     assert store.ids() == ["中文女", "b voice", "a voice"]
-    assert_same(store.get("A VOICE"), voice(2, prompt_text="text 2"))
+    assert_same_voice(store.get("A VOICE"), voice(2, prompt_text="text 2"))
     library.close()
 
     reopened = VoiceStore(BUILTIN, PostgresVoiceLibrary(pg_url), **V2)
     assert reopened.ids() == ["中文女", "b voice", "a voice"]
-    assert_same(reopened.get("b voice"), voice(1, prompt_text="text 1"))
+    assert_same_voice(reopened.get("b voice"), voice(1, prompt_text="text 1"))
     meta = reopened.info("a voice")
     assert (meta.ref_text, meta.duration, meta.token_rate, meta.builtin) == ("text 2", 1.5, 25, False)
     assert meta.fields == voice(2, prompt_text="x").field_names() and meta.created_at is not None
@@ -98,7 +78,7 @@ def test_names_unique_regardless_of_case_and_a_deleted_name_is_free(pg_url):
     with pytest.raises(UnknownSpeaker):
         store.remove("Alice")
     store.add("alice", voice(3))  # the name is free again, and no stale cache answers for it
-    assert_same(store.get("alice"), voice(3))
+    assert_same_voice(store.get("alice"), voice(3))
 
 
 def test_uniqueness_is_the_databases_not_a_check_before_insert(pg_url, monkeypatch):
@@ -190,8 +170,8 @@ def test_migration_from_v1(pg_url):
         assert conn.execute("SELECT to_regclass('cosyserve_voices_lower_id')").fetchone()[0] is None
     assert store.ids() == ["Straße", "Alice"]
     # Found by its case-folded key, which v1 did not have; the stored tensors and transcript come back whole.
-    assert_same(store.get("STRASSE"), voice(0, prompt_text="text 0"))
-    assert_same(store.get("alice"), voice(1, prompt_text="text 1"))
+    assert_same_voice(store.get("STRASSE"), voice(0, prompt_text="text 0"))
+    assert_same_voice(store.get("alice"), voice(1, prompt_text="text 1"))
     assert store.usable_info("alice").has_transcript
     with pytest.raises(VoiceExists):
         store.add("strasse", voice(2))

@@ -18,6 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 from golden import REPO
+from helpers import assert_same_voice, sample_voice
 
 from cosyserve.engine.voices import (
     DB_NAME,
@@ -40,26 +41,8 @@ V2 = {"family": "cosyvoice2", "token_rate": 25, "model": "CosyVoice2-0.5B"}
 
 
 def voice(i: int, family: str = "cosyvoice2", token_rate: int = 25) -> VoicePrompt:
-    """A small voice whose values identify ``i``."""
-    return VoicePrompt(
-        family,
-        token_rate,
-        embedding=torch.linspace(-1, 1, 192).reshape(1, -1) * (i + 1),
-        speech_token=torch.arange(12, dtype=torch.int32).reshape(1, -1) + i,
-        speech_feat=torch.full((1, 24, 80), float(i)),
-        prompt_text=f"text {i}",
-        prompt_text_ids=torch.tensor([[7, 8, 9 + i]], dtype=torch.int32),
-    )
-
-
-def assert_same(actual: VoicePrompt, expected: VoicePrompt) -> None:
-    assert isinstance(actual, VoicePrompt)
-    for name in ("family", "token_rate", "prompt_text"):
-        assert getattr(actual, name) == getattr(expected, name), name
-    for name in ("embedding", "speech_token", "speech_feat", "prompt_text_ids"):
-        a, e = getattr(actual, name), getattr(expected, name)
-        assert (a is None) == (e is None), name
-        assert a is None or (a.dtype == e.dtype and torch.equal(a, e)), name
+    """A small voice whose values identify ``i``, with its transcript."""
+    return sample_voice(i, family, token_rate, f"text {i}")
 
 
 @pytest.mark.parametrize("good", ["alice", "Alice Smith", "中文女 2", "my-voice_1.0", "Ünïcode", "a" * 64, "7"])
@@ -83,13 +66,13 @@ def test_round_trip_order_and_reopen(tmp_path):
         expected = (name, "cosyvoice2", 25, "CosyVoice2-0.5B", f"text {i}", 1.5)
         assert (info.id, info.family, info.token_rate, info.model, info.ref_text, info.duration) == expected
     assert store.ids() == ["中文女", "b voice", "a voice"]  # built-ins first, then oldest first
-    assert_same(store.get("a voice"), voice(2))
+    assert_same_voice(store.get("a voice"), voice(2))
     assert store.get("中文女") is BUILTIN["中文女"]
     store.library.close()
 
     reopened = VoiceStore(BUILTIN, VoiceLibrary(tmp_path), **V2)
     assert reopened.ids() == ["中文女", "b voice", "a voice"]
-    assert_same(reopened.get("b voice"), voice(1))
+    assert_same_voice(reopened.get("b voice"), voice(1))
     info = reopened.info("a voice")
     assert (info.ref_text, info.duration, info.family, info.token_rate, info.builtin) == (
         "text 2",
@@ -120,14 +103,14 @@ def test_names_are_unique_regardless_of_case_and_builtins_are_read_only(tmp_path
         store.add("中文女", voice(2))
     with pytest.raises(ReadOnlyVoice):
         store.remove("中文女")
-    assert_same(store.get("aLiCe"), voice(1))  # lookups ignore case too
+    assert_same_voice(store.get("aLiCe"), voice(1))  # lookups ignore case too
     assert store.remove("ALICE").id == "Alice"
     with pytest.raises(UnknownSpeaker):
         store.remove("Alice")
     with pytest.raises(UnknownSpeaker, match="known speakers: 中文女"):
         store.get("Alice")
     store.add("alice", voice(3))  # the name is free again, and no stale cache answers for it
-    assert_same(store.get("alice"), voice(3))
+    assert_same_voice(store.get("alice"), voice(3))
 
 
 def test_cap_counts_every_family(tmp_path):
@@ -177,8 +160,8 @@ def test_voices_are_read_on_use_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(VoiceLibrary, "_read_tensors", lambda self, info: reads.append(info.id) or original(self, info))
     info = store.usable_info("x")  # what choosing a mode needs: no tensors read
     assert info.has_prompt and info.has_transcript and store.ids() == ["x"] and reads == []
-    assert_same(store.get("x"), voice(4))
-    assert_same(store.get("X"), voice(4))
+    assert_same_voice(store.get("x"), voice(4))
+    assert_same_voice(store.get("X"), voice(4))
     assert reads == ["x"]
 
 
@@ -202,16 +185,16 @@ def test_voices_stored_by_earlier_versions_still_load(tmp_path):
     store = VoiceStore({}, VoiceLibrary(tmp_path), **V2)
     store.add("new voice", voice(3))
     assert store.ids() == ["old voice", "no transcript", "new voice"]
-    assert_same(store.get("old voice"), voice(1))
+    assert_same_voice(store.get("old voice"), voice(1))
     plain = store.get("no transcript")
     assert plain.has_prompt and not plain.has_transcript and plain.prompt_text is None
     assert torch.equal(plain.speech_token, voice(2).speech_token) and torch.equal(plain.embedding, voice(2).embedding)
-    assert_same(store.get("new voice"), voice(3))
+    assert_same_voice(store.get("new voice"), voice(3))
 
 
 def test_voice_bytes_round_trip_and_are_checked():
     for original in (voice(5), VoicePrompt("cosyvoice1", 50, torch.ones(1, 192))):
-        assert_same(VoicePrompt.from_bytes(original.to_bytes()), original)
+        assert_same_voice(VoicePrompt.from_bytes(original.to_bytes()), original)
     newer = io.BytesIO()
     torch.save({"format": "cosyserve.voice", "version": 99, "family": "x"}, newer)
     with pytest.raises(ValueError, match="newer cosyserve"):
@@ -229,7 +212,7 @@ def test_spk2info_in_the_reference_layout(tmp_path):
     torch.save({"speaker": {"embedding": torch.ones(192)}, "cloned": zero_shot}, tmp_path / "spk2info.pt")
     speakers = read_spk2info(tmp_path / "spk2info.pt", "cosyvoice2", 25)
     assert not speakers["speaker"].has_prompt and speakers["speaker"].embedding.shape == (1, 192)
-    assert_same(speakers["cloned"], replace(voice(6), prompt_text=None))
+    assert_same_voice(speakers["cloned"], replace(voice(6), prompt_text=None))
     store = VoiceStore(speakers, None, **V2)
     assert store.info("cloned").has_transcript and not store.info("speaker").has_prompt
     torch.save({"bad": {"speech": torch.ones(3)}}, tmp_path / "bad.pt")
@@ -351,6 +334,6 @@ def test_process_killed_mid_write_loses_nothing_committed(tmp_path):
     store = VoiceStore({}, library, **V2 | {"model": "m"})
     assert store.ids() == ["voice 0", "voice 1", "voice 2"]
     for i in range(3):
-        assert_same(store.get(f"voice {i}"), voice(i))
+        assert_same_voice(store.get(f"voice {i}"), voice(i))
     store.add("half written", voice(9))  # the name was never taken, and the store takes writes again
-    assert_same(VoiceStore({}, VoiceLibrary(data_dir), **V2).get("half written"), voice(9))
+    assert_same_voice(VoiceStore({}, VoiceLibrary(data_dir), **V2).get("half written"), voice(9))
