@@ -472,10 +472,3 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         api_keys=tuple(args.api_key) + (read_api_key_file(args.api_key_file) if args.api_key_file else ()),
         auth_exempt=_comma_list(args.auth_exempt),
     )
-
-
-def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from command-line style ``argv`` (none: defaults) and the environment."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_server_arguments(parser, environ)
-    return settings_from_args(parser.parse_args(argv or []))

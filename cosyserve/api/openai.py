@@ -279,7 +279,7 @@ async def create_speech(request: Request) -> Response:
     spk_id = voice = None
     if prompt is None:
         spk_id = resolve_voice(engine, settings, req.voice)
-        voice = engine.voices.get(spk_id, param="voice")
+        voice = engine.voices.usable_info(spk_id, param="voice")
     synthesis = plan_speech(
         engine.modes,
         voice,

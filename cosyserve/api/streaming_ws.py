@@ -461,7 +461,7 @@ def make_planner(
     """The request for each segment's text in ``voice``, and the session's label; the voice and mode
     are checked now, before any text arrives."""
     spk_id = resolve_voice(engine, state.settings, voice)
-    stored = engine.voices.get(spk_id, param="voice")
+    stored = engine.voices.usable_info(spk_id, param="voice")
 
     def plan(text: str) -> SynthesisRequest:
         return plan_speech(engine.modes, stored, text, options, spk_id=spk_id, instructions=instructions)

@@ -72,7 +72,7 @@ def voice_object(info: VoiceInfo, store: VoiceStore) -> dict[str, Any]:
         "object": "audio.voice",
         "name": info.id,
         "created_at": info.created_at,
-        "kind": "clone" if "llm_prompt_speech_token" in info.fields else "speaker",
+        "kind": "clone" if info.has_prompt else "speaker",
         "builtin": info.builtin,
         "ref_text": info.ref_text,
         "model_family": info.family,

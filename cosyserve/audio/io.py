@@ -232,12 +232,6 @@ def to_mono(wave: np.ndarray | torch.Tensor, sample_rate: int, target_sr: int) -
     return resample(mono, sample_rate, target_sr)
 
 
-def load_audio(data: AudioInput, target_sr: int) -> torch.Tensor:
-    """Decode, downmix and resample: the reference's ``load_wav(data, target_sr)`` -> (1, N) float32."""
-    wave, sr = decode_audio(data)
-    return to_mono(wave, sr, target_sr)
-
-
 def duration_s(wave: np.ndarray | torch.Tensor, sample_rate: int) -> float:
     """Length in seconds of a (..., N) waveform."""
     return wave.shape[-1] / float(sample_rate)

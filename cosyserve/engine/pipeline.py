@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosyserve.audio.io import decode_audio
+from cosyserve.audio.io import decode_audio, duration_s
 from cosyserve.config import ConfigError, load_yaml
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, TextError, UnsupportedMode
 from cosyserve.families import FAMILIES
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.frontend import Frontend
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
+from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
@@ -37,7 +38,7 @@ from .scheduler import Scheduler, Sequence, new_sequence, run_alone
 from .streaming import Draws, Synthesizer
 from .voice_library import open_voice_library
 from .voice_library.base import VoiceBackend
-from .voices import DEFAULT_MAX_VOICES, Voice, VoiceStore, read_spk2info
+from .voices import DEFAULT_MAX_VOICES, VoiceStore, read_spk2info
 
 _MODE_HINTS = {
     "sft": "it needs built-in speakers (iic/CosyVoice-300M-SFT ships them) or a stored voice; "
@@ -170,7 +171,7 @@ class TTSModel:
         if r.mode == "zero_shot":
             if r.spk_id is not None and r.prompt_audio is None:
                 prompt = self.voices.get(r.spk_id)
-                if "llm_prompt_speech_token" in prompt and "prompt_text" not in prompt:
+                if prompt.has_prompt and not prompt.has_transcript:
                     raise InvalidRequest(
                         f"voice '{r.spk_id}' has no transcript (it was stored without ref_text), so zero_shot "
                         "cannot use it: use it with cross_lingual, or store its recording again with ref_text",
@@ -232,7 +233,9 @@ class TTSModel:
         request = SynthesisRequest(mode, options=GenerationOptions(**options), **fields)
         return self.synthesize(request, draws=draws, sampler=sampler)
 
-    def add_speaker(self, spk_id: str, prompt_text: str | None, prompt_audio: Any, text_frontend: bool = True) -> Voice:
+    def add_speaker(
+        self, spk_id: str, prompt_text: str | None, prompt_audio: Any, text_frontend: bool = True
+    ) -> VoicePrompt:
         """Compute a voice prompt once and store it under ``spk_id`` (official ``add_zero_shot_spk``).
 
         Without ``prompt_text`` (the recording's transcript) the voice serves every mode but zero_shot.
@@ -244,12 +247,12 @@ class TTSModel:
         ref_text = prompt_text.strip() if prompt_text and prompt_text.strip() else None
         if ref_text is not None:
             text = self._v3_text(self._text(ref_text, "prompt_text", split=False, frontend=text_frontend))
-            voice = self.frontend.zero_shot_speaker(text, voice)
-        self.voices.add(spk_id, voice, ref_text=ref_text, duration=audio[0].shape[1] / audio[1])
+            voice = self.frontend.with_transcript(voice, ref_text, text)
+        self.voices.add(spk_id, voice, duration=duration_s(*audio))
         return voice
 
-    def prompt(self, audio: Any, param: str = "prompt_wav", align: bool | None = None) -> dict[str, torch.Tensor]:
-        """Prompt speech tokens, mel and x-vector of an audio prompt (checked first)."""
+    def prompt(self, audio: Any, param: str = "prompt_wav", align: bool | None = None) -> VoicePrompt:
+        """The voice of an audio prompt (checked first): its speech tokens, mel and x-vector."""
         return self.frontend.process_prompt(self._checked_audio(audio, param), align=align)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -283,7 +286,7 @@ class TTSModel:
 
     def _prompt_or_voice(
         self, audio: Any, spk_id: str | None, param: str = "prompt_wav", align: bool | None = None
-    ) -> dict[str, torch.Tensor]:
+    ) -> VoicePrompt:
         if audio is None:
             if spk_id is None:
                 raise AudioError(f"{param} is required", param=param)
@@ -299,7 +302,7 @@ class TTSModel:
         except AudioError as exc:
             exc.param = exc.param or param
             raise
-        seconds = wave.shape[1] / sr
+        seconds = duration_s(wave, sr)
         opts = self.options
         if seconds < opts.min_prompt_seconds:
             raise AudioError(f"{param} is {seconds:.2f} s long; at least {opts.min_prompt_seconds} s needed", param)
@@ -307,7 +310,7 @@ class TTSModel:
             raise AudioError(f"{param} is {seconds:.1f} s long; at most {opts.max_prompt_seconds} s allowed", param)
         return wave, sr
 
-    def _speaker(self, spk_id: str | None) -> dict[str, torch.Tensor]:
+    def _speaker(self, spk_id: str | None) -> VoicePrompt:
         if not spk_id:
             raise InvalidRequest("spk_id is required", param="spk_id")
         return self.voices.get(spk_id)
@@ -378,10 +381,12 @@ def load_model(
         mel_extractor=mel_extractor,
         sample_rate=core.sample_rate,
         prompt_mel_rate=options.prompt_mel_rate,
+        family=family,
+        token_rate=core.token_frame_rate,
     )
     # Stored voices hold speech-token and text ids, so they are usable only by models with the
     # same tokenizers (300M / -SFT / -Instruct are; 300M-25Hz is not).
     library = library or open_voice_library(options.voice_store, options.data_dir, options.max_voices)
-    builtin = read_spk2info(model_dir / "spk2info.pt")
+    builtin = read_spk2info(model_dir / "spk2info.pt", family, core.token_frame_rate)
     voices = VoiceStore(builtin, library, family=family, token_rate=core.token_frame_rate, model=model_dir.name)
     return TTSModel(core, frontend, voices, options)

@@ -11,28 +11,17 @@ instruction; the engine decides the mode from what the voice holds and what the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from cosyserve.errors import InvalidRequest, UnsupportedMode
 
 from .request import GenerationOptions, SynthesisRequest
-
-
-def _has_prompt(voice: Mapping[str, Any]) -> bool:
-    return "llm_prompt_speech_token" in voice
-
-
-def _has_transcript(voice: Mapping[str, Any]) -> bool:
-    text = voice.get("prompt_text")
-    return text is not None and np.asarray(text).size > 0
+from .voice_library.base import VoiceInfo
 
 
 def plan_speech(
     modes: frozenset[str],
-    voice: Mapping[str, Any] | None,
+    voice: VoiceInfo | None,
     text: str,
     options: GenerationOptions,
     *,
@@ -41,7 +30,7 @@ def plan_speech(
     prompt_audio: Any = None,
     ref_text: str | None = None,
 ) -> SynthesisRequest:
-    """The request for ``text`` in ``voice`` (the stored voice ``spk_id``) or ``prompt_audio``;
+    """The request for ``text`` in ``voice`` (what the voice ``spk_id`` holds) or ``prompt_audio``;
     raises before any work when the model cannot serve it."""
     if prompt_audio is not None:
         if instructions:
@@ -66,7 +55,7 @@ def plan_speech(
     if instructions:
         if "instruct" in modes:
             request = SynthesisRequest("instruct", text, spk_id=spk_id, instruct_text=instructions, options=options)
-        elif not _has_prompt(voice):
+        elif not voice.has_prompt:
             raise InvalidRequest(
                 f"instructions on this model (instruct2) need a voice with a prompt recording; '{spk_id}' is a "
                 "built-in speaker with only an embedding: use a stored (cloned) voice or send ref_audio",
@@ -74,9 +63,9 @@ def plan_speech(
             )
         else:
             request = SynthesisRequest("instruct2", text, spk_id=spk_id, instruct_text=instructions, options=options)
-    elif not _has_prompt(voice):
+    elif not voice.has_prompt:
         request = SynthesisRequest("sft", text, spk_id=spk_id, options=options)
-    elif _has_transcript(voice):
+    elif voice.has_transcript:
         request = SynthesisRequest("zero_shot", text, spk_id=spk_id, options=options)
     else:
         request = SynthesisRequest("cross_lingual", text, spk_id=spk_id, options=options)

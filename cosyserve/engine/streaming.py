@@ -122,7 +122,7 @@ class Synthesizer:
         source = self.draws.next_hift_source()
         if source is not None:
             return self.timed("vocoder", hift.decode, mel, source), source
-        return self.timed("vocoder", hift.inference, mel, cache_source=cache_source, generator=self.draws.generator)
+        return self.timed("vocoder", hift.mel_to_wave, mel, cache_source=cache_source, generator=self.draws.generator)
 
     def vocode_with_cache(self, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
         """HiFT with the v1/v2 chunk caches: the last mel frames and excitation of the previous
@@ -185,7 +185,7 @@ class V1Synthesizer(Synthesizer):
         c = self.condition
         mel, self.flow_cache = self.timed(
             "flow",
-            self.model.flow.inference,
+            self.model.flow.tokens_to_mel,
             torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
@@ -252,11 +252,16 @@ class V2Synthesizer(Synthesizer):
         c = self.condition
         args = (torch.tensor([tokens], dtype=torch.int32, device=self.device), c.token, c.feat, c.embedding)
         if self.flow_state is None:
-            mel = self.timed("flow", self.model.flow.inference, *args, streaming=streaming, finalize=finalize)
+            mel = self.timed("flow", self.model.flow.tokens_to_mel, *args, streaming=streaming, finalize=finalize)
         else:
             # The estimator runs on the new frames only; the earlier ones come from this request's state.
             mel = self.timed(
-                "flow", self.model.flow.inference_stream, self.flow_state, *args, streaming=streaming, finalize=finalize
+                "flow",
+                self.model.flow.tokens_to_mel_stream,
+                self.flow_state,
+                *args,
+                streaming=streaming,
+                finalize=finalize,
             )
         return mel[:, :, token_offset * self.mel_ratio :]
 
@@ -320,9 +325,9 @@ class V3Synthesizer(V2Synthesizer):
         if self.hift_state is not None:
             # The causal vocoder continues from this request's state: only the new frames are computed.
             return self.timed(
-                "vocoder", self.model.hift.inference_stream, self.hift_state, self.mel, finalize, source=source
+                "vocoder", self.model.hift.mel_to_wave_stream, self.hift_state, self.mel, finalize, source=source
             )
-        speech, _ = self.timed("vocoder", self.model.hift.inference, self.mel, finalize=finalize, source=source)
+        speech, _ = self.timed("vocoder", self.model.hift.mel_to_wave, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]
         return speech

@@ -5,8 +5,9 @@ directory). Cloned voices live in the voice library (:mod:`cosyserve.engine.voic
 SQLite database under the data directory, or a PostgreSQL database shared by several servers.
 
 A voice's id is the name it was stored under (validated: letters, digits, ``_ - . space``; unique
-regardless of case). Its tensors belong to the model family and speech-token rate that made them, so a
-model of another family or rate refuses it with a message naming both.
+regardless of case). Every voice is a :class:`VoicePrompt`; its tensors belong to the model family and
+speech-token rate that made them, so a model of another family or rate refuses it with a message
+naming both.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from cosyserve.errors import InvalidRequest, ModelLoadError, UnknownSpeaker
+from cosyserve.frontend.voice_prompt import VoicePrompt
 
 from .voice_library.base import (
     DEFAULT_MAX_VOICES,
-    Voice,
     VoiceBackend,
     VoiceExists,
     VoiceInfo,
@@ -40,14 +40,13 @@ __all__ = [
     "MAX_ID_LENGTH",
     "IncompatibleVoice",
     "ReadOnlyVoice",
-    "StoredVoice",
-    "Voice",
     "VoiceBackend",
     "VoiceExists",
     "VoiceInfo",
     "VoiceLibrary",
     "VoiceLibraryError",
     "VoiceLimitReached",
+    "VoicePrompt",
     "VoiceStore",
     "read_spk2info",
     "validate_voice_id",
@@ -76,8 +75,9 @@ class ReadOnlyVoice(InvalidRequest):
     code = "read_only_voice"
 
 
-def read_spk2info(path: Path) -> dict[str, Voice]:
-    """Load ``spk2info.pt`` (a dict of dicts of tensors) without unpickling arbitrary objects."""
+def read_spk2info(path: Path, family: str, token_rate: int) -> dict[str, VoicePrompt]:
+    """The speakers of ``spk2info.pt`` (a dict of the reference's field dicts), read without unpickling
+    arbitrary objects; ``family`` / ``token_rate``: the model's, whose speakers they are."""
     if not path.is_file():
         return {}
     try:
@@ -86,7 +86,13 @@ def read_spk2info(path: Path) -> dict[str, Voice]:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ModelLoadError(f"{path} is not a speaker dictionary")
-    return {str(k): dict(v) for k, v in data.items()}
+    speakers = {}
+    for name, entry in data.items():
+        try:
+            speakers[str(name)] = VoicePrompt.from_fields(entry, family, token_rate)
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{path}: speaker '{name}' is not usable: {exc}") from exc
+    return speakers
 
 
 def validate_voice_id(voice_id: object, param: str = "spk_id") -> str:
@@ -103,32 +109,6 @@ def validate_voice_id(voice_id: object, param: str = "spk_id") -> str:
     )
 
 
-class StoredVoice(Mapping[str, torch.Tensor]):
-    """A library voice whose tensors are read on first use: listing voices and choosing a mode only
-    need its field names."""
-
-    def __init__(self, info: VoiceInfo, library: VoiceBackend) -> None:
-        self.info = info
-        self._library = library
-        self._tensors: Voice | None = None
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.info.fields:
-            raise KeyError(key)
-        if self._tensors is None:
-            self._tensors = self._library.tensors(self.info)
-        return self._tensors[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.info.fields
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.info.fields)
-
-    def __len__(self) -> int:
-        return len(self.info.fields)
-
-
 class VoiceStore:
     """The speakers one model can use: its built-ins (read-only, listed first), then the library's
     voices made by a model of the same family and speech-token rate.
@@ -139,7 +119,7 @@ class VoiceStore:
 
     def __init__(
         self,
-        builtin: dict[str, Voice],
+        builtin: dict[str, VoicePrompt],
         library: VoiceBackend | None = None,
         *,
         family: str = "",
@@ -178,17 +158,23 @@ class VoiceStore:
     def info(self, voice_id: str, param: str = "spk_id") -> VoiceInfo:
         """Metadata of a built-in speaker or stored voice (of any family)."""
         if voice_id in self._builtin:
-            fields = tuple(self._builtin[voice_id])
+            fields = self._builtin[voice_id].field_names()
             return VoiceInfo(voice_id, self.family, self.token_rate, self.model, builtin=True, fields=fields)
         info = self.library.find(voice_id)
         if info is None:
             raise self._unknown(voice_id, param)
         return info
 
-    def get(self, voice_id: str, param: str = "spk_id") -> Mapping[str, torch.Tensor]:
-        """The tensors of a usable speaker; UnknownSpeaker or IncompatibleVoice otherwise."""
+    def get(self, voice_id: str, param: str = "spk_id") -> VoicePrompt:
+        """A usable speaker or voice (a stored one is read now, then cached); UnknownSpeaker or
+        IncompatibleVoice otherwise."""
         if voice_id in self._builtin:
             return self._builtin[voice_id]
+        return self.library.voice(self.usable_info(voice_id, param))
+
+    def usable_info(self, voice_id: str, param: str = "spk_id") -> VoiceInfo:
+        """The metadata of a speaker or voice this model can use (what choosing a mode needs, without
+        reading its tensors); UnknownSpeaker or IncompatibleVoice otherwise."""
         info = self.info(voice_id, param)
         if not self.usable(info):
             raise IncompatibleVoice(
@@ -198,7 +184,7 @@ class VoiceStore:
                 "on this server under another name",
                 param=param,
             )
-        return StoredVoice(info, self.library)
+        return info
 
     def _unknown(self, voice_id: str, param: str) -> UnknownSpeaker:
         ids = self.ids()
@@ -216,22 +202,20 @@ class VoiceStore:
         self.library.check_room(voice_id)
         return voice_id
 
-    def add(
-        self,
-        voice_id: str,
-        voice: Mapping[str, torch.Tensor],
-        *,
-        ref_text: str | None = None,
-        duration: float | None = None,
-    ) -> VoiceInfo:
-        """Store a voice computed by this model (its family and token rate go with it)."""
+    def add(self, voice_id: str, voice: VoicePrompt, *, duration: float | None = None) -> VoiceInfo:
+        """Store a voice computed by this model; its transcript is the voice's ``prompt_text``."""
         voice_id = self.check_new(voice_id)
+        if (voice.family, voice.token_rate) != (self.family, self.token_rate):
+            raise ValueError(
+                f"a {voice.family} voice at {voice.token_rate} Hz cannot be stored as one of this "
+                f"{self.family} model at {self.token_rate} Hz"
+            )
         info = VoiceInfo(
             voice_id,
             self.family,
             self.token_rate,
             self.model,
-            ref_text=ref_text,
+            ref_text=voice.prompt_text,
             created_at=int(time.time()),
             duration=duration,
         )

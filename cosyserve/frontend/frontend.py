@@ -1,6 +1,8 @@
 """Per-mode model inputs (spec §7): text ids, prompt speech tokens, prompt mel and x-vectors.
 
-Every builder returns ``dict[str, torch.Tensor]`` keyed by the reference's field names
+A voice (prompt audio, processed once into a :class:`VoicePrompt`, or a stored one) and the texts
+become one model input per text segment. Every builder returns ``dict[str, torch.Tensor]`` keyed by
+the reference's field names
 (``text``, ``prompt_text``, ``llm_prompt_speech_token``, ``flow_prompt_speech_token``,
 ``prompt_speech_feat``, ``llm_embedding``, ``flow_embedding``, ``source_speech_token``). Ids are
 int32 (1, L), the prompt mel float32 (1, T, 80), embeddings float32 (1, 192), all on the CPU;
@@ -9,7 +11,6 @@ int32 (1, L), the prompt mel float32 (1, T, 80), embeddings float32 (1, 192), al
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -18,21 +19,13 @@ from cosyserve.audio.io import AudioInput, decode_audio, to_mono
 from cosyserve.errors import AudioError, InvalidRequest, UnsupportedMode
 from cosyserve.frontend.features import MelExtractor
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
+from cosyserve.frontend.voice_prompt import VoicePrompt
 
 TOKENIZER_SR = 16000
 # HEAD resamples every prompt to 24 kHz for the mel, whatever the model rate (spec §3, §17.1).
 REFERENCE_PROMPT_MEL_SR = 24000
 PROMPT_MEL_RATES = ("model", "reference")
 VERSIONS = ("v1", "v2", "v3")
-
-# Fields of a processed prompt / stored zero-shot speaker that describe the voice.
-PROMPT_FIELDS = (
-    "llm_prompt_speech_token",
-    "flow_prompt_speech_token",
-    "prompt_speech_feat",
-    "llm_embedding",
-    "flow_embedding",
-)
 
 ModelInput = dict[str, torch.Tensor]
 
@@ -46,7 +39,8 @@ class _Normalizer(Protocol):
 
 
 class Frontend:
-    """Builds model inputs for one loaded model (``version`` "v1" | "v2" | "v3").
+    """Builds model inputs for one loaded model (``version`` "v1" | "v2" | "v3") and the voices of
+    ``family`` at ``token_rate`` speech tokens per second.
 
     ``prompt_mel_rate``: "model" computes the prompt mel from audio resampled to ``sample_rate``
     (what the models were trained with); "reference" resamples to 24 kHz as the reference does
@@ -63,6 +57,9 @@ class Frontend:
         mel_extractor: MelExtractor,
         sample_rate: int,
         prompt_mel_rate: str = "model",
+        *,
+        family: str,
+        token_rate: int,
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"unknown model version '{version}' (expected one of {', '.join(VERSIONS)})")
@@ -76,6 +73,8 @@ class Frontend:
         self.mel_extractor = mel_extractor
         self.sample_rate = int(sample_rate)
         self.prompt_mel_rate = prompt_mel_rate
+        self.family = family
+        self.token_rate = int(token_rate)
 
     @property
     def prompt_mel_sr(self) -> int:
@@ -94,8 +93,8 @@ class Frontend:
 
     # --- audio ------------------------------------------------------------------------------
 
-    def process_prompt(self, audio: AudioInput, align: bool | None = None) -> ModelInput:
-        """Prompt speech tokens, prompt mel (1, T, 80) and x-vector of one prompt recording.
+    def process_prompt(self, audio: AudioInput, align: bool | None = None) -> VoicePrompt:
+        """The voice of one prompt recording: its speech tokens, mel (1, T, 80) and x-vector.
 
         ``align`` (default: v2/v3) trims tokens and mel to mel_len == 2 * token_len (spec §4.5).
         """
@@ -109,13 +108,7 @@ class Frontend:
         if align:
             token_len = min(feat.shape[1] // 2, tokens.shape[1])
             feat, tokens = feat[:, : 2 * token_len], tokens[:, :token_len]
-        return {
-            "llm_prompt_speech_token": tokens,
-            "flow_prompt_speech_token": tokens,
-            "prompt_speech_feat": feat,
-            "llm_embedding": embedding,
-            "flow_embedding": embedding,
-        }
+        return VoicePrompt(self.family, self.token_rate, embedding, tokens, feat)
 
     def _prompt_mel(self, wave: torch.Tensor) -> torch.Tensor:
         mel = self.mel_extractor
@@ -123,62 +116,57 @@ class Frontend:
             raise AudioError(f"prompt audio too short ({wave.shape[1] / self.prompt_mel_sr:.3f} s) for its mel")
         return mel(wave).transpose(1, 2).contiguous()
 
-    def _prompt(self, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
-        """The voice fields of a prompt dict (e.g. a stored speaker) or of prompt audio, as CPU tensors."""
-        if not isinstance(prompt, Mapping):
+    def _prompt(self, prompt: VoicePrompt | AudioInput) -> VoicePrompt:
+        """The voice of prompt audio, or a voice made from a recording (on the CPU)."""
+        if not isinstance(prompt, VoicePrompt):
             return self.process_prompt(prompt)
-        missing = [k for k in PROMPT_FIELDS if k not in prompt]
-        if missing:
-            raise InvalidRequest(f"the voice prompt lacks {', '.join(missing)} (not a zero-shot voice?)")
-        voice = {k: torch.as_tensor(prompt[k]).cpu() for k in PROMPT_FIELDS}
-        for key in ("llm_prompt_speech_token", "flow_prompt_speech_token"):
-            voice[key] = voice[key].to(torch.int32).reshape(1, -1)
-        for key in ("prompt_speech_feat", "llm_embedding", "flow_embedding"):
-            voice[key] = voice[key].to(torch.float32)
-        if "prompt_text" in prompt:
-            voice["prompt_text"] = _ids(prompt["prompt_text"])
-        return voice
+        if not prompt.has_prompt:
+            raise InvalidRequest("the voice has only a speaker embedding, no prompt recording (a built-in speaker?)")
+        return prompt.to("cpu")
+
+    def _voice_input(self, voice: VoicePrompt, text: str, prompt_text_ids: torch.Tensor) -> ModelInput:
+        """The zero-shot model input: the LLM and the flow both see the voice's prompt."""
+        assert voice.speech_token is not None and voice.speech_feat is not None
+        return {
+            "prompt_text": prompt_text_ids,
+            "llm_prompt_speech_token": voice.speech_token,
+            "flow_prompt_speech_token": voice.speech_token,
+            "prompt_speech_feat": voice.speech_feat,
+            "llm_embedding": voice.embedding,
+            "flow_embedding": voice.embedding,
+            "text": self.tokenize(text),
+        }
 
     # --- modes ------------------------------------------------------------------------------
 
-    def sft(self, text: str, speaker: Mapping[str, torch.Tensor]) -> ModelInput:
+    def sft(self, text: str, speaker: VoicePrompt) -> ModelInput:
         """Built-in speaker: text + the speaker's x-vector for LLM (v1 only uses it) and flow."""
-        embedding = _speaker_embedding(speaker)
+        embedding = speaker.embedding.cpu()
         return {"text": self.tokenize(text), "llm_embedding": embedding, "flow_embedding": embedding}
 
-    def zero_shot(
-        self, text: str, prompt_text: str | None, prompt: Mapping[str, torch.Tensor] | AudioInput
-    ) -> ModelInput:
+    def zero_shot(self, text: str, prompt_text: str | None, prompt: VoicePrompt | AudioInput) -> ModelInput:
         """Voice cloning: LLM continues after prompt_text + text and the prompt speech tokens.
 
-        A stored zero-shot speaker (a ``prompt`` holding ``prompt_text``) keeps its own transcript,
-        which belongs to its speech tokens; ``prompt_text`` (None = empty) is used otherwise.
-        """
-        out = self._prompt(prompt)
-        if "prompt_text" not in out:
-            out["prompt_text"] = self.tokenize(prompt_text or "")
-        out["text"] = self.tokenize(text)
-        return out
-
-    def zero_shot_speaker(self, prompt_text: str, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
-        """A storable zero-shot voice in the ``spk2info.pt`` format of the reference's ``add_zero_shot_spk``.
-
-        Holds the voice fields, the ``prompt_text`` ids and (for the official format) their
-        ``*_len`` fields as int32 (1,); ``prompt_text`` is tokenised as given.
+        A voice with a transcript (a stored zero-shot speaker) keeps its own, which belongs to its
+        speech tokens; ``prompt_text`` (None = empty) is used otherwise.
         """
         voice = self._prompt(prompt)
-        voice["prompt_text"] = self.tokenize(prompt_text)
-        for key in ("prompt_text", "llm_prompt_speech_token", "flow_prompt_speech_token", "prompt_speech_feat"):
-            voice[key + "_len"] = torch.tensor([voice[key].shape[1]], dtype=torch.int32)
-        return voice
+        ids = voice.prompt_text_ids if voice.has_transcript else None
+        return self._voice_input(voice, text, self.tokenize(prompt_text or "") if ids is None else ids)
 
-    def cross_lingual(self, text: str, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+    def with_transcript(self, voice: VoicePrompt, transcript: str, prompt_text: str) -> VoicePrompt:
+        """``voice`` with its recording's ``transcript`` and the ids of ``prompt_text`` (the transcript
+        as the LLM reads it: normalised, v3 with the system prompt), as the reference's
+        ``add_zero_shot_spk`` stores it."""
+        return voice.with_transcript(transcript, self.tokenize(prompt_text))
+
+    def cross_lingual(self, text: str, prompt: VoicePrompt | AudioInput) -> ModelInput:
         """Zero-shot without transcript: the LLM sees only the text, the flow the whole prompt."""
         out = self.zero_shot(text, "", prompt)
         del out["prompt_text"], out["llm_prompt_speech_token"]
         return out
 
-    def instruct(self, text: str, speaker: Mapping[str, torch.Tensor], instruct_text: str) -> ModelInput:
+    def instruct(self, text: str, speaker: VoicePrompt, instruct_text: str) -> ModelInput:
         """v1 Instruct model: built-in speaker for the flow, instruct text as the LLM prompt text."""
         if self.version != "v1":
             raise UnsupportedMode(
@@ -189,7 +177,7 @@ class Frontend:
         out["prompt_text"] = self.tokenize(instruct_text)
         return out
 
-    def instruct2(self, text: str, instruct_text: str, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+    def instruct2(self, text: str, instruct_text: str, prompt: VoicePrompt | AudioInput) -> ModelInput:
         """v2/v3 instruction following: instruct text as prompt text, prompt voice for the flow.
 
         Unlike the reference, a stored zero-shot speaker does not replace the instruct text by
@@ -197,38 +185,24 @@ class Frontend:
         """
         if self.version == "v1":
             raise UnsupportedMode("instruct2 mode needs a CosyVoice 2/3 model; use instruct with v1 Instruct models")
-        out = self._prompt(prompt)
-        out["prompt_text"] = self.tokenize(instruct_text)
-        out["text"] = self.tokenize(text)
+        out = self._voice_input(self._prompt(prompt), text, self.tokenize(instruct_text))
         del out["llm_prompt_speech_token"]
         return out
 
-    def vc(self, source_audio: AudioInput, prompt: Mapping[str, torch.Tensor] | AudioInput) -> ModelInput:
+    def vc(self, source_audio: AudioInput, prompt: VoicePrompt | AudioInput) -> ModelInput:
         """Voice conversion: the source's speech tokens re-synthesised in the prompt's voice.
 
         Prompt audio is processed as the reference's ``frontend_vc`` does, without the 2:1
-        token/mel trimming; a prompt dict is used as given.
+        token/mel trimming; a voice is used as given.
         """
-        if not isinstance(prompt, Mapping):
+        if not isinstance(prompt, VoicePrompt):
             prompt = self.process_prompt(prompt, align=False)
-        prompt = self._prompt(prompt)
+        voice = self._prompt(prompt)
         wave, sr = decode_audio(source_audio)
         source = self.speech_tokenizer(to_mono(wave, sr, TOKENIZER_SR))
         return {
             "source_speech_token": source,
-            "flow_prompt_speech_token": prompt["flow_prompt_speech_token"],
-            "prompt_speech_feat": prompt["prompt_speech_feat"],
-            "flow_embedding": prompt["flow_embedding"],
+            "flow_prompt_speech_token": voice.speech_token,
+            "prompt_speech_feat": voice.speech_feat,
+            "flow_embedding": voice.embedding,
         }
-
-
-def _ids(value: Any) -> torch.Tensor:
-    return torch.as_tensor(value).cpu().to(torch.int32).reshape(1, -1)
-
-
-def _speaker_embedding(speaker: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    # Built-in speakers store 'embedding'; zero-shot entries only the llm/flow copies.
-    for key in ("embedding", "flow_embedding", "llm_embedding"):
-        if key in speaker:
-            return torch.as_tensor(speaker[key]).cpu().to(torch.float32).reshape(1, -1)
-    raise InvalidRequest("the speaker entry has no embedding")

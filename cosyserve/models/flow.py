@@ -118,7 +118,7 @@ class CausalFlow(TokenFlow):
         return emb[:, : -self.pre_lookahead_len], emb[:, -self.pre_lookahead_len :]
 
     @torch.inference_mode()
-    def inference(
+    def tokens_to_mel(
         self,
         token: Tensor,
         prompt_token: Tensor,
@@ -162,11 +162,11 @@ class CausalFlow(TokenFlow):
         return c, noise[:, :, :frames].to(c.mu)
 
     def stream_state(self, max_cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20) -> FlowStream:
-        """A fresh per-request state for :meth:`inference_stream`, its cache bounded by ``max_cache_bytes``."""
+        """A fresh per-request state for :meth:`tokens_to_mel_stream`, its cache bounded by ``max_cache_bytes``."""
         return FlowStream(max_cache_bytes)
 
     @torch.inference_mode()
-    def inference_stream(
+    def tokens_to_mel_stream(
         self,
         state: FlowStream,
         token: Tensor,
@@ -177,7 +177,7 @@ class CausalFlow(TokenFlow):
         finalize: bool,
         noise: Tensor | None = None,
     ) -> Tensor:
-        """:meth:`inference` for the next call of one streamed request, whose earlier calls used ``state``.
+        """:meth:`tokens_to_mel` for the next call of one streamed request, whose earlier calls used ``state``.
 
         Same arguments and result (the tokens so far, the mel of all of them), but a streaming call
         runs the estimator on the frames not computed by an earlier call only; the earlier frames come
@@ -186,7 +186,7 @@ class CausalFlow(TokenFlow):
         """
         if not streaming or not self.decoder.estimator.supports_chunks:
             state.reset()
-            return self.inference(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+            return self.tokens_to_mel(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
         c, noise = self._conditioned(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
         mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise)
         return mel[:, :, c.prompt_frames :]

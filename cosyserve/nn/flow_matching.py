@@ -8,6 +8,7 @@ and an unconditional (mu, speaker and prompt zeroed) row in one batch of two.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -84,34 +85,12 @@ class ConditionalCFM(nn.Module):
         mu (1, C, T) encoder condition, mask (1, 1, T), spks (1, C) speaker, cond (1, C, T) prompt
         mel (zeros after the prompt), noise (1, C, T) the starting point. Returns (1, C, T) float32.
         """
-        if noise.shape != mu.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != mu shape {tuple(mu.shape)}")
-        dtype = mu.dtype  # the ODE state stays in this precision (fp32)
-        # The estimator may run in a lower precision (--dtype flow=bf16): its inputs are cast to it.
-        est_dtype = next(self.estimator.parameters()).dtype
-        batch = mu.size(0)
-        t_span = cosine_time_grid(self.n_timesteps, device=mu.device)
-        x = noise.to(device=mu.device, dtype=dtype)
+        mask_in = torch.cat([mask, mask]).to(self._estimator_dtype())
 
-        # Row block 0 is conditional; row block 1 keeps mu / spks / cond at zero for guidance.
-        mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(est_dtype)
-        spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(est_dtype)
-        cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(est_dtype)
-        mask_in = torch.cat([mask, mask]).to(est_dtype)
-        rate = self.inference_cfg_rate
+        def velocity(x: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor, step: int) -> Tensor:
+            return self.estimator(x, mask_in, mu, t, spks, cond, streaming=streaming)
 
-        # The step uses the running t (t + dt accumulated), not t_span[k], as the reference does.
-        t, dt = t_span[0], t_span[1] - t_span[0]
-        for step in range(1, len(t_span)):
-            t_in = t.expand(2 * batch).to(est_dtype)
-            x_in = torch.cat([x, x]).to(est_dtype)
-            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming).to(dtype)
-            v_cond, v_uncond = v[:batch], v[batch:]
-            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
-        return x.float()
+        return self._integrate(mu, spks, cond, noise, velocity)
 
     @torch.no_grad()
     def solve_chunk(self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, cache: EstimatorCache) -> Tensor:
@@ -123,30 +102,54 @@ class ConditionalCFM(nn.Module):
         Because the estimator is chunk-causal and every frame's noise is fixed by its position,
         the result equals the new frames of a full streaming :meth:`solve`.
         """
+        states = cache.steps(self.n_timesteps)
+
+        def velocity(x: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor, step: int) -> Tensor:
+            return self.estimator.forward_chunk(x, mu, t, spks, cond, states[step], cache.frames)
+
+        mel = self._integrate(mu, spks, cond, noise, velocity)
+        cache.frames += mu.size(2)
+        return mel
+
+    def _estimator_dtype(self) -> torch.dtype:
+        # The estimator may run in a lower precision (--dtype flow=bf16): its inputs are cast to it.
+        return next(self.estimator.parameters()).dtype
+
+    def _integrate(
+        self,
+        mu: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        noise: Tensor,
+        velocity: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int], Tensor],
+    ) -> Tensor:
+        """The guided Euler loop: ``velocity(x, mu, t, spks, cond, step)`` evaluates the estimator on
+        the two CFG row blocks (already cast to its dtype) at Euler step ``step`` (0-based)."""
         if noise.shape != mu.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != mu shape {tuple(mu.shape)}")
-        dtype = mu.dtype
-        est_dtype = next(self.estimator.parameters()).dtype
+        dtype = mu.dtype  # the ODE state stays in this precision (fp32)
+        est_dtype = self._estimator_dtype()
         batch = mu.size(0)
         t_span = cosine_time_grid(self.n_timesteps, device=mu.device)
         x = noise.to(device=mu.device, dtype=dtype)
+
+        # Row block 0 is conditional; row block 1 keeps mu / spks / cond at zero for guidance.
         mu_in = torch.cat([mu, torch.zeros_like(mu)]).to(est_dtype)
         spks_in = torch.cat([spks, torch.zeros_like(spks)]).to(est_dtype)
         cond_in = torch.cat([cond, torch.zeros_like(cond)]).to(est_dtype)
         rate = self.inference_cfg_rate
-        states = cache.steps(self.n_timesteps)
+
+        # The step uses the running t (t + dt accumulated), not t_span[k], as the reference does.
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
             t_in = t.expand(2 * batch).to(est_dtype)
             x_in = torch.cat([x, x]).to(est_dtype)
-            v = self.estimator.forward_chunk(x_in, mu_in, t_in, spks_in, cond_in, states[step - 1], cache.frames)
-            v = v.to(dtype)
+            v = velocity(x_in, mu_in, t_in, spks_in, cond_in, step - 1).to(dtype)
             v_cond, v_uncond = v[:batch], v[batch:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
             if step < len(t_span) - 1:
                 dt = t_span[step + 1] - t
-        cache.frames += mu.size(2)
         return x.float()
 
 

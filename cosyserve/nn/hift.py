@@ -396,7 +396,7 @@ class HiFTGenerator(_HiFTBase):
         return self._stages(self.conv_pre(mel), self._stft(source))
 
     @torch.inference_mode()
-    def inference(
+    def mel_to_wave(
         self,
         mel: Tensor,
         cache_source: Tensor | None = None,

@@ -119,7 +119,7 @@ class UniformTable:
 
 
 class CausalHiFTGenerator(_HiFTBase):
-    """v3 vocoder: ``inference(mel, finalize)``; no random draw at call time."""
+    """v3 vocoder: ``mel_to_wave(mel, finalize)``; no random draw at call time."""
 
     causal = True
     f0_predictor_cls = CausalConvRNNF0Predictor
@@ -236,7 +236,7 @@ class CausalHiFTGenerator(_HiFTBase):
         return speech if finalize else speech[:, : -self.samples_per_frame]
 
     @torch.inference_mode()
-    def inference(self, mel: Tensor, finalize: bool = True, source: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def mel_to_wave(self, mel: Tensor, finalize: bool = True, source: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(speech, source): all T frames when final, else (T - 8) frames of speech and T - 3 of source.
 
         ``source`` replaces the excitation computed from the predicted f0 (tests inject the reference's).
@@ -248,7 +248,7 @@ class CausalHiFTGenerator(_HiFTBase):
         return self.decode(mel, source, finalize), source
 
     def stream_state(self) -> HiFTStream:
-        """A fresh per-request state for :meth:`inference_stream`."""
+        """A fresh per-request state for :meth:`mel_to_wave_stream`."""
         return HiFTStream()
 
     def decode_left_reach(self) -> int:
@@ -271,10 +271,10 @@ class CausalHiFTGenerator(_HiFTBase):
         return math.ceil(reach) + 8
 
     @torch.inference_mode()
-    def inference_stream(
+    def mel_to_wave_stream(
         self, state: HiFTStream, mel: Tensor, finalize: bool = True, source: Tensor | None = None
     ) -> Tensor:
-        """The samples :meth:`inference` (``mel``, ``finalize``) adds after those emitted from ``state``.
+        """The samples :meth:`mel_to_wave` (``mel``, ``finalize``) adds after those emitted from ``state``.
 
         ``mel`` (1, 80, T) is the request's whole mel so far (each call extends the previous one).
         Only the new frames are computed: the f0 of the frames whose look-ahead is complete is kept
@@ -282,7 +282,7 @@ class CausalHiFTGenerator(_HiFTBase):
         is rebuilt from the kept f0 (cheap; its phase accumulates from the first sample); the decoder
         runs on the mel from :meth:`decode_left_reach` frames before the first new sample, every
         layer being causal (look-right only at the end, which the window shares with the full run).
-        ``source`` (the complete excitation of :meth:`inference`) replaces the computed one.
+        ``source`` (the complete excitation of :meth:`mel_to_wave`) replaces the computed one.
         """
         total = mel.size(2)
         f0_frames = total if finalize else total - self.f0_look_ahead

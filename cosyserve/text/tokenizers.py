@@ -286,10 +286,3 @@ def load_tokenizer(config: dict[str, Any], model_dir: Path) -> TextTokenizer:
     if node.target == QWEN_TARGET:
         return QwenTokenizer(Path(model_dir) / "CosyVoice-BlankEN", str(node.get("version", "cosyvoice2")))
     raise ConfigError(f"unsupported tokenizer '{node.target}' in get_tokenizer")
-
-
-def required_assets(config: dict[str, Any]) -> list[str]:
-    """Names of the ``cosyserve.hub`` assets ``load_tokenizer(config, ...)`` will need."""
-    node = config.get("get_tokenizer")
-    target = node.target if isinstance(node, Node) else None
-    return [TIKTOKEN_ASSETS[target]] if target in TIKTOKEN_ASSETS else []

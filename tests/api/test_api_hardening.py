@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import load_settings
 from test_api_http import ALL_MODES, StubModel, assert_error, form
 
 from cosyserve.api import create_app
 from cosyserve.audio.encode import to_int16
 from cosyserve.engine.voices import MAX_ID_LENGTH
-from cosyserve.settings import Settings, SettingsError, load_settings
+from cosyserve.settings import Settings, SettingsError
 
 # str.isdigit() takes these, int() / float() refuse or misread some of them: each must be a 400, never a 500.
 NOT_ASCII_NUMBERS = ("²", "1²", "١٢", "𝟙", "½", "Ⅻ", "9" * 5000, "1_000", " 1 2", "0x10", "1e999", "nan", "-inf")

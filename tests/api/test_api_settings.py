@@ -1,6 +1,7 @@
 import pytest
+from helpers import load_settings
 
-from cosyserve.settings import Settings, SettingsError, load_settings
+from cosyserve.settings import Settings, SettingsError
 
 
 def test_defaults_match_the_official_server():

@@ -17,6 +17,7 @@ from api_helpers import LiveServer
 from fastapi import Request, WebSocket
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
+from helpers import load_settings
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocketDisconnect
 
@@ -25,7 +26,7 @@ from cosyserve.api.auth import ApiKeys, key_from_scope, scope_has_valid_key
 from cosyserve.api.metrics import iter_routes
 from cosyserve.cli import main as cli_main
 from cosyserve.engine.pipeline import load_model
-from cosyserve.settings import Settings, SettingsError, load_settings
+from cosyserve.settings import Settings, SettingsError
 
 KEYS = ("first-key-123", "second-key-456")
 MODEL = "v1-tiny"

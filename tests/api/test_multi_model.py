@@ -15,12 +15,13 @@ import requests
 from api_helpers import wait_for
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
+from helpers import load_settings
 
 from cosyserve.api import create_app
 from cosyserve.cli import model_loaders
 from cosyserve.engine.pipeline import load_model
 from cosyserve.engine.voices import VoiceLibrary
-from cosyserve.settings import Settings, SettingsError, load_settings
+from cosyserve.settings import Settings, SettingsError
 
 MODELS = {"v1": "v1-tiny", "v2": "v2-tiny", "v3": "v3-tiny"}
 FAMILIES = {"v1": "cosyvoice1", "v2": "cosyvoice2", "v3": "cosyvoice3"}

@@ -76,8 +76,8 @@ def engine(version: str) -> Any:
 def voices_of(model: Any) -> tuple[str | None, str | None]:
     """(a built-in speaker, a stored voice with a prompt) of the model, where it has them."""
     ids = model.voices.ids()
-    speakers = [v for v in ids if "llm_prompt_speech_token" not in model.voices.get(v)]
-    clones = [v for v in ids if "llm_prompt_speech_token" in model.voices.get(v)]
+    speakers = [v for v in ids if not model.voices.get(v).has_prompt]
+    clones = [v for v in ids if model.voices.get(v).has_prompt]
     return (speakers[0] if speakers else None), (clones[0] if clones else None)
 
 
@@ -416,7 +416,7 @@ def test_client_errors_come_before_any_audio(version, server_for):
 def test_official_routes_take_sample_rate_and_the_new_formats(version, server_for):
     model, server = engine(version), server_for(version)
     text, speaker = INPUTS[version]["text"], model.voices.ids()[0]
-    if "llm_prompt_speech_token" in model.voices.get(speaker):
+    if model.voices.get(speaker).has_prompt:
         pytest.skip("the model's first voice is not a built-in speaker")
     url = server.url + "/inference_sft"
     fields = {"tts_text": text, "spk_id": speaker, "seed": str(SEED)}

@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import load_settings
 
 from cosyserve.audio.encode import (
     OUTPUT_RATES,
@@ -21,7 +22,7 @@ from cosyserve.audio.encode import (
     to_int16,
 )
 from cosyserve.errors import InvalidRequest
-from cosyserve.settings import Settings, SettingsError, load_settings, parse_voice_map
+from cosyserve.settings import Settings, SettingsError, parse_voice_map
 
 HAVE_AV = importlib.util.find_spec("av") is not None
 CODEC_RATES = {"opus": (8000, 12000, 16000, 24000, 48000)}

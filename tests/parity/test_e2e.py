@@ -101,18 +101,18 @@ def test_e2e(entry, monkeypatch):
         sampler = ForcedSampler(case["forced_tokens"], int(meta["greedy_last_token"]))
 
     flow_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    flow_inference = model.core.flow.inference
+    flow_tokens_to_mel = model.core.flow.tokens_to_mel
     nested = []  # a streamed call that falls back to the full inference is recorded once
 
     def recording_flow(token, *args, **kwargs):
-        out = flow_inference(token, *args, **kwargs)
+        out = flow_tokens_to_mel(token, *args, **kwargs)
         if not nested:
             flow_calls.append((token, out[0] if isinstance(out, tuple) else out))
         return out
 
-    monkeypatch.setattr(model.core.flow, "inference", recording_flow)
-    if hasattr(model.core.flow, "inference_stream"):  # v2/v3 streaming: the incremental flow
-        flow_stream = model.core.flow.inference_stream
+    monkeypatch.setattr(model.core.flow, "tokens_to_mel", recording_flow)
+    if hasattr(model.core.flow, "tokens_to_mel_stream"):  # v2/v3 streaming: the incremental flow
+        flow_stream = model.core.flow.tokens_to_mel_stream
 
         def recording_stream(state, token, *args, **kwargs):
             nested.append(True)
@@ -123,7 +123,7 @@ def test_e2e(entry, monkeypatch):
             flow_calls.append((token, out))
             return out
 
-        monkeypatch.setattr(model.core.flow, "inference_stream", recording_stream)
+        monkeypatch.setattr(model.core.flow, "tokens_to_mel_stream", recording_stream)
     # The engine picks every id through the request's sampler: record what it picks (stop ids excluded).
     picked: list[int] = []
     stop_ids = model.core.llm.stop_token_ids

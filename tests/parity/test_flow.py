@@ -83,13 +83,13 @@ def test_flow(entry: dict) -> None:
                 c = flow.condition(**inputs, streaming=streaming, finalize=finalize)
             expected = {name: case[f"call{k}_{name}"] for name in ("mu", "cond")}
             _check_condition(c, expected, f"call{k}")
-            mel = flow.inference(**inputs, streaming=streaming, finalize=finalize)
+            mel = flow.tokens_to_mel(**inputs, streaming=streaming, finalize=finalize)
             assert_close(mel, case[f"call{k}_mel"], MEL_ATOL, f"call{k} mel")
         # The same calls through the incremental flow, which computes only each call's new frames.
         state = flow.stream_state()
         for k, call in enumerate(meta["calls"]):
             inputs = {"token": token_all[:, : call["n_tokens"]], **common}
-            mel = flow.inference_stream(state, **inputs, streaming=call["streaming"], finalize=call["finalize"])
+            mel = flow.tokens_to_mel_stream(state, **inputs, streaming=call["streaming"], finalize=call["finalize"])
             assert_close(mel, case[f"call{k}_mel"], MEL_ATOL, f"call{k} incremental mel")
         return
 
@@ -108,11 +108,11 @@ def test_flow(entry: dict) -> None:
     _check_condition(c, case, entry["name"])
 
     if v1:  # v1 draws its noise per call: inject the stored draw
-        mel, cache_out = flow.inference(**inputs, noise=_t(case["z"]))
+        mel, cache_out = flow.tokens_to_mel(**inputs, noise=_t(case["z"]))
         assert_close(cache_out, case["flow_cache_out"], MU_ATOL, "flow_cache_out")
     else:  # v2 starts from the fixed noise, whose head is the stored z
         assert_close(flow.decoder.fixed_noise(case["z"].shape[2]), case["z"], 0.0, "z")
-        mel = flow.inference(**inputs, streaming=meta["streaming"], finalize=meta["finalize"])
+        mel = flow.tokens_to_mel(**inputs, streaming=meta["streaming"], finalize=meta["finalize"])
     assert_close(mel, case["mel"], MEL_ATOL, "mel")
 
 
@@ -138,8 +138,8 @@ def test_v1_noise_from_generator_only() -> None:
     token = torch.arange(5).unsqueeze(0)
     args = (token, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80), torch.ones(1, 192))
     state = torch.get_rng_state()
-    mel_a, cache_a = flow.inference(*args, generator=torch.Generator().manual_seed(7))
-    mel_b, _ = flow.inference(*args, generator=torch.Generator().manual_seed(7))
+    mel_a, cache_a = flow.tokens_to_mel(*args, generator=torch.Generator().manual_seed(7))
+    mel_b, _ = flow.tokens_to_mel(*args, generator=torch.Generator().manual_seed(7))
     assert torch.equal(state, torch.get_rng_state()), "the v1 flow touched the global RNG"
     assert torch.equal(mel_a, mel_b)
     frames = mel_a.size(2)
@@ -147,7 +147,7 @@ def test_v1_noise_from_generator_only() -> None:
     assert torch.equal(cache_a[..., 0], torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(7)))
 
     # A streaming call given that cache starts from the cached noise and mu, whatever it draws.
-    mel_c, cache_c = flow.inference(*args, flow_cache=cache_a, generator=torch.Generator().manual_seed(8))
+    mel_c, cache_c = flow.tokens_to_mel(*args, flow_cache=cache_a, generator=torch.Generator().manual_seed(8))
     assert torch.equal(cache_c, cache_a)
     assert torch.equal(mel_c, mel_a)
 
@@ -160,7 +160,7 @@ def test_v2_noise_limit() -> None:
     too_many = torch.zeros(1, FIXED_NOISE_FRAMES // flow.token_mel_ratio + 1, dtype=torch.long)
     empty = (torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80), torch.ones(1, 192))
     with pytest.raises(ValueError, match="fixed noise"):
-        flow.inference(too_many, *empty, streaming=False, finalize=True)
+        flow.tokens_to_mel(too_many, *empty, streaming=False, finalize=True)
 
 
 def test_v2_legacy_estimator_spelling() -> None:

@@ -70,7 +70,7 @@ def _check_call(
     if "mask" in expected:
         assert_close(c.mask, expected["mask"], 0.0, f"{what} mask")
     noise = _t(expected["z"]) if "z" in expected else _noise(model, c.mu.size(2))
-    mel = flow.inference(**inputs, streaming=streaming, finalize=finalize, noise=noise)
+    mel = flow.tokens_to_mel(**inputs, streaming=streaming, finalize=finalize, noise=noise)
     assert_close(mel, expected["mel"], MEL_ATOL, f"{what} mel")
 
 
@@ -106,7 +106,7 @@ def test_flow_v3(entry: dict) -> None:
             inputs = {"token": token_all[:, : call["n_tokens"]], **common}
             frames = (inputs["prompt_token"].size(1) + call["n_tokens"] - (0 if call["finalize"] else 3)) * 2
             noise = _noise(entry["model"], frames)
-            mel = flow.inference_stream(
+            mel = flow.tokens_to_mel_stream(
                 state, **inputs, streaming=call["streaming"], finalize=call["finalize"], noise=noise
             )
             assert_close(mel, case[f"call{k}_mel"], MEL_ATOL, f"call{k} incremental mel")

@@ -73,7 +73,7 @@ def test_hift(entry):
     source = hift.make_source(case["f0"], draws)
     assert_close(source[..., cached:], case["source"][..., cached:].numpy(), SOURCE_ATOL, "source")
 
-    speech, source = hift.inference(mel, cache_source=cache_source, draws=draws)
+    speech, source = hift.mel_to_wave(mel, cache_source=cache_source, draws=draws)
     assert_close(source, case["source"].numpy(), INFERENCE_ATOL, "inference source")
     assert_close(speech, case["speech"].numpy(), INFERENCE_ATOL, "inference speech")
 
@@ -90,6 +90,6 @@ def test_causal_hift(entry):
     assert_close(speech, case["speech"].numpy(), DECODE_ATOL, "decode(mel, source)")
     assert_close(hift.make_source(case["f0"]), case["source"].numpy(), SOURCE_ATOL, "source")
 
-    speech, source = hift.inference(mel, finalize)
+    speech, source = hift.mel_to_wave(mel, finalize)
     assert_close(source, case["source"].numpy(), INFERENCE_ATOL, "inference source")
     assert_close(speech, case["speech"].numpy(), INFERENCE_ATOL, "inference speech")

@@ -62,9 +62,9 @@ def test_length_bounds_and_close(entry):
     llm = _llm(entry["model"])
     inputs = _inputs(case)
     # eos is masked for the first min_len steps, so min_len == max_len yields exactly that many.
-    tokens = list(llm.inference(**inputs, sampler=GreedySampler(), min_len=5, max_len=5))
+    tokens = list(llm.generate(**inputs, sampler=GreedySampler(), min_len=5, max_len=5))
     assert len(tokens) == 5 and all(0 <= t < llm.speech_token_size for t in tokens)
-    it = llm.inference(**inputs, sampler=GreedySampler())
+    it = llm.generate(**inputs, sampler=GreedySampler())
     assert next(it) == tokens[0]
     it.close()
     assert next(it, None) is None
@@ -74,7 +74,7 @@ def test_length_bounds_and_close(entry):
 def test_greedy_tokens(entry):
     case = load_case(entry)
     llm = _llm(entry["model"])
-    tokens = list(llm.inference(**_inputs(case, "mi0_"), sampler=GreedySampler()))
+    tokens = list(llm.generate(**_inputs(case, "mi0_"), sampler=GreedySampler()))
     expected = case["speech_tokens"].tolist()
     if len(entry["meta"].get("segments", [])) > 1:
         # Later segments' tokens follow the first segment's.

@@ -92,7 +92,7 @@ def test_v3_greedy(entry: dict[str, Any]) -> None:
     forced = case["forced_tokens"].tolist()
     returned: list[int] = []
     tokens = list(
-        llm.inference(
+        llm.generate(
             **_inputs(case), embedding=None, sampler=_recording_sampler(forced, returned), reference_eos_mask=True
         )
     )
@@ -115,7 +115,7 @@ def test_v3_greedy(entry: dict[str, Any]) -> None:
 
     # The default mask keeps every special id out before min_len, so decoding never stops early.
     returned = []
-    tokens = list(llm.inference(**_inputs(case), embedding=None, sampler=_recording_sampler(forced, returned)))
+    tokens = list(llm.generate(**_inputs(case), embedding=None, sampler=_recording_sampler(forced, returned)))
     assert len(tokens) >= meta["min_len"]
     assert all(t < sts for t in tokens) and returned[-1] in llm.stop_token_ids
 
@@ -138,7 +138,7 @@ def test_e2e_speech_tokens(entry: dict[str, Any]) -> None:
     for prefix in segments:
         # Forced cases: the forced ids, then eos (what the orchestration's filter receives).
         sampler = _recording_sampler([] if forced is None else [*forced, llm.eos_token], [])
-        tokens += llm.inference(**_inputs(case, prefix), embedding=None, sampler=sampler, reference_eos_mask=True)
+        tokens += llm.generate(**_inputs(case, prefix), embedding=None, sampler=sampler, reference_eos_mask=True)
     assert tokens == case["speech_tokens"].tolist()
     if forced is None and meta.get("min_len") is not None and len(segments) == 1:
         assert meta["min_len"] == 2 * case["mi0_text"].shape[-1]
@@ -156,7 +156,7 @@ def test_v3_requires_endofprompt(entry: dict[str, Any]) -> None:
     text = np.concatenate([np.asarray(v).reshape(-1) for v in (inputs["prompt_text"], inputs["text"]) if v is not None])
     stripped = text[text != ENDOFPROMPT_ID]
     with pytest.raises(InvalidRequest):
-        llm.inference(stripped, None, inputs["prompt_speech_token"], None, sampler=_recording_sampler([], []))
+        llm.generate(stripped, None, inputs["prompt_speech_token"], None, sampler=_recording_sampler([], []))
 
 
 def test_silence_filter_streams_and_closes() -> None:

@@ -16,7 +16,9 @@ import torch
 from golden import assert_close, entries, golden_root, load_case, model_dir
 
 from cosyserve.engine.pipeline import load_model
+from cosyserve.engine.voices import read_spk2info
 from cosyserve.frontend.frontend import Frontend
+from cosyserve.frontend.voice_prompt import VoicePrompt
 
 FIELDS = (
     "text",
@@ -38,8 +40,10 @@ def frontend(model: str) -> Frontend:
 
 
 @cache
-def spk2info(model: str) -> dict[str, Any]:
-    return torch.load(model_dir(model) / "spk2info.pt", map_location="cpu", weights_only=True)
+def spk2info(model: str) -> dict[str, VoicePrompt]:
+    """The model's speakers, read from the reference's spk2info.pt layout."""
+    fe = frontend(model)
+    return read_spk2info(model_dir(model) / "spk2info.pt", fe.family, fe.token_rate)
 
 
 def wav_path(name: str) -> Path:

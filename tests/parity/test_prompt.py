@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 from golden import assert_close, entries, golden_root, load_case, model_dir, model_version
+from helpers import load_audio
 
-from cosyserve.audio.io import load_audio
 from cosyserve.audio.resample import resample
 from cosyserve.engine.pipeline import load_model
 from cosyserve.frontend.features import kaldi_fbank, whisper_log_mel
@@ -55,12 +55,11 @@ def test_prompt(entry):
     fe = frontend(model, "reference")
     raw = fe.process_prompt(wav, align=False)
     checked = {
-        "embedding": assert_close(raw["llm_embedding"], case["embedding"], EMBED_ATOL, "embedding"),
-        "speech_token": assert_close(raw["llm_prompt_speech_token"], case["speech_token"], 0, "speech_token"),
-        "speech_feat": assert_close(raw["prompt_speech_feat"], case["speech_feat"], FEAT_ATOL, "speech_feat"),
+        "embedding": assert_close(raw.embedding, case["embedding"], EMBED_ATOL, "embedding"),
+        "speech_token": assert_close(raw.speech_token, case["speech_token"], 0, "speech_token"),
+        "speech_feat": assert_close(raw.speech_feat, case["speech_feat"], FEAT_ATOL, "speech_feat"),
     }
-    assert raw["llm_prompt_speech_token"].dtype == torch.int32
-    assert torch.equal(raw["flow_embedding"], raw["llm_embedding"])
+    assert raw.speech_token.dtype == torch.int32
 
     # Legacy path (prompt mel from the 16 kHz audio resampled to the model rate), from its parts...
     rate = fe.sample_rate
@@ -68,19 +67,19 @@ def test_prompt(entry):
     checked["speech_feat_legacy"] = assert_close(legacy, case["speech_feat_legacy"], FEAT_ATOL, "speech_feat_legacy")
     # ... and through the default "model" path, which is the same computation for a 16 kHz file.
     if sf.info(str(wav)).samplerate == 16000:
-        model_path = frontend(model, "model").process_prompt(wav, align=False)["prompt_speech_feat"]
+        model_path = frontend(model, "model").process_prompt(wav, align=False).speech_feat
         assert_close(model_path, case["speech_feat_legacy"], FEAT_ATOL, "speech_feat_legacy (model path)")
 
     aligned = fe.process_prompt(wav)
     if "zs_prompt_speech_feat" in case:
         checked["zs_prompt_speech_feat"] = assert_close(
-            aligned["prompt_speech_feat"], case["zs_prompt_speech_feat"], FEAT_ATOL, "zs_prompt_speech_feat"
+            aligned.speech_feat, case["zs_prompt_speech_feat"], FEAT_ATOL, "zs_prompt_speech_feat"
         )
         checked["zs_flow_prompt_speech_token"] = assert_close(
-            aligned["flow_prompt_speech_token"], case["zs_flow_prompt_speech_token"], 0, "zs_flow_prompt_speech_token"
+            aligned.speech_token, case["zs_flow_prompt_speech_token"], 0, "zs_flow_prompt_speech_token"
         )
     if model_version(model) == "v1":  # v1 keeps every frame and token
-        assert aligned["prompt_speech_feat"].shape == raw["prompt_speech_feat"].shape
+        assert aligned.speech_feat.shape == raw.speech_feat.shape
     else:
-        assert aligned["prompt_speech_feat"].shape[1] == 2 * aligned["flow_prompt_speech_token"].shape[1]
+        assert aligned.speech_feat.shape[1] == 2 * aligned.speech_token.shape[1]
     print(entry["id"], {k: f"{v:.2e}" for k, v in checked.items()})

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from golden import entries, load_json, model_dir
+from helpers import required_assets
 
 from cosyserve.config import load_yaml
 from cosyserve.hub import AssetError, asset_path
 from cosyserve.text.normalize import TextNormalizer
-from cosyserve.text.tokenizers import TextTokenizer, load_tokenizer, required_assets
+from cosyserve.text.tokenizers import TextTokenizer, load_tokenizer
 
 _YAMLS = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
 

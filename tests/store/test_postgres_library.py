@@ -5,6 +5,7 @@ migration, lost connections, a missing psycopg, and the back-end picked by one s
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import sys
@@ -12,6 +13,7 @@ import sys
 import psycopg
 import pytest
 import torch
+from helpers import assert_same_voice, load_settings, sample_voice
 
 from cosyserve.engine.voice_library import open_voice_library
 from cosyserve.engine.voice_library.postgres import (
@@ -23,33 +25,21 @@ from cosyserve.engine.voice_library.postgres import (
 )
 from cosyserve.engine.voices import (
     IncompatibleVoice,
-    StoredVoice,
     VoiceExists,
     VoiceInfo,
     VoiceLibrary,
     VoiceLibraryError,
     VoiceLimitReached,
+    VoicePrompt,
     VoiceStore,
 )
 from cosyserve.errors import ModelLoadError, UnknownSpeaker
-from cosyserve.settings import Settings, SettingsError, load_settings
+from cosyserve.settings import Settings, SettingsError
 
-BUILTIN = {"中文女": {"embedding": torch.ones(192)}}
+BUILTIN = {"中文女": VoicePrompt("cosyvoice2", 25, torch.ones(192))}
 V2 = {"family": "cosyvoice2", "token_rate": 25, "model": "CosyVoice2-0.5B"}
 
-
-def voice(i: int) -> dict[str, torch.Tensor]:
-    return {
-        "llm_prompt_speech_token": torch.arange(12, dtype=torch.int32).reshape(1, -1) + i,
-        "prompt_speech_feat": torch.full((1, 24, 80), float(i)),
-        "flow_embedding": torch.linspace(-1, 1, 192).reshape(1, -1) * i,
-    }
-
-
-def assert_same(actual, expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for key, tensor in expected.items():
-        assert actual[key].dtype == tensor.dtype and torch.equal(actual[key], tensor), key
+voice = sample_voice  # a small voice whose values identify i
 
 
 def info(voice_id: str, created_at: int = 1) -> VoiceInfo:
@@ -61,19 +51,18 @@ def test_round_trip_order_and_reopen(pg_url):
     assert isinstance(library, PostgresVoiceLibrary)
     store = VoiceStore(BUILTIN, library, **V2)
     for i, name in enumerate(["b voice", "a voice"], start=1):
-        stored = store.add(name, voice(i), ref_text=f"text {i}", duration=1.5)
+        stored = store.add(name, voice(i, prompt_text=f"text {i}"), duration=1.5)
         assert (stored.id, stored.ref_text, stored.duration, stored.family) == (name, f"text {i}", 1.5, "cosyvoice2")
     assert store.ids() == ["中文女", "b voice", "a voice"]
-    assert isinstance(store.get("a voice"), StoredVoice)
-    assert_same(store.get("A VOICE"), voice(2))
+    assert_same_voice(store.get("A VOICE"), voice(2, prompt_text="text 2"))
     library.close()
 
     reopened = VoiceStore(BUILTIN, PostgresVoiceLibrary(pg_url), **V2)
     assert reopened.ids() == ["中文女", "b voice", "a voice"]
-    assert_same(reopened.get("b voice"), voice(1))
+    assert_same_voice(reopened.get("b voice"), voice(1, prompt_text="text 1"))
     meta = reopened.info("a voice")
     assert (meta.ref_text, meta.duration, meta.token_rate, meta.builtin) == ("text 2", 1.5, 25, False)
-    assert meta.fields == tuple(voice(2)) and meta.created_at is not None
+    assert meta.fields == voice(2, prompt_text="x").field_names() and meta.created_at is not None
 
 
 def test_names_unique_regardless_of_case_and_a_deleted_name_is_free(pg_url):
@@ -89,7 +78,7 @@ def test_names_unique_regardless_of_case_and_a_deleted_name_is_free(pg_url):
     with pytest.raises(UnknownSpeaker):
         store.remove("Alice")
     store.add("alice", voice(3))  # the name is free again, and no stale cache answers for it
-    assert_same(store.get("alice"), voice(3))
+    assert_same_voice(store.get("alice"), voice(3))
 
 
 def test_uniqueness_is_the_databases_not_a_check_before_insert(pg_url, monkeypatch):
@@ -110,7 +99,7 @@ def test_uniqueness_is_the_databases_not_a_check_before_insert(pg_url, monkeypat
 
 def test_cap_counts_every_family_and_holds_inside_the_transaction(pg_url, monkeypatch):
     library = PostgresVoiceLibrary(pg_url, max_voices=2)
-    VoiceStore({}, library, family="cosyvoice1", token_rate=50).add("v1 voice", voice(1))
+    VoiceStore({}, library, family="cosyvoice1", token_rate=50).add("v1 voice", voice(1, "cosyvoice1", 50))
     store = VoiceStore({}, library, **V2)
     store.add("v2 voice", voice(2))
     with pytest.raises(VoiceLimitReached, match="2 of 2"):
@@ -149,7 +138,7 @@ def test_stored_bytes_never_run_code(pg_url, tmp_path, monkeypatch):
         conn.execute("UPDATE cosyserve_voice_tensors SET data = %s", (evil.getvalue(),))
     fresh = VoiceStore({}, PostgresVoiceLibrary(pg_url), **V2)
     with pytest.raises(VoiceLibraryError, match="cannot be read"):
-        fresh.get("x")["prompt_speech_feat"]
+        fresh.get("x")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -159,12 +148,15 @@ def _v1_library(url: str, names: list[str]) -> None:
         assert migrate(conn, target=1) == 0
         assert schema_version(conn) == 1
         for i, name in enumerate(names):
+            # Voices as cosyserve stored them then: torch.save of the reference's field dict, the
+            # transcript in the row.
+            fields = voice(i, prompt_text=f"text {i}").as_fields()
             data = io.BytesIO()
-            torch.save(voice(i), data)
+            torch.save(fields, data)
             conn.execute(
-                "INSERT INTO cosyserve_voices (uid, id, family, token_rate, model, created_at, fields) "
-                "VALUES (%s, %s, 'cosyvoice2', 25, 'm', %s, %s)",
-                (f"uid{i}", name, 100 + i, '["llm_prompt_speech_token", "prompt_speech_feat", "flow_embedding"]'),
+                "INSERT INTO cosyserve_voices (uid, id, family, token_rate, model, ref_text, created_at, fields) "
+                "VALUES (%s, %s, 'cosyvoice2', 25, 'm', %s, %s, %s)",
+                (f"uid{i}", name, f"text {i}", 100 + i, json.dumps(list(fields))),
             )
             tensors = (f"uid{i}", data.getvalue())
             conn.execute("INSERT INTO cosyserve_voice_tensors (uid, data) VALUES (%s, %s)", tensors)
@@ -177,8 +169,10 @@ def test_migration_from_v1(pg_url):
         assert schema_version(conn) == SCHEMA_VERSION == 2
         assert conn.execute("SELECT to_regclass('cosyserve_voices_lower_id')").fetchone()[0] is None
     assert store.ids() == ["Straße", "Alice"]
-    assert_same(store.get("STRASSE"), voice(0))  # found by its case-folded key, which v1 did not have
-    assert_same(store.get("alice"), voice(1))
+    # Found by its case-folded key, which v1 did not have; the stored tensors and transcript come back whole.
+    assert_same_voice(store.get("STRASSE"), voice(0, prompt_text="text 0"))
+    assert_same_voice(store.get("alice"), voice(1, prompt_text="text 1"))
+    assert store.usable_info("alice").has_transcript
     with pytest.raises(VoiceExists):
         store.add("strasse", voice(2))
     store.add("new", voice(3))

@@ -34,7 +34,7 @@ WORKER = textwrap.dedent(
     import torch
 
     from cosyserve.engine.voice_library.postgres import PostgresVoiceLibrary
-    from cosyserve.engine.voices import VoiceExists, VoiceInfo, VoiceLimitReached
+    from cosyserve.engine.voices import VoiceExists, VoiceInfo, VoiceLimitReached, VoicePrompt
 
     url, role, max_voices, marker = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     library = PostgresVoiceLibrary(url, max_voices)
@@ -44,7 +44,7 @@ WORKER = textwrap.dedent(
 
     def add(name):
         info = VoiceInfo(name, "cosyvoice2", 25, role, created_at=int(time.time()))
-        library.add(info, {"marker": torch.full((4,), marker)})
+        library.add(info, VoicePrompt("cosyvoice2", 25, torch.full((4,), marker)))
 
     say("ready")
     for line in sys.stdin:
@@ -75,7 +75,7 @@ WORKER = textwrap.dedent(
                         library.remove(mine.pop(0))
             say(json.dumps({"created": created, "full": full, "most": most}))
         elif command == "read":  # every voice: who made it, and the marker its tensors hold
-            say(json.dumps({v.id: [v.model, library.tensors(v)["marker"][0].item()] for v in library.list()}))
+            say(json.dumps({v.id: [v.model, library.voice(v).embedding[0, 0].item()] for v in library.list()}))
         elif command == "create":
             add(arg)
             say("created", arg)
@@ -223,7 +223,7 @@ def test_a_voice_survives_a_sigkill_after_its_create_returned(workers, pg_url):
     b.send("read")
     assert json.loads(b.expect()) == {"survivor": ["a", 1.0]}
     library = PostgresVoiceLibrary(pg_url)
-    assert torch.equal(library.tensors(library.find("SURVIVOR"))["marker"], torch.full((4,), 1.0))
+    assert torch.equal(library.voice(library.find("SURVIVOR")).embedding, torch.full((1, 4), 1.0))
 
 
 def test_a_process_killed_inside_a_create_leaves_nothing_and_blocks_no_one(workers, pg_url):

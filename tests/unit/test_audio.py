@@ -12,13 +12,15 @@ import pytest
 import soundfile as sf
 import torch
 from golden import REPO, golden_root, manifest, model_dir, model_version
+from helpers import load_audio
 
-from cosyserve.audio.io import decode_audio, duration_s, load_audio, to_mono
+from cosyserve.audio.io import decode_audio, duration_s, to_mono
 from cosyserve.audio.resample import OutputResampler, resample
 from cosyserve.errors import AudioError, InvalidRequest, ModelLoadError, UnsupportedMode
 from cosyserve.frontend.features import MelExtractor, slaney_mel_filters
 from cosyserve.frontend.frontend import Frontend
 from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
+from cosyserve.frontend.voice_prompt import VoicePrompt
 
 
 def tone(sr: int, seconds: float, channels: int = 1, freq: float = 220.0) -> np.ndarray:
@@ -244,7 +246,18 @@ def make_frontend(version: str) -> Frontend:
         mel, sr = MelExtractor(1024, 80, 22050, 256, 1024, 0, 8000, False), 22050
     else:
         mel, sr = MelExtractor(1920, 80, 24000, 480, 1920, 0, 8000, False), 24000
-    return Frontend(version, CharTokenizer(), None, FakeSpeechTokenizer(), FakeSpeakerEncoder(), mel, sr)
+    family = {"v1": "cosyvoice1", "v2": "cosyvoice2", "v3": "cosyvoice3"}[version]
+    return Frontend(
+        version,
+        CharTokenizer(),
+        None,
+        FakeSpeechTokenizer(),
+        FakeSpeakerEncoder(),
+        mel,
+        sr,
+        family=family,
+        token_rate=50 if version == "v1" else 25,
+    )
 
 
 # 0.83 s: 21 tokens but 41 mel frames at 24 kHz -> v2/v3 trim to 20 tokens / 40 frames.
@@ -254,24 +267,21 @@ PROMPT = encode(tone(16000, 0.83), 16000, "WAV", "PCM_16")
 def test_prompt_alignment_and_vc_untrimmed():
     v2 = make_frontend("v2")
     prompt = v2.process_prompt(PROMPT)
-    assert prompt["flow_prompt_speech_token"].shape == (1, 20)
-    assert prompt["prompt_speech_feat"].shape == (1, 40, 80)
+    assert (prompt.family, prompt.token_rate) == ("cosyvoice2", 25)
+    assert prompt.speech_token.shape == (1, 20)
+    assert prompt.speech_feat.shape == (1, 40, 80)
     vc = v2.vc(PROMPT, PROMPT)  # audio prompt: processed as the reference's frontend_vc, no trim
     assert set(vc) == {"source_speech_token", "flow_prompt_speech_token", "prompt_speech_feat", "flow_embedding"}
     assert vc["flow_prompt_speech_token"].shape == (1, 21) and vc["prompt_speech_feat"].shape == (1, 41, 80)
     v1 = make_frontend("v1").process_prompt(PROMPT)  # v1: no trimming, mel at 22.05 kHz by default
-    assert v1["prompt_speech_feat"].shape == (1, math.ceil(0.83 * 22050) // 256, 80)
-    assert v1["flow_prompt_speech_token"].shape == (1, 21)
+    assert v1.speech_feat.shape == (1, math.ceil(0.83 * 22050) // 256, 80)
+    assert v1.speech_token.shape == (1, 21)
 
 
 def test_mode_fields_and_stored_speakers():
     v2 = make_frontend("v2")
     prompt = v2.process_prompt(PROMPT)
-    stored = {
-        **prompt,
-        "prompt_text": torch.tensor([[7, 8, 9]], dtype=torch.int32),
-        "prompt_text_len": torch.tensor([3]),
-    }
+    stored = prompt.with_transcript("xyz", torch.tensor([[7, 8, 9]], dtype=torch.int32))
 
     zs = v2.zero_shot("ab", "xy", prompt)
     assert zs["prompt_text"].tolist() == [[ord("x"), ord("y")]] and zs["text"].dtype == torch.int32
@@ -283,19 +293,22 @@ def test_mode_fields_and_stored_speakers():
     cl = v2.cross_lingual("ab", stored)
     assert "prompt_text" not in cl and "llm_prompt_speech_token" not in cl and "flow_prompt_speech_token" in cl
 
-    voice = v2.zero_shot_speaker("pq", PROMPT)
-    assert voice["prompt_text"].tolist() == [[ord("p"), ord("q")]] and int(voice["prompt_text_len"][0]) == 2
-    assert int(voice["prompt_speech_feat_len"][0]) == 40 and voice["flow_prompt_speech_token_len"].dtype == torch.int32
+    voice = v2.with_transcript(v2.process_prompt(PROMPT), "PQ", "pq")
+    assert voice.prompt_text == "PQ" and voice.has_transcript
+    fields = voice.as_fields()  # the reference's add_zero_shot_spk layout
+    assert fields["prompt_text"].tolist() == [[ord("p"), ord("q")]] and int(fields["prompt_text_len"][0]) == 2
+    assert int(fields["prompt_speech_feat_len"][0]) == 40
+    assert fields["flow_prompt_speech_token_len"].dtype == torch.int32
     from_voice = v2.zero_shot("ab", None, voice)
     assert from_voice["prompt_text"].tolist() == [[ord("p"), ord("q")]]
     assert not any(k.endswith("_len") for k in from_voice)
     assert v2.zero_shot("ab", None, prompt)["prompt_text"].shape == (1, 0)
 
-    speaker = {"embedding": torch.ones(1, 192)}
+    speaker = VoicePrompt.from_fields({"embedding": torch.ones(1, 192)}, "cosyvoice2", 25)
     assert set(v2.sft("ab", speaker)) == {"text", "llm_embedding", "flow_embedding"}
-    with pytest.raises(InvalidRequest, match="no embedding"):
-        v2.sft("ab", {"foo": torch.ones(1)})
-    with pytest.raises(InvalidRequest, match="lacks"):
+    with pytest.raises(ValueError, match="no speaker embedding"):
+        VoicePrompt.from_fields({"foo": torch.ones(1)}, "cosyvoice2", 25)
+    with pytest.raises(InvalidRequest, match="only a speaker embedding"):
         v2.zero_shot("ab", "xy", speaker)
     with pytest.raises(UnsupportedMode):
         v2.instruct("ab", speaker, "calm")

@@ -323,9 +323,9 @@ def test_stored_voice(name, prompt_wav, source_wav, tmp_path, monkeypatch):
         if mode == "instruct2":
             # The instruct text stays the LLM prompt (the reference would put the transcript there).
             assert torch.equal(tap.calls[0][1], audio_prompt_text)
-            assert not torch.equal(tap.calls[0][1], voice["prompt_text"])
+            assert not torch.equal(tap.calls[0][1], voice.prompt_text_ids)
         if mode == "zero_shot":
-            assert torch.equal(tap.calls[0][1], voice["prompt_text"])
+            assert torch.equal(tap.calls[0][1], voice.prompt_text_ids)
     sft = _check_chunks(model, list(model.inference_sft(SHORT, "my voice", seed=5)))
 
     # Persisted in the data directory (not the model's): a new load knows the voice.
@@ -365,7 +365,7 @@ def test_token_budget_keeps_within_the_flow_noise(engine, name, prompt_wav, monk
 
     model = engine(name)
     prompt = model.prompt(prompt_wav)
-    prompt_tokens = prompt["flow_prompt_speech_token"].shape[1]
+    prompt_tokens = prompt.speech_token.shape[1]
     monkeypatch.setattr(scheduler, "FIXED_NOISE_FRAMES", model.core.token_mel_ratio * (prompt_tokens + 6))
     tap = LLMTap(model, monkeypatch)
     chunks = list(model.inference_cross_lingual("今天天气真好，我们一起去公园散步吧。", prompt_wav, seed=1))

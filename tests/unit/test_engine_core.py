@@ -213,7 +213,7 @@ def test_a_failing_request_leaves_the_others_running(monkeypatch):
     model = _model("v2-tiny")
     core = EngineCore(model, max_running=4, max_queue=4).start()
     try:
-        original = type(model.core.flow).inference
+        original = type(model.core.flow).tokens_to_mel
         calls = {"n": 0}
 
         def flaky(self, *args, **kwargs):
@@ -222,7 +222,7 @@ def test_a_failing_request_leaves_the_others_running(monkeypatch):
                 raise RuntimeError("injected flow failure")
             return original(self, *args, **kwargs)
 
-        monkeypatch.setattr(type(model.core.flow), "inference", flaky)
+        monkeypatch.setattr(type(model.core.flow), "tokens_to_mel", flaky)
         sinks = [CollectingSink() for _ in range(3)]
         for i, sink in enumerate(sinks):
             core.submit(Work(f"r{i}", sink, request=_sft(model, TEXTS[i], seed=i)))

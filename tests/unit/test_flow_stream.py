@@ -71,9 +71,9 @@ def test_incremental_flow_equals_full_rerun_and_computes_new_frames_only(model, 
         n = done + hop + lookahead
         args = (tokens[:, :n], c.token, c.feat, c.embedding)
         counter.frames.clear()
-        mel = flow.inference_stream(state, *args, streaming=True, finalize=False)
+        mel = flow.tokens_to_mel_stream(state, *args, streaming=True, finalize=False)
         new_frames = list(counter.frames)
-        full = flow.inference(*args, streaming=True, finalize=False)
+        full = flow.tokens_to_mel(*args, streaming=True, finalize=False)
         assert mel.shape == full.shape
         np.testing.assert_allclose(mel.numpy(), full.numpy(), atol=ATOL, rtol=0)
         # Linear cost: every Euler step evaluates the estimator on this call's own frames only.
@@ -82,12 +82,12 @@ def test_incremental_flow_equals_full_rerun_and_computes_new_frames_only(model, 
         done += hop
     assert state.cache.frames == (c.token.size(1) + done) * ratio
 
-    # The last chunk attends to everything (spec §14.3): a full re-run, still equal to inference().
+    # The last chunk attends to everything (spec §14.3): a full re-run, still equal to tokens_to_mel().
     args = (tokens, c.token, c.feat, c.embedding)
     counter.frames.clear()
-    mel = flow.inference_stream(state, *args, streaming=False, finalize=True)
+    mel = flow.tokens_to_mel_stream(state, *args, streaming=False, finalize=True)
     assert counter.frames == [(c.token.size(1) + tokens.size(1)) * ratio] * steps
-    full = flow.inference(*args, streaming=False, finalize=True)
+    full = flow.tokens_to_mel(*args, streaming=False, finalize=True)
     np.testing.assert_allclose(mel.numpy(), full.numpy(), atol=ATOL, rtol=0)
 
 
@@ -96,13 +96,15 @@ def test_misaligned_state_is_recomputed_from_the_start(monkeypatch):
     c = _condition(prompt_tokens=10)
     tokens = torch.tensor([_tokens(60)], dtype=torch.int32)
     state = flow.stream_state()
-    flow.inference_stream(state, tokens[:, :20], c.token, c.feat, c.embedding, streaming=True, finalize=False)
+    flow.tokens_to_mel_stream(state, tokens[:, :20], c.token, c.feat, c.embedding, streaming=True, finalize=False)
     assert state.cache.frames == 54  # not a whole number of 50-frame chunks: it cannot be continued
     counter = _FrameCounter(flow.decoder.estimator, monkeypatch)
     args = (tokens, c.token, c.feat, c.embedding)
-    mel = flow.inference_stream(state, *args, streaming=True, finalize=False)
+    mel = flow.tokens_to_mel_stream(state, *args, streaming=True, finalize=False)
     assert counter.frames[0] == (10 + 60 - 3) * 2
-    np.testing.assert_allclose(mel.numpy(), flow.inference(*args, streaming=True, finalize=False).numpy(), atol=ATOL)
+    np.testing.assert_allclose(
+        mel.numpy(), flow.tokens_to_mel(*args, streaming=True, finalize=False).numpy(), atol=ATOL
+    )
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -160,8 +162,8 @@ def test_causal_hift_continued_from_state_equals_the_rerun(cuts, monkeypatch):
     look = hift.f0_look_ahead + hift.conv_pre_look_right + 1  # frames a non-final call holds back
     for end, finalize in [*((c, False) for c in cuts), (400, True)]:
         decoded.clear()
-        pieces.append(hift.inference_stream(state, mel[:, :, :end], finalize))
-        full, _ = hift.inference(mel[:, :, :end], finalize)
+        pieces.append(hift.mel_to_wave_stream(state, mel[:, :, :end], finalize))
+        full, _ = hift.mel_to_wave(mel[:, :, :end], finalize)
         incremental = torch.cat(pieces, dim=1)
         assert incremental.shape == full.shape
         np.testing.assert_allclose(incremental.numpy(), full.numpy(), atol=ATOL, rtol=0)
@@ -191,7 +193,7 @@ def test_chunk_causal_last_chunk_computes_its_own_frames_only(model, monkeypatch
     assert counter.frames == [(len(synth.kept) - done) * core.token_mel_ratio] * steps
     # Equal to the chunk-causal flow over the whole request, finalized.
     args = (torch.tensor([synth.kept], dtype=torch.int32), c.token, c.feat, c.embedding)
-    full = core.flow.inference(*args, streaming=True, finalize=True)
+    full = core.flow.tokens_to_mel(*args, streaming=True, finalize=True)
     np.testing.assert_allclose(
         synth.flow_state.mel[:, :, c.token.size(1) * core.token_mel_ratio :].numpy(), full.numpy(), atol=ATOL, rtol=0
     )
@@ -202,11 +204,13 @@ def test_a_cache_over_budget_falls_back_to_the_full_rerun(monkeypatch):
     c = _condition(prompt_tokens=25)
     tokens = torch.tensor([_tokens(200)], dtype=torch.int32)
     state = flow.stream_state()
-    flow.inference_stream(state, tokens[:, :28], c.token, c.feat, c.embedding, streaming=True, finalize=False)
+    flow.tokens_to_mel_stream(state, tokens[:, :28], c.token, c.feat, c.embedding, streaming=True, finalize=False)
     state.max_cache_bytes = state.cache.nbytes()  # the next call would outgrow it
     counter = _FrameCounter(flow.decoder.estimator, monkeypatch)
     args = (tokens[:, :128], c.token, c.feat, c.embedding)
-    mel = flow.inference_stream(state, *args, streaming=True, finalize=False)
+    mel = flow.tokens_to_mel_stream(state, *args, streaming=True, finalize=False)
     assert state.over_budget and state.cache.nbytes() == 0
     assert counter.frames[0] == (25 + 125) * 2  # from the first frame again
-    np.testing.assert_allclose(mel.numpy(), flow.inference(*args, streaming=True, finalize=False).numpy(), atol=ATOL)
+    np.testing.assert_allclose(
+        mel.numpy(), flow.tokens_to_mel(*args, streaming=True, finalize=False).numpy(), atol=ATOL
+    )

@@ -85,21 +85,21 @@ def test_config_errors(model):
 def test_private_generator_draws(model):
     hift, mel = _build(model), _mel(model)
     global_state = torch.get_rng_state()
-    a, source_a = hift.inference(mel, generator=torch.Generator().manual_seed(0))
-    b, _ = hift.inference(mel, generator=torch.Generator().manual_seed(0))
-    c, _ = hift.inference(mel, generator=torch.Generator().manual_seed(1))
-    hift.inference(mel)  # fresh private generator
+    a, source_a = hift.mel_to_wave(mel, generator=torch.Generator().manual_seed(0))
+    b, _ = hift.mel_to_wave(mel, generator=torch.Generator().manual_seed(0))
+    c, _ = hift.mel_to_wave(mel, generator=torch.Generator().manual_seed(1))
+    hift.mel_to_wave(mel)  # fresh private generator
     assert torch.equal(torch.get_rng_state(), global_state)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape[-1] == source_a.shape[-1] == mel.shape[-1] * hift.samples_per_frame
 
     # The same draws, injected, give the same result; wrong shapes are refused.
     draws = hift.m_source.l_sin_gen.draw(1, source_a.shape[-1], torch.Generator().manual_seed(0))
-    assert torch.equal(hift.inference(mel, draws=draws)[0], a)
+    assert torch.equal(hift.mel_to_wave(mel, draws=draws)[0], a)
     with pytest.raises(ValueError, match="noise"):
-        hift.inference(mel[:, :, :-1], draws=draws)
+        hift.mel_to_wave(mel[:, :, :-1], draws=draws)
     cache_source = source_a[:, :, : hift.samples_per_frame]
-    _, source = hift.inference(mel, cache_source=cache_source + 1, draws=draws)
+    _, source = hift.mel_to_wave(mel, cache_source=cache_source + 1, draws=draws)
     assert torch.equal(source[:, :, : cache_source.shape[-1]], cache_source + 1)
     assert torch.equal(source[:, :, cache_source.shape[-1] :], source_a[:, :, cache_source.shape[-1] :])
 
@@ -108,12 +108,12 @@ def test_private_generator_draws(model):
 def test_causal_nonfinal_is_prefix_of_final(model):
     hift, mel = _build(model), _mel(model)
     global_state = torch.get_rng_state()
-    full, full_source = hift.inference(mel, finalize=True)
+    full, full_source = hift.mel_to_wave(mel, finalize=True)
     assert full.shape[-1] == full_source.shape[-1] == mel.shape[-1] * hift.samples_per_frame
     # A non-final call needs more than look-ahead (f0 + conv_pre) + the trimmed frame.
     first = hift.f0_look_ahead + hift.conv_pre_look_right + 2
     for frames in range(first, mel.shape[-1] + 1):
-        speech, source = hift.inference(mel[:, :, :frames], finalize=False)
+        speech, source = hift.mel_to_wave(mel[:, :, :frames], finalize=False)
         assert speech.shape[-1] == (frames - first + 1) * hift.samples_per_frame
         assert source.shape[-1] == (frames - hift.f0_look_ahead) * hift.samples_per_frame
         torch.testing.assert_close(speech, full[:, : speech.shape[-1]], atol=1e-5, rtol=0)
@@ -127,9 +127,9 @@ def test_causal_default_noise_is_reproducible(model):
     mel = _mel(model)
     a, b = _build(model), _build(model)
     assert a.rand_ini[0, 0] == 0 and torch.equal(a.rand_ini, b.rand_ini)
-    assert torch.equal(a.inference(mel)[0], b.inference(mel)[0])
+    assert torch.equal(a.mel_to_wave(mel)[0], b.mel_to_wave(mel)[0])
     b.set_fixed_noise(noise_seed=1)
-    assert not torch.equal(a.inference(mel)[0], b.inference(mel)[0])
+    assert not torch.equal(a.mel_to_wave(mel)[0], b.mel_to_wave(mel)[0])
     # Only the blocks the request needed were made.
     assert a.sine_waves._rows.shape[1] == NOISE_BLOCK * -(-mel.shape[-1] * a.samples_per_frame // NOISE_BLOCK)
 
@@ -137,7 +137,7 @@ def test_causal_default_noise_is_reproducible(model):
         a.set_fixed_noise(rand_ini=torch.zeros(1, 8))
     a.set_fixed_noise(sine_waves=torch.rand(1, 10, 9))
     with pytest.raises(ValueError, match="covers 10 samples"):
-        a.inference(mel)
+        a.mel_to_wave(mel)
 
 
 def test_uniform_table_blocks():

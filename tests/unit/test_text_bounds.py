@@ -8,11 +8,12 @@ from functools import cache
 
 import pytest
 from golden import manifest, model_dir
+from helpers import required_assets
 
 from cosyserve.config import load_yaml
 from cosyserve.hub import AssetError, asset_path
 from cosyserve.text.normalize import SEGMENT_MAX_N, TextNormalizer, cut_to_bound, split_paragraph
-from cosyserve.text.tokenizers import TextTokenizer, load_tokenizer, required_assets
+from cosyserve.text.tokenizers import TextTokenizer, load_tokenizer
 
 _YAMLS = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
 LENGTH = 4000

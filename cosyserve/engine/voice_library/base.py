@@ -1,29 +1,25 @@
-"""What every voice library back-end shares: the voice metadata, the errors, the tensor format and
-the decoded-tensor cache. A back-end stores rows; :class:`VoiceBackend` says which operations it owes.
+"""What every voice library back-end shares: the voice metadata, the errors and the decoded-voice
+cache. A back-end stores rows; :class:`VoiceBackend` says which operations it owes.
 
 Guarantees every back-end keeps: each write is one transaction (a process killed mid-write leaves the
 voice absent, never half there); a write that returned is durable; ids are unique regardless of case
 (the key :func:`voice_key` computes), enforced by the database itself; ``max_voices`` holds under
-concurrent writers. Tensors are stored as ``torch.save`` bytes and read back with ``weights_only=True``
-(no code runs when a voice is read).
+concurrent writers. A voice is stored as :meth:`VoicePrompt.to_bytes` and read back by
+:meth:`VoicePrompt.from_bytes` (``weights_only``: no code runs when a voice is read), which also reads
+the field dicts earlier versions stored.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 import unicodedata
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-import torch
-
 from cosyserve.errors import CosyServeError, InvalidRequest, UnknownSpeaker
-
-Voice = dict[str, torch.Tensor]
+from cosyserve.frontend.voice_prompt import VoicePrompt
 
 DEFAULT_MAX_VOICES = 1000
 # Decoded voices kept in memory (a 30 s prompt is ~0.5 MB of tensors).
@@ -55,7 +51,8 @@ def voice_key(voice_id: str) -> str:
 
 @dataclass(frozen=True)
 class VoiceInfo:
-    """A voice's metadata (no tensors). ``created_at`` is None for built-in speakers."""
+    """A voice's metadata (no tensors). ``created_at`` is None for built-in speakers; ``fields`` names
+    what the voice holds, in the reference's ``spk2info.pt`` names (:meth:`VoicePrompt.field_names`)."""
 
     id: str
     family: str
@@ -68,21 +65,15 @@ class VoiceInfo:
     fields: tuple[str, ...] = ()
     uid: str = ""
 
+    @property
+    def has_prompt(self) -> bool:
+        """Made from a recording (a clone), not a speaker embedding only."""
+        return "llm_prompt_speech_token" in self.fields
 
-def serialize(voice: Mapping[str, torch.Tensor]) -> bytes:
-    out = io.BytesIO()
-    torch.save({k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in voice.items()}, out)
-    return out.getvalue()
-
-
-def deserialize(data: bytes, voice_id: str) -> Voice:
-    try:
-        voice = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise VoiceLibraryError(f"stored voice '{voice_id}' cannot be read: {exc}") from exc
-    if not isinstance(voice, dict) or not all(isinstance(v, torch.Tensor) for v in voice.values()):
-        raise VoiceLibraryError(f"stored voice '{voice_id}' is not a dictionary of tensors")
-    return voice
+    @property
+    def has_transcript(self) -> bool:
+        """It holds its recording's transcript (text ids), so zero_shot can use it."""
+        return "prompt_text" in self.fields
 
 
 class VoiceBackend(ABC):
@@ -98,7 +89,7 @@ class VoiceBackend(ABC):
             raise ValueError(f"max_voices must be at least 1, got {max_voices}")
         self.max_voices = max_voices
         self._lock = threading.Lock()  # the connection and the cache are shared by the server's threads
-        self._cache: OrderedDict[str, Voice] = OrderedDict()
+        self._cache: OrderedDict[str, VoicePrompt] = OrderedDict()
 
     @property
     @abstractmethod
@@ -130,7 +121,7 @@ class VoiceBackend(ABC):
 
     @abstractmethod
     def _read_tensors(self, info: VoiceInfo) -> bytes | None:
-        """The stored bytes of a voice's tensors; None if it was deleted."""
+        """The stored bytes of a voice; None if it was deleted."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -158,10 +149,10 @@ class VoiceBackend(ABC):
             param="name",
         )
 
-    def add(self, info: VoiceInfo, voice: Mapping[str, torch.Tensor]) -> VoiceInfo:
+    def add(self, info: VoiceInfo, voice: VoicePrompt) -> VoiceInfo:
         """Store ``voice`` under ``info.id`` in one transaction; returns the stored metadata."""
-        info = replace(info, fields=tuple(voice), uid=uuid.uuid4().hex)
-        self._insert(info, serialize(voice))
+        info = replace(info, fields=voice.field_names(), uid=uuid.uuid4().hex)
+        self._insert(info, voice.to_bytes())
         return info
 
     def remove(self, voice_id: str) -> VoiceInfo:
@@ -171,8 +162,8 @@ class VoiceBackend(ABC):
             self._cache.pop(info.uid, None)
         return info
 
-    def tensors(self, info: VoiceInfo) -> Voice:
-        """The tensors of a stored voice (cached); UnknownSpeaker if it was deleted meanwhile."""
+    def voice(self, info: VoiceInfo) -> VoicePrompt:
+        """A stored voice (cached); UnknownSpeaker if it was deleted meanwhile."""
         with self._lock:
             voice = self._cache.get(info.uid)
             if voice is not None:
@@ -181,7 +172,12 @@ class VoiceBackend(ABC):
         data = self._read_tensors(info)
         if data is None:
             raise UnknownSpeaker(f"voice '{info.id}' was deleted", param="spk_id")
-        voice = deserialize(data, info.id)
+        try:
+            voice = VoicePrompt.from_bytes(
+                data, family=info.family, token_rate=info.token_rate, prompt_text=info.ref_text
+            )
+        except ValueError as exc:
+            raise VoiceLibraryError(f"stored voice '{info.id}' cannot be read: {exc}") from exc
         with self._lock:
             self._cache[info.uid] = voice
             while len(self._cache) > CACHE_SIZE:

@@ -86,7 +86,7 @@ def _create_v1(cur: psycopg.Cursor) -> None:
         ref_text text,                 -- NULL: stored without a transcript
         created_at bigint NOT NULL,    -- Unix seconds
         duration double precision,     -- seconds of the recording
-        fields jsonb NOT NULL,         -- the tensor names
+        fields jsonb NOT NULL,         -- what the voice holds (its spk2info.pt field names)
         seq bigint GENERATED ALWAYS AS IDENTITY  -- creation order within a second
         )"""
     )
@@ -94,7 +94,7 @@ def _create_v1(cur: psycopg.Cursor) -> None:
     cur.execute(
         """CREATE TABLE cosyserve_voice_tensors (
         uid text PRIMARY KEY REFERENCES cosyserve_voices (uid) ON DELETE CASCADE,
-        data bytea NOT NULL            -- torch.save of {name: tensor}
+        data bytea NOT NULL            -- VoicePrompt.to_bytes (voices stored before it: torch.save of {name: tensor})
         )"""
     )
 

@@ -30,11 +30,11 @@ _SCHEMA = (
     ref_text TEXT,                -- NULL: stored without a transcript
     created_at INTEGER NOT NULL,  -- Unix seconds
     duration REAL,                -- seconds of the recording
-    fields TEXT NOT NULL          -- JSON list of the tensor names
+    fields TEXT NOT NULL          -- JSON list of what the voice holds (its spk2info.pt field names)
     )""",
     """CREATE TABLE voice_tensors (
     uid TEXT PRIMARY KEY,
-    data BLOB NOT NULL            -- torch.save of {name: tensor}
+    data BLOB NOT NULL            -- VoicePrompt.to_bytes (voices stored before it: torch.save of {name: tensor})
     )""",
 )
 

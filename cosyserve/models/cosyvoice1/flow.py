@@ -46,7 +46,7 @@ class InterpolateRegulator(nn.Module):
         layers.append(nn.Conv1d(channels, out_channels or channels, 1, 1))
         self.model = nn.Sequential(*layers)
 
-    def inference(self, x1: Tensor, x2: Tensor, mel_len1: int, mel_len2: int, input_frame_rate: int = 50) -> Tensor:
+    def to_frames(self, x1: Tensor, x2: Tensor, mel_len1: int, mel_len2: int, input_frame_rate: int = 50) -> Tensor:
         """Prompt part x1 (1, P, C) -> mel_len1 frames, target x2 (1, N, C) -> mel_len2; (1, T, C)."""
         x2 = x2.transpose(1, 2)
         if x2.size(2) > _SPLIT_ABOVE_TOKENS:
@@ -83,12 +83,12 @@ class MaskedDiffWithXvec(TokenFlow):
         h, _ = self.encoder(emb, torch.tensor([emb.size(1)], device=emb.device))
         h = self.encoder_proj(h)  # (1, P+N, 80)
         target_frames = tokens_to_frames(emb.size(1) - n_prompt, self.input_frame_rate)
-        return self.length_regulator.inference(
+        return self.length_regulator.to_frames(
             h[:, :n_prompt], h[:, n_prompt:], prompt_frames, target_frames, self.input_frame_rate
         )
 
     @torch.no_grad()
-    def inference(
+    def tokens_to_mel(
         self,
         token: Tensor,
         prompt_token: Tensor,

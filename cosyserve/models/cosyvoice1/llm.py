@@ -6,28 +6,16 @@ continues [sos, x-vector, text, task_id, prompt speech tokens] with speech token
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.models.cosyvoice1.config import TransformerLMConfig
+from cosyserve.models.llm import SpeechTokenLM, TokenIds, as_ids
 from cosyserve.nn.kv_cache import KVCache
-from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
-
-TokenIds = Tensor | Sequence[int] | None
 
 
-def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
-    """(1, L) / (L,) tensor, int sequence or None (empty) -> (L,) int64 on ``device``."""
-    if ids is None:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(device)
-
-
-class TransformerLM(nn.Module):
+class TransformerLM(SpeechTokenLM):
     """v1 LLM with the reference parameter names (``llm.pt`` loads strictly)."""
 
     def __init__(self, config: TransformerLMConfig) -> None:
@@ -42,22 +30,6 @@ class TransformerLM(nn.Module):
         self.llm_decoder = nn.Linear(config.llm_output_size, config.speech_token_size + 1)
         self.speech_embedding = nn.Embedding(config.speech_token_size, config.llm_input_size)
         self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.llm_input_size)
-
-    @property
-    def eos_token(self) -> int:
-        return self.speech_token_size
-
-    @property
-    def stop_token_ids(self) -> range:
-        return range(self.speech_token_size, self.speech_token_size + 1)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.speech_embedding.embedding_dim
-
-    def make_sampler(self, generator: torch.Generator | None = None) -> RasSampler:
-        """The yaml's repetition-aware sampler drawing from ``generator``."""
-        return RasSampler(**self.sampling_args, generator=generator)
 
     def build_prefix(
         self, text: TokenIds, prompt_text: TokenIds, prompt_speech_token: TokenIds, embedding: Tensor | None = None
@@ -90,57 +62,3 @@ class TransformerLM(nn.Module):
         extended in place); return the new hidden states (B, D)."""
         x = self.speech_embedding(token_ids.to(self.speech_embedding.weight.device))[:, None, :]
         return self.llm.forward_chunk(x, cache)[:, -1]
-
-    def decode_step(self, token_id: int, cache: KVCache) -> Tensor:
-        """One row's :meth:`decode_batch`: its hidden state (D,)."""
-        return self.decode_batch(torch.tensor([int(token_id)]), cache)[0]
-
-    def logp(self, hidden: Tensor) -> Tensor:
-        """(..., D) hidden states -> (..., V) log-probabilities; V = speech_token_size + 1 (eos last)."""
-        # In fp32 whatever the LLM's precision: the sampler's nucleus cut-off needs it.
-        # 2-D for the int8 (dynamically quantized) linear layer.
-        logits = self.llm_decoder(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
-        return logits.float().log_softmax(dim=-1)
-
-    def mask_early_stop(self, logp: Tensor) -> Tensor:
-        """The scores the sampler sees before ``min_len``: eos at -inf."""
-        scores = logp.clone()
-        scores[..., self.speech_token_size :] = float("-inf")
-        return scores
-
-    def inference(
-        self,
-        text: TokenIds,
-        prompt_text: TokenIds,
-        prompt_speech_token: TokenIds,
-        embedding: Tensor | None,
-        sampler: Sampler | None = None,
-        min_len: int | None = None,
-        max_len: int | None = None,
-    ) -> Iterator[int]:
-        """Speech token ids, one at a time; the prefix is built now, decoding runs lazily.
-
-        ``min_len`` / ``max_len`` default to 2x / 20x the number of ``text`` tokens (prompt text
-        excluded). eos cannot be chosen before ``min_len`` tokens; at most ``max_len`` are produced.
-        ``sampler`` defaults to the yaml's RAS sampler with a fresh random seed. Closing the
-        iterator stops decoding.
-        """
-        n_text = int(as_ids(text, torch.device("cpu")).numel())
-        min_len = MIN_TOKEN_TEXT_RATIO * n_text if min_len is None else min_len
-        max_len = MAX_TOKEN_TEXT_RATIO * n_text if max_len is None else max_len
-        with torch.inference_mode():
-            prefix = self.build_prefix(text, prompt_text, prompt_speech_token, embedding)
-        return self._decode(prefix, sampler or self.make_sampler(), min_len, max_len)
-
-    def _decode(self, prefix: Tensor, sampler: Sampler, min_len: int, max_len: int) -> Iterator[int]:
-        cache: list[KVCache] = []
-
-        def next_logp(token: int | None) -> Tensor:
-            if token is None:
-                hidden, state = self.prefill(prefix)
-                cache.append(state)
-            else:
-                hidden = self.decode_step(token, cache[0])
-            return self.logp(hidden)
-
-        return sample_tokens(next_logp, sampler, self.stop_token_ids, min_len, max_len, self.mask_early_stop)

@@ -5,24 +5,12 @@ Uni-stream inference only: the whole text is known when decoding starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import torch
 from torch import Tensor, nn
 
-from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.models.cosyvoice2.config import Qwen2LMConfig
+from cosyserve.models.llm import SpeechTokenLM, TokenIds, as_ids
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
-from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
-
-TokenIds = Tensor | Sequence[int] | None
-
-
-def as_ids(ids: TokenIds, device: torch.device) -> Tensor:
-    """(1, L) / (L,) tensor, int sequence or None (empty) -> (L,) int64 on ``device``."""
-    if ids is None:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(device)
 
 
 class Qwen2Encoder(nn.Module):
@@ -37,7 +25,7 @@ class Qwen2Encoder(nn.Module):
         return self.model.model(xs, cache)
 
 
-class Qwen2LM(nn.Module):
+class Qwen2LM(SpeechTokenLM):
     """v2 LLM. Speech vocabulary: ``speech_token_size`` codes, then eos, an unused id and fill.
 
     Decoding stops on any special id (>= ``speech_token_size``). Before ``min_len`` tokens every
@@ -67,22 +55,6 @@ class Qwen2LM(nn.Module):
     def _sos_and_task(self) -> tuple[Tensor, Tensor]:
         w = self.llm_embedding.weight
         return w[0], w[1]
-
-    @property
-    def eos_token(self) -> int:
-        return self.speech_token_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.speech_embedding.embedding_dim
-
-    @property
-    def stop_token_ids(self) -> range:
-        return range(self.speech_token_size, self.speech_token_size + self.num_special_tokens)
-
-    def make_sampler(self, generator: torch.Generator | None = None) -> RasSampler:
-        """The yaml's repetition-aware sampler drawing from ``generator``."""
-        return RasSampler(**self.sampling_args, generator=generator)
 
     def _check_text(self, ids: Tensor) -> None:
         """Hook for family-specific input requirements."""
@@ -117,66 +89,10 @@ class Qwen2LM(nn.Module):
         x = self.speech_embedding(token_ids.to(self.speech_embedding.weight.device))[:, None, :]
         return self.llm(x, cache)[:, -1]
 
-    def decode_step(self, token_id: int, cache: KVCache) -> Tensor:
-        """One row's :meth:`decode_batch`: its hidden state (D,)."""
-        return self.decode_batch(torch.tensor([int(token_id)]), cache)[0]
-
-    def logp(self, hidden: Tensor) -> Tensor:
-        """(..., D) hidden states -> (..., V) log-probabilities over the speech vocabulary."""
-        # In fp32 whatever the LLM's precision: the sampler's nucleus cut-off needs it.
-        # 2-D for the int8 (dynamically quantized) linear layer.
-        logits = self.llm_decoder(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
-        return logits.float().log_softmax(dim=-1)
-
     def mask_early_stop(self, logp: Tensor, reference_eos_mask: bool | None = None) -> Tensor:
         """Scores the sampler sees before ``min_len``: the stop ids (or the reference's one id) at -inf."""
-        ref = self.reference_eos_mask if reference_eos_mask is None else reference_eos_mask
+        if not (self.reference_eos_mask if reference_eos_mask is None else reference_eos_mask):
+            return super().mask_early_stop(logp)
         scores = logp.clone()
-        if ref:
-            scores[..., self.speech_token_size] = float("-inf")
-        else:
-            scores[..., self.speech_token_size :] = float("-inf")
+        scores[..., self.speech_token_size] = float("-inf")
         return scores
-
-    def inference(
-        self,
-        text: TokenIds,
-        prompt_text: TokenIds,
-        prompt_speech_token: TokenIds,
-        embedding: Tensor | None,
-        sampler: Sampler | None = None,
-        min_len: int | None = None,
-        max_len: int | None = None,
-        reference_eos_mask: bool | None = None,
-    ) -> Iterator[int]:
-        """Speech token ids, one at a time. The inputs are checked now; decoding runs lazily.
-
-        ``min_len`` / ``max_len`` default to 2x / 20x the number of ``text`` tokens (prompt text
-        excluded). ``sampler`` defaults to the yaml's RAS sampler with a fresh random seed.
-        ``reference_eos_mask`` overrides the instance setting for this call. Closing the iterator
-        stops decoding.
-        """
-        n_text = int(as_ids(text, torch.device("cpu")).numel())
-        min_len = MIN_TOKEN_TEXT_RATIO * n_text if min_len is None else min_len
-        max_len = MAX_TOKEN_TEXT_RATIO * n_text if max_len is None else max_len
-        with torch.inference_mode():
-            prefix = self.build_prefix(text, prompt_text, prompt_speech_token, embedding)
-        return self._decode(prefix, sampler or self.make_sampler(), min_len, max_len, reference_eos_mask)
-
-    def _decode(
-        self, prefix: Tensor, sampler: Sampler, min_len: int, max_len: int, reference_eos_mask: bool | None
-    ) -> Iterator[int]:
-        cache: list[KVCache] = []
-
-        def next_logp(token: int | None) -> Tensor:
-            if token is None:
-                hidden, state = self.prefill(prefix)
-                cache.append(state)
-            else:
-                hidden = self.decode_step(token, cache[0])
-            return self.logp(hidden)
-
-        def mask(logp: Tensor) -> Tensor:
-            return self.mask_early_stop(logp, reference_eos_mask)
-
-        return sample_tokens(next_logp, sampler, self.stop_token_ids, min_len, max_len, mask)
