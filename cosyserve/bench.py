@@ -102,7 +102,7 @@ class FixedLengthSampler:
         return self.ras(masked, history)
 
 
-def _bench_dir(model_dir: Path, frontend_from: Path | None, blank_en: Path | None) -> Path:
+def random_weight_dir(model_dir: Path, frontend_from: Path | None, blank_en: Path | None) -> Path:
     """A directory with ``model_dir``'s yaml and geometry and ``frontend_from``'s frontend files."""
     work = Path(tempfile.mkdtemp(prefix="cosyserve-bench-"))
     for yaml in model_dir.glob("*.yaml"):
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     progress(f"loading {model_dir} ({'random weights' if args.random_weights else 'weights'})")
     started = time.perf_counter()
     if args.random_weights:
-        directory = _bench_dir(model_dir, args.frontend_from, args.blank_en)
+        directory = random_weight_dir(model_dir, args.frontend_from, args.blank_en)
         model = load_model(
             directory,
             random_weights=True,
