@@ -151,11 +151,12 @@ def _stand_in(model: TTSModel) -> StandInDevice:
 
 
 def _requests(model: TTSModel, prompt_wav: bytes) -> list[SynthesisRequest]:
-    text = "今天天气真好，我们一起去散步吧。今天天气真好，我们一起去散步吧。"
+    """Non-streamed and streamed (with a speed change) zero_shot, streamed vc, and sft (no prompt)."""
+    text, prompt_text = "今天天气真好，我们一起去散步吧。", "希望你以后能够做的比我还好呦。"
     requests = [
-        SynthesisRequest("zero_shot", text, prompt_text="希望你以后能够做的比我还好呦。", prompt_audio=prompt_wav,
+        SynthesisRequest("zero_shot", text, prompt_text=prompt_text, prompt_audio=prompt_wav,
                          options=GenerationOptions(stream=stream, seed=1, speed=speed))
-        for stream, speed in ((False, 1.0), (True, 1.0), (True, 1.5))
+        for stream, speed in ((False, 1.0), (True, 1.5))
     ]  # fmt: skip
     requests.append(SynthesisRequest("vc", source_audio=prompt_wav, prompt_audio=prompt_wav,
                                      options=GenerationOptions(stream=True, seed=2)))  # fmt: skip
@@ -176,7 +177,8 @@ def test_engine_creates_stage_inputs_on_the_model_device(name, prompt_wav):
             assert chunks and all(c.size and c.dtype.name == "float32" for c in chunks), request.mode
         # Several requests decoded as one batch (rows joining a shared cache).
         scheduler = model.new_scheduler()
-        for seed, request in enumerate(requests[:3]):
+        batched = [requests[0], requests[-1]]
+        for seed, request in enumerate(batched):
             scheduler.add(model.prepare(request, draws=Draws(seed)))
         finished = 0
         while scheduler.has_work:
@@ -184,4 +186,4 @@ def test_engine_creates_stage_inputs_on_the_model_device(name, prompt_wav):
                 if chunk is None:
                     assert sequence.failed is None, sequence.failed
                     finished += 1
-        assert finished == 3
+        assert finished == len(batched)
