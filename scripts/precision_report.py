@@ -259,7 +259,7 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="model directory (with --random-weights: a directory with the yaml)")
     parser.add_argument("--random-weights", action="store_true", help="build the networks from the yaml, no .pt")
@@ -270,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=9.0, help="speech fed to the flow (default 9)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="weights, speech ids and vocoder draws")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print_table(args, run(args))
     return 0
 
