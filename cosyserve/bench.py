@@ -115,7 +115,7 @@ class FixedLengthSampler:
         return self.ras(masked, history)
 
 
-def _bench_dir(model_dir: Path, frontend_from: Path | None, blank_en: Path | None) -> Path:
+def random_weight_dir(model_dir: Path, frontend_from: Path | None, blank_en: Path | None) -> Path:
     """A directory with ``model_dir``'s yaml and geometry and ``frontend_from``'s frontend files."""
     work = Path(tempfile.mkdtemp(prefix="cosyserve-bench-"))
     for yaml in model_dir.glob("*.yaml"):
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
     }
     if args.random_weights:
-        directory = _bench_dir(model_dir, args.frontend_from, args.blank_en)
+        directory = random_weight_dir(model_dir, args.frontend_from, args.blank_en)
         model = load_model(directory, random_weights=True, text_frontend="none", **options)
     else:
         model = load_model(model_dir, **options)

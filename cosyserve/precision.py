@@ -2,8 +2,8 @@
 
 ``fp32`` everywhere is the default and what the parity tests pin. ``bf16`` halves the LLM's weight
 reads (its decode step is bound by them) and runs the flow's estimator on bf16 matmuls; ``int8``
-quantizes the LLM's linear layers' weights (CPU). The vocoder always runs in fp32 (its f0 predictor
-in fp64, as the official code does).
+quantizes the LLM's linear layers' weights (CPU). The vocoder always runs in fp32 (v3's f0
+predictor in fp64, as the official code does).
 """
 
 from __future__ import annotations

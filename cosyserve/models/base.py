@@ -61,7 +61,7 @@ class FamilyModel(StageNumbers):
         """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`).
 
         The flow keeps its ODE state in fp32 and only evaluates the estimator in ``flow``; the vocoder
-        is left in fp32 (its f0 predictor in fp64)."""
+        is left in fp32 (v3's f0 predictor in fp64)."""
         if llm == "int8":
             # Dynamic quantization: int8 weights, fp32 activations, for the LLM's linear layers (but the
             # rel-pos projection, whose weight the attention reads directly).

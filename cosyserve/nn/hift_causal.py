@@ -21,7 +21,7 @@ import copy
 import hashlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +159,11 @@ class CausalHiFTGenerator(_HiFTBase):
         self._f0_float64: dict[str, nn.Module] = {}
         self._f0_lock = threading.Lock()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._f0_float64.clear())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CausalHiFTGenerator:
+        # .to() / .cuda() / .half() rebuild the twin from the moved predictor on next use.
+        self._f0_float64.clear()
+        return super()._apply(fn, recurse)
 
     def _sine_gen(self, sampling_rate: int, *args: object) -> SineGen2:
         return SineGen2(sampling_rate, *args, causal=True)

@@ -164,3 +164,27 @@ def test_manifest_fixed_noise_is_injectable():
         assert torch.equal(hift.sine_waves.head(covered), tensors["sine_waves_head"])
         with pytest.raises(ValueError):
             hift.sine_waves.head(covered + 1)
+
+
+@pytest.mark.parametrize("model", _models(True))
+def test_causal_f0_predictor_runs_in_float64(model):
+    # The reference casts v3's f0 predictor and its input to float64 on every call (v1/v2: float32).
+    hift, mel = _build(model), _mel(model)
+    seen: list[torch.dtype] = []
+    hift.f0_predictor.condnet[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
+    f0 = hift.predict_f0(mel)
+    speech, _ = hift.mel_to_wave(mel)
+    assert seen == [torch.float64, torch.float64] and f0.dtype == speech.dtype == torch.float32
+    in_float64 = copy.deepcopy(hift.f0_predictor).double()(mel.double()).float()
+    in_float32 = hift.f0_predictor(mel)
+    assert torch.equal(f0, in_float64) and not torch.equal(f0, in_float32)
+    assert {p.dtype for p in hift.parameters()} == {torch.float32}  # the shared module is untouched
+
+
+@pytest.mark.parametrize("model", _models(True))
+def test_causal_f0_predictor_follows_the_module_to_its_device(model):
+    # The float64 twin is built on first use: a later move must not leave it on the old device.
+    hift, mel = _build(model), _mel(model)
+    hift.predict_f0(mel)
+    hift.to("meta")
+    assert hift.predict_f0(mel.to("meta")).device == torch.device("meta")
