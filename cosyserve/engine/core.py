@@ -29,6 +29,7 @@ import numpy as np
 from cosyserve.errors import CosyServeError, ServerBusy
 
 from .request import SynthesisRequest
+from .text_feed import TextFeed
 
 logger = logging.getLogger("cosyserve.engine")
 
@@ -66,6 +67,7 @@ class Work:
     request: SynthesisRequest | None = None
     task: Callable[[], Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # prepare() keywords (tests: draws, sampler)
+    text_feed: TextFeed | None = None  # the request's text arrives over time through this feed
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -163,7 +165,8 @@ class EngineCore:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._aborted or self.scheduler.has_work or self._admissible()):
+                # A request waiting for streamed text wakes the loop through its feed (_wake).
+                while not (self._stopping or self._aborted or self.scheduler.runnable or self._admissible()):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -178,9 +181,13 @@ class EngineCore:
                 self._drop(request_id)
             for work in admitted:
                 self._admit(work)
-            if self.scheduler.has_work:
+            if self.scheduler.runnable:
                 self._step()
         self._shutdown()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and len(self._running) < self.max_running
@@ -197,8 +204,11 @@ class EngineCore:
                 work.sink.chunk(result)
                 work.sink.finished()
             return
+        overrides = dict(work.overrides)
+        if work.text_feed is not None:
+            overrides["text_feed"] = work.text_feed
         try:
-            sequence = self.model.prepare(work.request, request_id=work.request_id, **work.overrides)
+            sequence = self.model.prepare(work.request, request_id=work.request_id, **overrides)
         except Exception as exc:
             if not isinstance(exc, CosyServeError):
                 logger.exception("[%s] frontend failed", work.request_id)
@@ -213,6 +223,8 @@ class EngineCore:
             self._running[work.request_id] = (work, sequence)
         work.sink.started()
         self.scheduler.add(sequence)
+        if work.text_feed is not None:
+            work.text_feed.listen(self._wake)
 
     def _drop(self, request_id: str) -> None:
         with self._cond:
@@ -222,6 +234,8 @@ class EngineCore:
         work, sequence = entry
         if sequence is not None:
             self.scheduler.remove(sequence)
+        if work.text_feed is not None:
+            work.text_feed.listen(None)
         logger.info("[%s] aborted", request_id)
         work.sink.finished()
 
