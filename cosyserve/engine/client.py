@@ -109,6 +109,11 @@ class EngineClient(ABC):
         """Queue a request; returns once its frontend ran (raising its validation error, or
         ServerBusy when the queue is full), with the stream of its audio."""
 
+    @property
+    def bistream_modes(self) -> frozenset[str]:
+        """The modes it serves with streamed text (:meth:`synthesize_bistream`); none by default."""
+        return frozenset()
+
     async def synthesize_bistream(
         self, request: SynthesisRequest, text: TextFeed, request_id: str | None = None
     ) -> AudioStream:
@@ -196,6 +201,10 @@ class AsyncEngine(EngineClient):
     @property
     def voices(self) -> Any:
         return self.model.voices
+
+    @property
+    def bistream_modes(self) -> frozenset[str]:
+        return getattr(self.model, "bistream_modes", frozenset())
 
     def list_speakers(self) -> list[str]:
         return list(self.model.list_speakers())

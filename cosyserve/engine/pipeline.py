@@ -126,6 +126,13 @@ class TTSModel:
             modes.add("sft")
         return frozenset(modes)
 
+    @property
+    def bistream_modes(self) -> frozenset[str]:
+        """The modes that take streamed text (``prepare(..., text_feed=)``): v2/v3 only."""
+        if not hasattr(self.core.llm, "new_bistream"):
+            return frozenset()
+        return self.modes & frozenset(BISTREAM_MODES)
+
     def list_speakers(self) -> list[str]:
         return self.voices.ids()
 
