@@ -11,8 +11,14 @@ Two routes share one session engine (:class:`SpeechSession`):
 
 Text is buffered until a sentence (or, past a length, a clause) ends: cutting anywhere else breaks the
 prosody. Each segment becomes one engine request as soon as its text is complete; up to
-:data:`SEGMENTS_AHEAD` generate at once, and their audio is sent strictly in order. Every segment is
-resampled on its own (so it matches ``/v1/audio/speech`` for the same text, seed and rate); the
+:data:`SEGMENTS_AHEAD` generate at once, and their audio is sent strictly in order.
+
+With ``bistream`` (CosyVoice2 / Fun-CosyVoice3) nothing is buffered: an utterance is ONE engine request
+whose text arrives while it is spoken (:meth:`EngineClient.synthesize_bistream`), each fragment passed on
+as it comes; a flush or the end of the text closes it (the next text opens another), and so does a
+sentence end once it holds :data:`BISTREAM_UTTERANCE_CHARS` characters (one request's audio is bounded).
+
+Every segment is resampled on its own (so it matches ``/v1/audio/speech`` for the same text, seed and rate); the
 encoder runs over the whole session (one continuous stream). A client that stops reading blocks the
 send; after :data:`SEND_TIMEOUT_S` the session ends and its generation is aborted, as on a disconnect.
 """
@@ -46,6 +52,7 @@ from cosyserve.audio.resample import OutputResampler
 from cosyserve.engine.client import AudioStream, EngineClient
 from cosyserve.engine.planning import plan_speech
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
+from cosyserve.engine.text_feed import TextFeed
 from cosyserve.errors import CosyServeError, GenerationFailed, InvalidRequest, ServerBusy, TextError
 from cosyserve.text.normalize import _CLOSING_QUOTES, _COMMAS, _EN_STOPS, _ZH_STOPS, is_only_punctuation
 
@@ -55,6 +62,7 @@ SEND_TIMEOUT_S = 30.0  # a client that takes no frame for this long is not readi
 SEGMENTS_AHEAD = 2  # segments generating at once per session: the one being sent and the next
 MAX_SEGMENT_CHARS = 300  # a buffer this long without a boundary is cut at its last space
 CLAUSE_CHARS = 80  # a clause mark (comma, colon) ends a segment only after this many characters
+BISTREAM_UTTERANCE_CHARS = 600  # bistream: an utterance this long ends at its next sentence end
 CLOSE_TIMEOUT_S = 2.0
 OPEN_TIMEOUT_S = 30.0  # the native route's session.config must come within this long
 # The pipeline generation a task sends for; frames of a cancelled one are dropped (see SpeechSession.send).
@@ -145,12 +153,29 @@ class NotReading(CosyServeError):
 
 
 @dataclass(eq=False)
+class Utterance:
+    """Bistream: the text of one engine request, passed on fragment by fragment while it is spoken."""
+
+    feed: TextFeed
+    text: str = ""
+    queued_chars: int = 0  # text received before its request started (counts as waiting text)
+    submitted: bool = False
+
+    def add(self, text: str) -> None:
+        self.feed.append(text)
+        self.text += text
+        if not self.submitted:
+            self.queued_chars += len(text)
+
+
+@dataclass(eq=False)
 class Segment:
     index: int
     text: str
     stream: AudioStream | None = None
     error: CosyServeError | None = None
     submitted_at: float = 0.0
+    utterance: Utterance | None = None  # bistream: the text of this segment, still arriving
 
 
 @dataclass
@@ -162,6 +187,7 @@ class SessionSetup:
     rate: int
     label: str
     segmenter: TextSegmenter
+    bistream: bool = False  # one request per utterance, its text streamed into it (no buffering)
 
 
 class SpeechSession:
@@ -209,7 +235,8 @@ class SpeechSession:
 
     # ---- the pipeline: text segments -> engine requests (SEGMENTS_AHEAD at once) -> audio in order
     def _reset_pipeline(self) -> None:
-        self.pending: asyncio.Queue[str | None] = asyncio.Queue()
+        self.utterance: Utterance | None = None  # bistream: the one text is streamed into now
+        self.pending: asyncio.Queue[str | Utterance | None] = asyncio.Queue()
         self.ordered: asyncio.Queue[Segment | None] = asyncio.Queue()
         self.slots = asyncio.Semaphore(SEGMENTS_AHEAD)
         self.pending_chars = 0
@@ -233,6 +260,45 @@ class SpeechSession:
                 ),
             )
 
+    def add_text(self, text: str) -> None:
+        """A client fragment: buffered into segments, or (bistream) passed on to the open utterance."""
+        assert self.setup is not None
+        if not self.setup.bistream:
+            self.queue_text(self.setup.segmenter.add(text))
+            return
+        if not text:
+            return
+        if self.utterance is None:
+            if not text.strip():
+                return  # whitespace alone opens nothing
+            self.utterance = Utterance(TextFeed())
+            self.pending.put_nowait(self.utterance)
+        utterance = self.utterance
+        utterance.add(text)
+        if not utterance.submitted:
+            self.pending_chars += len(text)
+        if self.pending_chars > self.settings.max_text_length or len(utterance.text) > self.settings.max_text_length:
+            raise SessionEnd(
+                1008,
+                TextError(
+                    f"more than {self.settings.max_text_length} characters of text are waiting to be spoken; "
+                    "send text no faster than it is spoken",
+                    param="text",
+                ),
+            )
+        tail = text.rstrip()
+        if len(utterance.text) >= BISTREAM_UTTERANCE_CHARS and tail and tail[-1] in _SENTENCE_ENDS | _CLOSERS:
+            self.flush_text()
+
+    def flush_text(self) -> None:
+        """Speak what is buffered now (bistream: end the open utterance)."""
+        assert self.setup is not None
+        if not self.setup.bistream:
+            self.queue_text(self.setup.segmenter.flush())
+        elif self.utterance is not None:
+            self.utterance.feed.close()
+            self.utterance = None
+
     def end_of_text(self) -> None:
         self.pending.put_nowait(None)
 
@@ -244,20 +310,28 @@ class SpeechSession:
             await self._close_segment(segment)
         assert self.setup is not None
         self.setup.segmenter.clear()
+        if self.utterance is not None:
+            self.utterance.feed.close()
         self._reset_pipeline()
 
     async def _generate(self) -> None:
         assert self.setup is not None and self.engine is not None
         pending, ordered, slots, epoch = self.pending, self.ordered, self.slots, self.epoch
-        while (text := await pending.get()) is not None:
+        while (item := await pending.get()) is not None:
             await slots.acquire()
             if epoch != self.epoch:  # cancelled while waiting (before the cancellation reached this task)
                 return
-            segment = Segment(self.next_index, text, submitted_at=time.perf_counter())
+            utterance = item if isinstance(item, Utterance) else None
+            text = item.text if utterance is not None else item
+            segment = Segment(self.next_index, text, submitted_at=time.perf_counter(), utterance=utterance)
             self.next_index += 1
-            self.pending_chars -= len(text)
+            self.pending_chars -= utterance.queued_chars if utterance is not None else len(text)
             try:
-                segment.stream = await self.engine.synthesize(self.setup.plan(text))
+                if utterance is not None:
+                    utterance.submitted = True
+                    segment.stream = await self.engine.synthesize_bistream(self.setup.plan(""), utterance.feed)
+                else:
+                    segment.stream = await self.engine.synthesize(self.setup.plan(text))
                 if epoch != self.epoch:
                     await segment.stream.aclose()
                     return
@@ -310,6 +384,8 @@ class SpeechSession:
             self._record(segment)
         if segment.stream is not None:
             await segment.stream.aclose()
+        if segment.utterance is not None:
+            segment.utterance.feed.close()
 
     async def _pipeline(self) -> None:
         """Runs the generate / send pair until the text ends or a cancel (which makes new queues)."""
@@ -422,7 +498,7 @@ class SpeechSession:
     async def finish(self) -> None:
         """The client's text is over: speak what is buffered, send the rest of the audio, close."""
         assert self.setup is not None
-        self.queue_text(self.setup.segmenter.flush())
+        self.flush_text()
         self.end_of_text()
         self.group.start_soon(self._guard, self._watch_disconnect)
         drained = self.drained
@@ -468,6 +544,18 @@ def make_planner(
 
     mode = plan("-").mode
     return plan, f"({mode}, {spk_id})"
+
+
+def check_bistream(engine: EngineClient, plan: Callable[[str], SynthesisRequest]) -> None:
+    """Refuse a bistream session the model cannot serve, before any text arrives."""
+    mode = plan("-").mode
+    if mode not in engine.bistream_modes:
+        served = ", ".join(sorted(engine.bistream_modes))
+        raise InvalidRequest(
+            f"bistream needs a CosyVoice2 or Fun-CosyVoice3 model and one of the modes it serves with streamed "
+            f"text ({served or 'none on this model'}); this session is {mode} on {engine.info.family}",
+            param="bistream",
+        )
 
 
 def session_engine(state: ServerState, model: str | None = None) -> EngineClient:
@@ -584,7 +672,12 @@ class ElevenLabsSession(SpeechSession):
             )
         # The schedule's n-th entry: how long the n-th segment must be before a clause mark may end it.
         segmenter = TextSegmenter(lambda n: chunks[min(n, len(chunks) - 1)])
-        return SessionSetup(plan, fmt, rate, f"stream-input {label}", segmenter)
+        bistream = (self._query("bistream") or "false").strip().lower()
+        if bistream not in ("true", "false", "1", "0"):
+            raise InvalidRequest(f"bistream must be true or false, not {bistream!r}", param="bistream")
+        if bistream in ("true", "1"):
+            check_bistream(engine, plan)
+        return SessionSetup(plan, fmt, rate, f"stream-input {label}", segmenter, bistream in ("true", "1"))
 
     def _check_key(self, first: dict[str, Any]) -> None:
         if scope_has_valid_key(self.ws.scope):
@@ -629,16 +722,16 @@ class ElevenLabsSession(SpeechSession):
             self._check_key(first)
             self.start(self._open(first))
             if (first.get("text") or "").strip():
-                self.queue_text(self.setup.segmenter.add(first["text"]))
+                self.add_text(first["text"])
             while True:
                 message = await self._next_message(inactivity)
                 text = message.get("text")
                 if text == "":
                     break
                 if text:
-                    self.queue_text(self.setup.segmenter.add(text))
+                    self.add_text(text)
                 if message.get("flush"):
-                    self.queue_text(self.setup.segmenter.flush())
+                    self.flush_text()
             await self.finish()
         except CosyServeError as exc:
             raise SessionEnd(close_code_for(exc), exc) from exc
@@ -669,6 +762,10 @@ class SessionConfig(BaseModel):
     seed: int | None = None
     instructions: str | None = None
     stream: bool = Field(True, description="Token-level streaming inside each segment (first audio sooner).")
+    bistream: bool = Field(
+        False,
+        description="CosyVoice2/3: stream the text into the model as it arrives (no sentence buffering).",
+    )
 
 
 class NativeSession(SpeechSession):
@@ -683,7 +780,10 @@ class NativeSession(SpeechSession):
         await self.send({"type": "segment.start", "segment": segment.index, "text": segment.text})
 
     async def segment_done(self, segment: Segment, seconds: float) -> None:
-        await self.send({"type": "segment.done", "segment": segment.index, "audio_seconds": round(seconds, 4)})
+        message: dict[str, Any] = {"type": "segment.done", "segment": segment.index, "audio_seconds": round(seconds, 4)}
+        if segment.utterance is not None:  # bistream: the whole text is known only now
+            message["text"] = segment.utterance.text.strip()
+        await self.send(message)
 
     async def segment_failed(self, segment: Segment, error: CosyServeError) -> None:
         # One segment failing (busy server, unspeakable text) leaves the session usable.
@@ -718,7 +818,9 @@ class NativeSession(SpeechSession):
         options = GenerationOptions(stream=config.stream, speed=config.speed, seed=config.seed)
         instructions = config.instructions if config.instructions and config.instructions.strip() else None
         plan, label = make_planner(engine, self.state, config.voice, options, instructions)
-        return SessionSetup(plan, fmt, rate, f"speech-stream {label}", TextSegmenter())
+        if config.bistream:
+            check_bistream(engine, plan)
+        return SessionSetup(plan, fmt, rate, f"speech-stream {label}", TextSegmenter(), config.bistream)
 
     async def receive_messages(self) -> None:
         if not scope_has_valid_key(self.ws.scope):
@@ -752,9 +854,9 @@ class NativeSession(SpeechSession):
                     text = message.get("text")
                     if not isinstance(text, str):
                         raise ProtocolError("text must be a string", param="text")
-                    self.queue_text(self.setup.segmenter.add(text))
+                    self.add_text(text)
                 elif kind == "flush":
-                    self.queue_text(self.setup.segmenter.flush())
+                    self.flush_text()
                 elif kind == "cancel":
                     await self.cancel()
                     self.group.start_soon(self._guard, self._pipeline)

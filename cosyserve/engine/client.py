@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from cosyserve.errors import GenerationFailed
+from cosyserve.errors import GenerationFailed, UnsupportedMode
 
 from .core import EngineCore, Work
 from .request import SynthesisRequest
+from .text_feed import TextFeed
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,19 @@ class EngineClient(ABC):
         """Queue a request; returns once its frontend ran (raising its validation error, or
         ServerBusy when the queue is full), with the stream of its audio."""
 
+    @property
+    def bistream_modes(self) -> frozenset[str]:
+        """The modes it serves with streamed text (:meth:`synthesize_bistream`); none by default."""
+        return frozenset()
+
+    async def synthesize_bistream(
+        self, request: SynthesisRequest, text: TextFeed, request_id: str | None = None
+    ) -> AudioStream:
+        """As :meth:`synthesize`, with the text arriving over time (bi-streaming, CosyVoice2/3): the
+        caller appends fragments to ``text`` and closes it; ``request.text``, if any, comes first.
+        Audio starts before the text is complete. Raises UnsupportedMode where it is not served."""
+        raise UnsupportedMode("this engine does not take streamed text input", param="text")
+
     @abstractmethod
     async def abort(self, request_id: str) -> None: ...
 
@@ -188,15 +202,29 @@ class AsyncEngine(EngineClient):
     def voices(self) -> Any:
         return self.model.voices
 
+    @property
+    def bistream_modes(self) -> frozenset[str]:
+        return getattr(self.model, "bistream_modes", frozenset())
+
     def list_speakers(self) -> list[str]:
         return list(self.model.list_speakers())
 
     async def synthesize(
         self, request: SynthesisRequest, request_id: str | None = None, **overrides: Any
     ) -> AudioStream:
+        return await self._submit(request, request_id, None, overrides)
+
+    async def synthesize_bistream(
+        self, request: SynthesisRequest, text: TextFeed, request_id: str | None = None, **overrides: Any
+    ) -> AudioStream:
+        return await self._submit(request, request_id, text, overrides)
+
+    async def _submit(
+        self, request: SynthesisRequest, request_id: str | None, text: TextFeed | None, overrides: dict[str, Any]
+    ) -> AudioStream:
         request_id = request_id or uuid.uuid4().hex
         sink = _QueueSink(asyncio.get_running_loop())
-        work = Work(request_id, sink, request=request, overrides=overrides)
+        work = Work(request_id, sink, request=request, overrides=overrides, text_feed=text)
         self.core.submit(work)
         try:
             await sink.ready  # the frontend ran; its validation error is raised here

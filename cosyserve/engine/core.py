@@ -30,6 +30,7 @@ from cosyserve.errors import CosyServeError, ServerBusy
 
 from .memory import HeapTrimmer
 from .request import SynthesisRequest
+from .text_feed import TextFeed
 
 logger = logging.getLogger("cosyserve.engine")
 
@@ -67,6 +68,7 @@ class Work:
     request: SynthesisRequest | None = None
     task: Callable[[], Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # prepare() keywords (tests: draws, sampler)
+    text_feed: TextFeed | None = None  # the request's text arrives over time through this feed
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -165,7 +167,8 @@ class EngineCore:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._aborted or self.scheduler.has_work or self._admissible()):
+                # A request waiting for streamed text wakes the loop through its feed (_wake).
+                while not (self._stopping or self._aborted or self.scheduler.runnable or self._admissible()):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -180,9 +183,13 @@ class EngineCore:
                 self._drop(request_id)
             for work in admitted:
                 self._admit(work)
-            if self.scheduler.has_work:
+            if self.scheduler.runnable:
                 self._step()
         self._shutdown()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and len(self._running) < self.max_running
@@ -199,8 +206,11 @@ class EngineCore:
                 work.sink.chunk(result)
                 work.sink.finished()
             return
+        overrides = dict(work.overrides)
+        if work.text_feed is not None:
+            overrides["text_feed"] = work.text_feed
         try:
-            sequence = self.model.prepare(work.request, request_id=work.request_id, **work.overrides)
+            sequence = self.model.prepare(work.request, request_id=work.request_id, **overrides)
         except Exception as exc:
             if not isinstance(exc, CosyServeError):
                 logger.exception("[%s] frontend failed", work.request_id)
@@ -215,6 +225,8 @@ class EngineCore:
             self._running[work.request_id] = (work, sequence)
         work.sink.started()
         self.scheduler.add(sequence)
+        if work.text_feed is not None:
+            work.text_feed.listen(self._wake)
 
     def _drop(self, request_id: str) -> None:
         with self._cond:
@@ -225,6 +237,8 @@ class EngineCore:
         if sequence is not None:
             self.scheduler.remove(sequence)
             self.heap.request_finished(idle=not self.scheduler.has_work)
+        if work.text_feed is not None:
+            work.text_feed.listen(None)
         logger.info("[%s] aborted", request_id)
         work.sink.finished()
 

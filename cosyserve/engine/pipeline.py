@@ -36,6 +36,7 @@ from . import streaming
 from .request import GenerationOptions, SynthesisRequest
 from .scheduler import Scheduler, Sequence, new_sequence, run_alone
 from .streaming import Draws, Synthesizer
+from .text_feed import FeedReader, TextFeed
 from .voice_library import open_voice_library
 from .voice_library.base import VoiceBackend
 from .voices import DEFAULT_MAX_VOICES, VoiceStore, read_spk2info
@@ -61,6 +62,9 @@ def unsupported_mode(family: str, mode: str, modes: frozenset[str]) -> Unsupport
 V3_SYSTEM_PROMPT = "You are a helpful assistant."
 END_OF_PROMPT = "<|endofprompt|>"
 
+
+# The modes that take text arriving over time (bi-streaming, v2/v3): those whose LLM input is text.
+BISTREAM_MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
 
 MIN_PROMPT_SECONDS = 0.5  # shorter prompts carry too little of the voice
 MAX_PROMPT_SECONDS = 30.0  # the speech tokenizer's limit
@@ -125,18 +129,32 @@ class TTSModel:
             modes.add("sft")
         return frozenset(modes)
 
+    @property
+    def bistream_modes(self) -> frozenset[str]:
+        """The modes that take streamed text (``prepare(..., text_feed=)``): v2/v3 only."""
+        if not hasattr(self.core.llm, "new_bistream"):
+            return frozenset()
+        return self.modes & frozenset(BISTREAM_MODES)
+
     def list_speakers(self) -> list[str]:
         return self.voices.ids()
 
     # -- synthesis -------------------------------------------------------------------------------
     def synthesize(
-        self, request: SynthesisRequest, *, draws: Draws | None = None, sampler: Sampler | None = None
+        self,
+        request: SynthesisRequest,
+        *,
+        draws: Draws | None = None,
+        sampler: Sampler | None = None,
+        text_feed: TextFeed | None = None,
     ) -> Iterator[np.ndarray]:
         """Check ``request`` and run its frontend now (raising :mod:`cosyserve.errors`), then return
         a lazy iterator of its float32 chunks, generated in the caller's thread. ``draws`` /
         ``sampler`` replace the request's random source and LLM sampler (tests feed the reference's
-        draws and a greedy sampler through them)."""
-        return run_alone(self.new_scheduler(), self.prepare(request, draws=draws, sampler=sampler))
+        draws and a greedy sampler through them). ``text_feed``: the text arrives through it while
+        the iterator runs (another thread appends to it; see :meth:`prepare`)."""
+        sequence = self.prepare(request, draws=draws, sampler=sampler, text_feed=text_feed)
+        return run_alone(self.new_scheduler(), sequence)
 
     def new_scheduler(self, audio_jobs_per_step: int = 1) -> Scheduler:
         return Scheduler(self.core, self._synthesizer, audio_jobs_per_step)
@@ -148,23 +166,54 @@ class TTSModel:
         draws: Draws | None = None,
         sampler: Sampler | None = None,
         request_id: str = "",
+        text_feed: TextFeed | None = None,
     ) -> Sequence:
-        """Validate ``request`` and run its frontend: the :class:`Sequence` a scheduler generates."""
+        """Validate ``request`` and run its frontend: the :class:`Sequence` a scheduler generates.
+
+        With ``text_feed`` the text arrives over time through it (bi-streaming, v2/v3: see
+        engine/text_feed.py); ``request.text``, when given, is its first fragment."""
         self._require(request.mode)
         options = request.options
-        inputs = self._model_inputs(request)
+        reader = None
+        if text_feed is None:
+            inputs = self._model_inputs(request)
+        else:
+            inputs = [self._bistream_input(request)]
+            reader = FeedReader(text_feed, self._text_ids, first=request.text)
         draws = draws or Draws(options.seed)
         sampler = sampler or self.core.llm.make_sampler(draws.sampling_generator)
-        return new_sequence(inputs, draws, sampler, options.stream, options.speed, request_id)
+        return new_sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader)
 
-    def _model_inputs(self, r: SynthesisRequest) -> list[dict[str, torch.Tensor]]:
-        """The per-segment model inputs of a request (spec §7), by mode."""
+    def _text_ids(self, text: str) -> list[int]:
+        return self.frontend.tokenize(text).reshape(-1).tolist()
+
+    def _bistream_input(self, r: SynthesisRequest) -> dict[str, torch.Tensor]:
+        """The model input of a request whose text is streamed: the mode's prompt, no target text."""
+        if not hasattr(self.core.llm, "new_bistream"):
+            raise UnsupportedMode(
+                f"streamed text input (bistream) needs a CosyVoice2 or Fun-CosyVoice3 model; the loaded "
+                f"{self.family_info.display} model ({self.family}) speaks whole texts only",
+                param="text",
+            )
+        if r.mode not in BISTREAM_MODES:
+            raise UnsupportedMode(f"streamed text input serves {', '.join(BISTREAM_MODES)}, not {r.mode}", param="mode")
+        model_input = self._model_inputs(r, segments=[""])[0]
+        # What the mode puts before the target text (v3: the system prompt) heads the prompt text.
+        empty = torch.zeros(1, 0, dtype=torch.int32)
+        model_input["prompt_text"] = torch.cat([model_input.get("prompt_text", empty), model_input["text"]], dim=1)
+        model_input["text"] = empty
+        self.core.llm.split_bistream_prompt(model_input["prompt_text"])  # v3: needs <|endofprompt|>
+        return model_input
+
+    def _model_inputs(self, r: SynthesisRequest, segments: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        """The per-segment model inputs of a request (spec §7), by mode (``segments``: the texts, else
+        the request's text normalised and split)."""
         frontend, text_frontend = self.frontend, r.options.text_frontend
         if r.mode == "vc":
             # The reference's vc frontend does not trim the prompt to the 2:1 token/mel ratio.
             prompt = self._prompt_or_voice(r.prompt_audio, r.spk_id, align=False)
             return [frontend.vc(self._checked_audio(r.source_audio, "source_wav"), prompt)]
-        segments = self._segments(r.text, text_frontend)
+        segments = self._segments(r.text, text_frontend) if segments is None else segments
         if r.mode == "sft":
             speaker = self._speaker(r.spk_id)
             return [frontend.sft(self._v3_text(s), speaker) for s in segments]

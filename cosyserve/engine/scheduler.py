@@ -12,6 +12,13 @@ random draws and LLM sampler. :meth:`Scheduler.step` advances every sequence it 
    at most ``audio_jobs_per_step`` sequences while others are decoding, requests that have no
    audio yet first (their first chunk is what a listener waits for), then in arrival order.
 
+A request whose text arrives over time (bi-streaming, spec §9.4: ``Sequence.text``) is one segment
+with a :class:`BistreamInput` of its own. When it must feed several positions at once (text groups,
+prompt speech groups, the final text + task id) it does so alone, on its own one-row cache, in step
+1; while it feeds one speech id at a time it is a row of the batch like any other; at a fill marker
+it leaves the batch with its cache (:meth:`KVCache.take_row`) and waits for text without holding up
+the others, then rejoins. :attr:`Scheduler.runnable` is False while every sequence waits for text.
+
 The same scheduler serves one request alone (the Python API iterates it in the caller's thread) and
 many (the engine core runs it in its own thread); there is no other generation loop.
 """
@@ -30,11 +37,13 @@ import numpy as np
 import torch
 
 from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, FamilyModel
+from cosyserve.models.cosyvoice2.bistream import BistreamInput
 from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES
 from cosyserve.nn.kv_cache import KVCache
 from cosyserve.nn.sampling import Sampler, TokenRules
 
 from .streaming import Draws, PromptCondition, Synthesizer
+from .text_feed import FeedReader
 
 logger = logging.getLogger("cosyserve.engine")
 
@@ -53,6 +62,8 @@ class Segment:
     next_input: int | None = None  # the id the next decode step feeds (the last one picked)
     decoded: bool = False  # the LLM is done with this segment
     done: bool = False  # its last chunk is out
+    bistream: BistreamInput | None = None  # text arriving over time: what to feed, when to wait
+    own_cache: KVCache | None = None  # a bistream row's cache while it is out of the batch
 
 
 @dataclass(eq=False)
@@ -71,6 +82,7 @@ class Sequence:
     chunks_out: int = 0
     tokens_out: int = 0
     failed: BaseException | None = None
+    text: FeedReader | None = None  # bi-streaming: the text arrives through this feed
 
     @property
     def decoding(self) -> Segment | None:
@@ -102,15 +114,21 @@ class DecodeBatch:
         self.segments.append(segment)
         self.owners.append(sequence)
 
-    def leave(self, segment: Segment) -> None:
+    def leave(self, segment: Segment, keep_cache: bool = False) -> KVCache | None:
+        """Drop the segment's row; with ``keep_cache`` return that row as a one-row cache."""
         row = self.segments.index(segment)
-        moved = self.cache.remove_row(row)
+        own = None
+        if keep_cache:
+            own, moved = self.cache.take_row(row)
+        else:
+            moved = self.cache.remove_row(row)
         if moved is not None:
             self.segments[row], self.owners[row] = self.segments[moved], self.owners[moved]
         self.segments.pop()
         self.owners.pop()
         if not self.segments:
             self.cache = None
+        return own
 
     def step(self) -> torch.Tensor:
         """Feed every row its last picked id; (rows, V) log-probs of the next one."""
@@ -144,6 +162,7 @@ class Scheduler:
             for segment in sequence.segments:
                 if segment in self.batch.segments:
                     self.batch.leave(segment)
+                segment.own_cache = None
         sequence.segments.clear()
         if sequence in self.sequences:
             self.sequences.remove(sequence)
@@ -151,6 +170,20 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.sequences)
+
+    @property
+    def runnable(self) -> bool:
+        """A step would make progress: False while every sequence held waits for streamed text."""
+        return any(not self._waits_for_text(s) for s in self.sequences)
+
+    def _waits_for_text(self, sequence: Sequence) -> bool:
+        """A bistream row out of the batch with nothing to feed until more text comes, and no audio due."""
+        if sequence.text is None or sequence.failed is not None or sequence.text.has_news:
+            return False
+        segment = sequence.decoding
+        if segment is None or segment.bistream is None or segment in self.batch.segments:
+            return False
+        return segment.bistream.waiting and not self._audio_due(sequence)
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, np.ndarray | None]]:
@@ -190,12 +223,20 @@ class Scheduler:
     def _prefill(self) -> None:
         budget = PREFILL_TOKENS_PER_STEP
         for sequence in list(self.sequences):
-            if sequence.failed or sequence.decoding is not None or sequence.next_input >= len(sequence.inputs):
-                continue
             if budget <= 0:
                 break
-            used = self._guarded(sequence, lambda s=sequence: self._start_segment(s))
-            budget -= used or 0
+            if sequence.failed:
+                continue
+            if sequence.decoding is None and sequence.next_input < len(sequence.inputs):
+                budget -= self._guarded(sequence, lambda s=sequence: self._start_segment(s)) or 0
+            segment = sequence.decoding
+            if (
+                not sequence.failed
+                and segment is not None
+                and segment.bistream is not None
+                and segment not in self.batch.segments
+            ):
+                budget -= self._guarded(sequence, lambda s=sequence, g=segment: self._feed_alone(s, g)) or 0
 
     def _start_segment(self, sequence: Sequence) -> int:
         """Start the sequence's next segment; returns the prefix length prefilled."""
@@ -216,6 +257,15 @@ class Scheduler:
             segment.decoded = True
             return 0
         llm = self.model.llm
+        empty_ids = torch.zeros(1, 0, dtype=torch.int32)
+        if sequence.text is not None:
+            segment.bistream = llm.new_bistream(
+                model_input.get("prompt_text", empty_ids),
+                model_input.get("llm_prompt_speech_token", empty_ids),
+                sequence.sampler,
+                self._noise_bound(model_input),
+            )
+            return 0
         n_text = int(model_input["text"].shape[1])
         segment.rules = TokenRules(
             sequence.sampler,
@@ -224,7 +274,6 @@ class Scheduler:
             self._max_tokens(model_input),
             llm.mask_early_stop,
         )
-        empty_ids = torch.zeros(1, 0, dtype=torch.int32)
         prefix = llm.build_prefix(
             model_input["text"],
             model_input.get("prompt_text", empty_ids),
@@ -242,11 +291,60 @@ class Scheduler:
     def _max_tokens(self, model_input: dict[str, torch.Tensor]) -> int:
         """The LLM's length bound: 20 tokens per text token, and for v2/v3 no more than the flow's
         fixed noise covers (prompt included), so an unsplittable text cannot overrun it."""
-        bound = MAX_TOKEN_TEXT_RATIO * model_input["text"].shape[1]
-        if self.model.token_mel_ratio:
-            prompt = model_input.get("flow_prompt_speech_token", torch.zeros(1, 0)).shape[1]
-            bound = min(bound, FIXED_NOISE_FRAMES // self.model.token_mel_ratio - prompt)
+        bound = min(MAX_TOKEN_TEXT_RATIO * model_input["text"].shape[1], self._noise_bound(model_input))
         return max(bound, 0)
+
+    def _noise_bound(self, model_input: dict[str, torch.Tensor]) -> int:
+        """The speech tokens the flow's fixed noise covers after the prompt (v2/v3; v1: no bound)."""
+        if not self.model.token_mel_ratio:
+            return 1 << 62
+        prompt = model_input.get("flow_prompt_speech_token", torch.zeros(1, 0)).shape[1]
+        return max(FIXED_NOISE_FRAMES // self.model.token_mel_ratio - prompt, 0)
+
+    # -- bi-streaming rows ---------------------------------------------------------------------------
+    def _feed_alone(self, sequence: Sequence, segment: Segment) -> int:
+        """A bistream row out of the batch: take the text that came, feed what it can on its own
+        cache (several positions at once) and rejoin the batch once it has one speech id to feed.
+        Returns the positions fed."""
+        state = segment.bistream
+        ids, closed = sequence.text.read()
+        if ids:
+            state.add_text(ids)
+        if closed and not state.text_closed:
+            state.close_text()
+        items = state.next_input()
+        if items is None:
+            if state.done:
+                segment.decoded, segment.own_cache = True, None
+            return 0
+        llm = self.model.llm
+        hidden, segment.own_cache = self._timed("prefill", llm.feed, llm.embed_inputs(items), segment.own_cache)
+        if self._bistream_pick(sequence, segment, llm.logp(hidden)):
+            self.batch.join(sequence, segment, segment.own_cache)
+            segment.own_cache = None
+        elif segment.decoded:
+            segment.own_cache = None
+        return len(items)
+
+    def _bistream_pick(self, sequence: Sequence, segment: Segment, logp: torch.Tensor) -> bool:
+        """The bistream row's id for this step; True when its next input is one speech id (it decodes
+        in the batch), False when it waits for text (fill) or is over."""
+        state = segment.bistream
+        token = state.pick(logp)
+        if token is None:
+            segment.decoded = True
+            return False
+        if token == state.fill:
+            return False
+        segment.synthesizer.add(token)
+        sequence.tokens_out += 1
+        self.llm_tokens += 1
+        if state.done:
+            segment.decoded = True
+            return False
+        (kind, segment.next_input), *more = state.next_input()
+        assert kind == "speech" and not more, "after a speech id the next input is that id"
+        return True
 
     def _pick(self, sequence: Sequence, segment: Segment, logp: torch.Tensor) -> bool:
         """Pick the segment's next id from (V,) log-probs; False once its decoding is over."""
@@ -280,9 +378,12 @@ class Scheduler:
             return
         self.llm_steps += 1
         for row, (segment, sequence) in enumerate(list(zip(self.batch.segments, self.batch.owners, strict=True))):
-            keep = self._guarded(sequence, lambda s=sequence, g=segment, r=row: self._pick(s, g, logp[r]))
+            pick = self._pick if segment.bistream is None else self._bistream_pick
+            keep = self._guarded(sequence, lambda s=sequence, g=segment, r=row, p=pick: p(s, g, logp[r]))
             if not keep and segment in self.batch.segments:
-                self.batch.leave(segment)
+                # A bistream row waiting for text keeps its history to continue from.
+                waits = segment.bistream is not None and not segment.decoded and sequence.failed is None
+                segment.own_cache = self.batch.leave(segment, keep_cache=waits)
 
     def _audio(self, out: list[tuple[Sequence, np.ndarray | None]]) -> None:
         due = [s for s in self.sequences if s.failed is None and self._audio_due(s)]
@@ -320,8 +421,11 @@ def new_sequence(
     stream: bool,
     speed: float,
     request_id: str = "",
+    text: FeedReader | None = None,
 ) -> Sequence:
-    return Sequence(inputs=inputs, draws=draws, sampler=sampler, stream=stream, speed=speed, request_id=request_id)
+    return Sequence(
+        inputs=inputs, draws=draws, sampler=sampler, stream=stream, speed=speed, request_id=request_id, text=text
+    )
 
 
 def run_alone(scheduler: Scheduler, sequence: Sequence) -> Iterator[np.ndarray]:
@@ -331,6 +435,9 @@ def run_alone(scheduler: Scheduler, sequence: Sequence) -> Iterator[np.ndarray]:
     started = time.perf_counter()
     try:
         while True:
+            if not scheduler.runnable and sequence.text is not None:
+                sequence.text.feed.wait(timeout=1.0)  # the text's next fragment (or its end)
+                continue
             for seq, chunk in scheduler.step():
                 if chunk is not None:
                     yield chunk

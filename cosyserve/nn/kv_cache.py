@@ -134,6 +134,26 @@ class KVCache:
             self.clear()
         return moved
 
+    def take_row(self, row: int) -> tuple[KVCache, int | None]:
+        """Take ``row`` out as a one-row cache of its own (a request that must feed several positions
+        at once, or wait, outside the batch); returns it and what :meth:`remove_row` returns."""
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} of {self.rows}")
+        if self.rows == 1:  # the only row: hand the storage over as it is
+            alone = KVCache(self.num_layers)
+            alone._k, alone._v, alone.lengths = self._k, self._v, list(self.lengths)
+            self._k, self._v, self.lengths = [None] * self.num_layers, [None] * self.num_layers, []
+            return alone, None
+        n = self.lengths[row]
+        alone = KVCache(self.num_layers)
+        alone.lengths = [n]
+        for layer in range(self.num_layers):
+            k, v = self._k[layer], self._v[layer]
+            if k is not None:
+                alone._k[layer] = k[row : row + 1, :, : max(n, 1)].clone()
+                alone._v[layer] = v[row : row + 1, :, : max(n, 1)].clone()
+        return alone, self.remove_row(row)
+
     def clear(self) -> None:
         """Free the storage (no rows left)."""
         self._k = [None] * self.num_layers

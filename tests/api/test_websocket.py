@@ -579,3 +579,140 @@ def test_sessions_in_metrics(server_for):
     )
     assert metric_value(server, "cosyserve_audio_seconds_total", route=route, mode="sft") > 0
     assert metric_value(server, "cosyserve_first_chunk_seconds_count", route=route, mode="sft") > 0
+
+
+# -- bistream: the text streamed into the model as it arrives ---------------------------------------
+
+
+async def _bistream_session(server: LiveServer, version: str) -> dict[str, Any]:
+    """Streams SENTENCES word by word into one bistream utterance; the last word only once audio came."""
+    events: list[Any] = []
+    got_audio = asyncio.Event()
+    times: dict[str, float] = {}
+    async with websockets.connect(ws_url(server, "/v1/audio/speech/stream"), max_size=None) as ws:
+        config = {"type": "session.config", "voice": speaker(version), "seed": SEED, "bistream": True}
+        await ws.send(json.dumps(config))
+
+        async def reader() -> None:
+            async for message in ws:
+                if isinstance(message, bytes) and not got_audio.is_set():
+                    times["first_audio"] = time.perf_counter()
+                    got_audio.set()
+                events.append(message if isinstance(message, bytes) else json.loads(message))
+
+        task = asyncio.create_task(reader())
+        fragments = [w for sentence in words(SENTENCES) for w in sentence]
+        for word in fragments[:-1]:
+            await ws.send(json.dumps({"type": "text", "text": word}))
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(got_audio.wait(), TIMEOUT)
+        times["last_fragment"] = time.perf_counter()
+        await ws.send(json.dumps({"type": "text", "text": fragments[-1]}))
+        await ws.send(json.dumps({"type": "close"}))
+        await asyncio.wait_for(task, TIMEOUT)
+        return {"events": events, "times": times, "close": ws.close_code}
+
+
+@pytest.mark.parametrize("version", ["v2-tiny", "v3-tiny"])
+def test_bistream_audio_before_the_last_fragment(version, server_for):
+    server = server_for(version)
+    result = asyncio.run(_bistream_session(server, version))
+    events, times = result["events"], result["times"]
+    assert result["close"] == 1000 and events[0]["type"] == "session.ready" and events[-1] == {"type": "session.closed"}
+    assert "first_audio" in times and times["first_audio"] < times["last_fragment"], "audio waited for all the text"
+    segments = split_segments(events)
+    assert list(segments) == [0], "one utterance for the whole text"
+    done = next(e for e in events if isinstance(e, dict) and e["type"] == "segment.done")
+    assert done["text"] == " ".join(SENTENCES)
+    audio = decode_pcm(segments[0]["audio"])
+    assert audio.size > 0 and np.abs(audio).max() > 0
+    assert segments[0]["seconds"] == pytest.approx(audio.size / 24000, abs=0.01)
+    wait_for(lambda: engine_idle(server), 10, "the engine to be idle")
+
+
+def test_bistream_flush_ends_an_utterance_and_cancel_drops_it(server_for):
+    server = server_for("v2-tiny")
+    with _native(server, "v2-tiny", bistream=True) as ws:
+        for word in words(SENTENCES[:1])[0]:
+            ws.send(json.dumps({"type": "text", "text": word}))
+        ws.send(json.dumps({"type": "flush"}))
+        seen = _until(ws, "segment.done")
+        assert seen[0]["type"] == "segment.start" and seen[0]["segment"] == 0
+        assert seen[-1]["text"] == SENTENCES[0] and any(isinstance(m, bytes) for m in seen)
+        ws.send(json.dumps({"type": "text", "text": "A long text that is cut off by a barge in " * 4}))
+        while not isinstance(ws.recv(TIMEOUT), bytes):  # the second utterance speaks before its text ends
+            pass
+        ws.send(json.dumps({"type": "cancel"}))
+        _until(ws, "cancelled")
+        wait_for(lambda: engine_idle(server), 10, "the engine to stop the cancelled utterance")
+        ws.send(json.dumps({"type": "text", "text": "After the barge in."}))
+        ws.send(json.dumps({"type": "close"}))
+        after = _until(ws, "session.closed")
+    done = [m for m in after if isinstance(m, dict) and m["type"] == "segment.done"]
+    assert [m["text"] for m in done] == ["After the barge in."]
+    assert ws.close_code == 1000
+
+
+def test_bistream_disconnect_mid_text_leaves_the_engine_idle(server_for):
+    server = server_for("v2-tiny")
+    with _native(server, "v2-tiny", bistream=True) as ws:
+        ws.send(json.dumps({"type": "text", "text": "A sentence to speak while more text is still to come. " * 3}))
+        while not isinstance(ws.recv(TIMEOUT), bytes):
+            pass
+        assert server.app.state.cosyserve.engine.stats()["running"] == 1  # waiting for the rest of the text
+        ws.socket.shutdown(socket.SHUT_RDWR)  # gone without a close frame, the text never closed
+        ws.socket.close()
+    wait_for(lambda: engine_idle(server), 10, "the engine to abort the utterance")
+
+
+@pytest.mark.parametrize(
+    ("version", "route", "words_in_message"),
+    [
+        ("v1-tiny", "native", ["bistream needs a CosyVoice2", "cosyvoice1"]),
+        ("v2-tiny", "native-bad-type", ["bistream"]),
+        ("v1-tiny", "elevenlabs", ["bistream needs a CosyVoice2"]),
+        ("v2-tiny", "elevenlabs-bad-value", ["bistream must be true or false"]),
+    ],
+)
+def test_bistream_bad_use_is_an_error_frame_and_a_close(version, route, words_in_message, server_for):
+    server = server_for(version)
+    if route.startswith("native"):
+        value = "yes please" if route == "native-bad-type" else True
+        with connect(ws_url(server, "/v1/audio/speech/stream"), open_timeout=TIMEOUT) as ws:
+            ws.send(json.dumps({"type": "session.config", "voice": speaker(version), "bistream": value}))
+            error = json.loads(ws.recv(TIMEOUT))
+            assert error["type"] == "error" and error["error"]["param"] == "bistream", error
+            message = error["error"]["message"]
+            with pytest.raises(websockets.ConnectionClosed):
+                ws.recv(TIMEOUT)
+    else:
+        value = "maybe" if route == "elevenlabs-bad-value" else "true"
+        url = _eleven_url(server, speaker(version), output_format="pcm_16000", bistream=value)
+        with connect(url, open_timeout=TIMEOUT) as ws:
+            ws.send(json.dumps({"text": " "}))
+            error = json.loads(ws.recv(TIMEOUT))
+            assert error["param"] == "bistream" and error["code"] == 1008, error
+            message = error["message"]
+            with pytest.raises(websockets.ConnectionClosed):
+                ws.recv(TIMEOUT)
+    assert all(w in message for w in words_in_message), message
+    assert ws.close_code == 1008
+
+
+def test_elevenlabs_bistream(server_for):
+    server = server_for("v3-tiny")
+    url = _eleven_url(server, speaker("v3-tiny"), output_format="pcm_24000", seed=SEED, bistream="true")
+    fragments = [w for sentence in words(SENTENCES) for w in sentence]
+    with connect(url, open_timeout=TIMEOUT, max_size=None) as ws:
+        ws.send(json.dumps({"text": " "}))
+        for word in fragments[:-1]:
+            ws.send(json.dumps({"text": word}))
+        first = json.loads(ws.recv(TIMEOUT))  # audio before the last word is sent
+        assert first["audio"] and first["isFinal"] is False, first
+        ws.send(json.dumps({"text": fragments[-1]}))
+        ws.send(json.dumps({"text": ""}))
+        messages = [first] + [json.loads(raw) for raw in ws]
+    assert ws.close_code == 1000 and messages[-1]["isFinal"] is True
+    assert decode_pcm(b"".join(base64.b64decode(m["audio"]) for m in messages[:-1])).size > 0
+    wait_for(lambda: engine_idle(server), 10, "the engine to be idle")

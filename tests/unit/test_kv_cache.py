@@ -78,3 +78,32 @@ def test_ragged_batch_decode_equals_each_row_alone() -> None:
         for b, c in enumerate(solo_caches):
             alone = model(step[b : b + 1], c)
             torch.testing.assert_close(batched[b], alone[0], atol=1e-5, rtol=0)
+
+
+def test_take_row_gives_a_one_row_cache_that_continues_alone() -> None:
+    rows = [_row(n, seed) for seed, n in enumerate((5, 9, 2))]
+    batch = KVCache(2)
+    for r in rows:
+        batch.add_row(r)
+    alone, moved = batch.take_row(0)  # the last row moves into row 0
+    assert moved == 2 and batch.lengths == [2, 9] and alone.lengths == [5]
+    for layer in range(2):
+        assert torch.equal(alone._k[layer][0, :, :5], rows[0]._k[layer][0, :, :5])
+        assert torch.equal(alone._v[layer][0, :, :5], rows[0]._v[layer][0, :, :5])
+        assert torch.equal(batch._k[layer][0, :, :2], rows[2]._k[layer][0, :, :2])
+    # The taken row grows on its own (several positions at once) and can rejoin a batch.
+    x = torch.randn(1, 2, 4, 3)
+    k, _ = alone.write(0, x, x)
+    assert k.shape == (1, 2, 9, 3) and torch.equal(k[0, :, 5:], x[0])
+    alone.write(1, x, x)
+    alone.advance(4)
+    row = batch.add_row(alone)
+    assert row == 2 and batch.lengths == [2, 9, 9]
+    assert torch.equal(batch._k[0][2, :, :5], rows[0]._k[0][0, :, :5])
+    assert torch.equal(batch._k[0][2, :, 5:9], x[0])
+    # The last row left: its storage is handed over and the batch is empty.
+    single = KVCache(2)
+    single.add_row(rows[1])
+    taken, moved = single.take_row(0)
+    assert moved is None and single.rows == 0 and single.nbytes == 0 and taken.lengths == [9]
+    assert torch.equal(taken._k[1][0, :, :9], rows[1]._k[1][0, :, :9])

@@ -1,16 +1,22 @@
 """CosyVoice2 text-to-speech-token LM (``Qwen2LM``): a Qwen2 body between text and speech embeddings.
 
-Uni-stream inference only: the whole text is known when decoding starts.
+Uni-stream inference (the whole text is known when decoding starts) through ``build_prefix`` /
+``prefill`` / ``decode_batch``; bi-streaming text input (spec §9.4) through ``new_bistream``, whose
+per-request state says what to ``feed`` (models/cosyvoice2/bistream.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from cosyserve.models.cosyvoice2.bistream import BistreamInput, Item
 from cosyserve.models.cosyvoice2.config import Qwen2LMConfig
 from cosyserve.models.llm import SpeechTokenLM, TokenIds, as_ids
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from cosyserve.nn.sampling import Sampler
 
 
 class Qwen2Encoder(nn.Module):
@@ -56,6 +62,11 @@ class Qwen2LM(SpeechTokenLM):
         w = self.llm_embedding.weight
         return w[0], w[1]
 
+    @property
+    def fill_token(self) -> int:
+        """The bi-streaming "need more text" marker."""
+        return self.speech_token_size + 2
+
     def _check_text(self, ids: Tensor) -> None:
         """Hook for family-specific input requirements."""
 
@@ -88,6 +99,52 @@ class Qwen2LM(SpeechTokenLM):
         extended in place); return the new hidden states (B, D)."""
         x = self.speech_embedding(token_ids.to(self.speech_embedding.weight.device))[:, None, :]
         return self.llm(x, cache)[:, -1]
+
+    # -- bi-streaming text input (spec §9.4) -------------------------------------------------------
+    def split_bistream_prompt(self, prompt_text: TokenIds) -> tuple[list[int], list[int]]:
+        """The prompt text ids fed right after sos, and those that head the streamed text (v2: all)."""
+        return [], as_ids(prompt_text, torch.device("cpu")).tolist()
+
+    def new_bistream(
+        self, prompt_text: TokenIds, prompt_speech_token: TokenIds, sampler: Sampler, max_tokens: int
+    ) -> BistreamInput:
+        """A fresh per-request bi-streaming state (the text comes later, through its ``add_text``)."""
+        head, rest = self.split_bistream_prompt(prompt_text)
+        return BistreamInput(
+            head=head,
+            prompt_text=rest,
+            prompt_speech=as_ids(prompt_speech_token, torch.device("cpu")).tolist(),
+            sampler=sampler,
+            speech_token_size=self.speech_token_size,
+            fill=self.fill_token,
+            eos=self.eos_token,
+            max_tokens=max_tokens,
+        )
+
+    def embed_inputs(self, items: Sequence[Item]) -> Tensor:
+        """(1, n, D) input embeddings of bi-streaming positions (sos, task, text ids, speech ids)."""
+        device = self.speech_embedding.weight.device
+        sos, task = self._sos_and_task()
+        rows: list[Tensor] = []
+        start = 0
+        while start < len(items):  # one embedding lookup per run of the same kind
+            kind = items[start][0]
+            end = start
+            while end < len(items) and items[end][0] == kind:
+                end += 1
+            if kind in ("sos", "task"):
+                rows.append((sos if kind == "sos" else task)[None].expand(end - start, -1))
+            else:
+                table = self.llm.model.model.embed_tokens if kind == "text" else self.speech_embedding
+                rows.append(table(torch.tensor([i for _, i in items[start:end]], dtype=torch.long, device=device)))
+            start = end
+        return torch.cat(rows, dim=0)[None]
+
+    def feed(self, inputs: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        """Run (1, t, D) inputs after a one-row ``cache``'s history (None: a fresh cache); the last
+        hidden state (D,) and the extended cache."""
+        cache = cache if cache is not None else self.llm.model.model.new_cache()
+        return self.llm(inputs, cache)[0, -1], cache
 
     def mask_early_stop(self, logp: Tensor, reference_eos_mask: bool | None = None) -> Tensor:
         """Scores the sampler sees before ``min_len``: the stop ids (or the reference's one id) at -inf."""

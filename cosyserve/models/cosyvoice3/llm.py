@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import Tensor
 
 from cosyserve.errors import InvalidRequest
 from cosyserve.models.base import MAX_SILENT_RUN, SilenceFilter
-from cosyserve.models.cosyvoice2.llm import Qwen2LM
+from cosyserve.models.cosyvoice2.llm import Qwen2LM, TokenIds, as_ids
 
 # Text id of <|endofprompt|>: v3 was trained with a system prompt ending in it before the target text.
 ENDOFPROMPT_ID = 151646
@@ -35,6 +36,21 @@ class CosyVoice3LM(Qwen2LM):
     @property
     def eos_token(self) -> int:
         return self.speech_token_size + 1
+
+    @property
+    def fill_token(self) -> int:
+        return self.speech_token_size + 3
+
+    def split_bistream_prompt(self, prompt_text: TokenIds) -> tuple[list[int], list[int]]:
+        """v3 feeds the prompt text up to and including ``<|endofprompt|>`` right after sos (spec §9.4)."""
+        ids = as_ids(prompt_text, torch.device("cpu")).tolist()
+        if ENDOFPROMPT_ID not in ids:
+            raise InvalidRequest(
+                "CosyVoice3 with streamed text needs '<|endofprompt|>' in the prompt text "
+                "(e.g. 'You are a helpful assistant.<|endofprompt|>' before the transcript)"
+            )
+        end = ids.index(ENDOFPROMPT_ID) + 1
+        return ids[:end], ids[end:]
 
     def _sos_and_task(self) -> tuple[Tensor, Tensor]:
         w = self.speech_embedding.weight
