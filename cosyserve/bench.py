@@ -218,6 +218,10 @@ def decode_weight_bytes(llm: torch.nn.Module) -> int:
             seen.add(id(param))
             if not isinstance(module, torch.nn.Embedding):
                 total += param.numel() * param.element_size()
+        packed = getattr(module, "_packed_params", None)  # an int8 (dynamically quantized) linear layer
+        if packed is not None and callable(getattr(module, "weight", None)):
+            for tensor in (module.weight(), module.bias()):
+                total += 0 if tensor is None else tensor.numel() * tensor.element_size()
     return total
 
 
