@@ -165,6 +165,15 @@ class EngineCore:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        except Exception:  # a bug in the loop itself: fail every request rather than leave them hanging
+            logger.exception("engine loop failed; failing every request and refusing new ones")
+            with self._cond:
+                self._stopping = True
+            self._shutdown()
+
+    def _run(self) -> None:
         while True:
             with self._cond:
                 # A request waiting for streamed text wakes the loop through its feed (_wake).

@@ -54,6 +54,10 @@ class StubScheduler:
     def has_work(self):
         return bool(self.sequences)
 
+    @property
+    def runnable(self):  # no stub sequence waits for streamed text
+        return self.has_work
+
     def add(self, sequence):
         self.sequences.append(sequence)
 

@@ -303,3 +303,43 @@ def test_abort_of_a_long_non_streaming_request_takes_effect_within_a_second():
         assert core.scheduler.batch.cache is None
     finally:
         core.stop()
+
+
+class _BrokenScheduler:
+    """A scheduler whose loop-facing interface fails: a bug in the engine loop itself."""
+
+    has_work = False
+
+    @property
+    def runnable(self):
+        raise RuntimeError("scheduler bug")
+
+    def add(self, sequence):
+        pass
+
+    def remove(self, sequence):
+        pass
+
+
+class _BrokenModel:
+    def new_scheduler(self):
+        return _BrokenScheduler()
+
+    def prepare(self, request, **kwargs):
+        return object()
+
+
+def test_a_failing_engine_loop_fails_its_requests_instead_of_hanging():
+    core = EngineCore(_BrokenModel(), max_running=2, max_queue=4).start()
+    sink = CollectingSink()
+    core.submit(Work("r", sink, request=_sft_request()))
+    assert sink.done.wait(10), "the request was left hanging"
+    assert sink.events[-1][0] == "failed"
+    core._thread.join(5)
+    assert not core.alive
+    with pytest.raises(ServerBusy):
+        core.submit(Work("late", CollectingSink(), request=_sft_request()))
+
+
+def _sft_request() -> SynthesisRequest:
+    return SynthesisRequest("sft", "hello", spk_id="a")
