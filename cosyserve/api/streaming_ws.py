@@ -243,6 +243,16 @@ class SpeechSession:
         self.pipeline_scope = anyio.CancelScope()
         self.drained = asyncio.Event()
 
+    def _backlog_error(self) -> SessionEnd:
+        return SessionEnd(
+            1008,
+            TextError(
+                f"more than {self.settings.max_text_length} characters of text are waiting to be spoken; "
+                "send text no faster than it is spoken",
+                param="text",
+            ),
+        )
+
     def queue_text(self, segments: list[str]) -> None:
         for text in segments:
             self.pending_chars += len(text)
@@ -251,14 +261,7 @@ class SpeechSession:
             self.setup is not None
             and self.pending_chars + len(self.setup.segmenter.buffer) > self.settings.max_text_length
         ):
-            raise SessionEnd(
-                1008,
-                TextError(
-                    f"more than {self.settings.max_text_length} characters of text are waiting to be spoken; "
-                    "send text no faster than it is spoken",
-                    param="text",
-                ),
-            )
+            raise self._backlog_error()
 
     def add_text(self, text: str) -> None:
         """A client fragment: buffered into segments, or (bistream) passed on to the open utterance."""
@@ -278,14 +281,7 @@ class SpeechSession:
         if not utterance.submitted:
             self.pending_chars += len(text)
         if self.pending_chars > self.settings.max_text_length or len(utterance.text) > self.settings.max_text_length:
-            raise SessionEnd(
-                1008,
-                TextError(
-                    f"more than {self.settings.max_text_length} characters of text are waiting to be spoken; "
-                    "send text no faster than it is spoken",
-                    param="text",
-                ),
-            )
+            raise self._backlog_error()
         tail = text.rstrip()
         if len(utterance.text) >= BISTREAM_UTTERANCE_CHARS and tail and tail[-1] in _SENTENCE_ENDS | _CLOSERS:
             self.flush_text()
