@@ -8,10 +8,13 @@ position embedding and a rotary embedding that, as in the reference, only rotate
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context, per_step
 
 
 class SinusPositionEmbedding(nn.Module):
@@ -103,10 +106,9 @@ class AdaLayerNormZero(nn.Module):
         self.linear = nn.Linear(dim, dim * 6)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, dim=1)
-        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    def modulation(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (B, dim) -> (B, 6 * dim): shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
+        return self.linear(self.silu(emb))
 
 
 class AdaLayerNormZeroFinal(nn.Module):
@@ -116,8 +118,12 @@ class AdaLayerNormZeroFinal(nn.Module):
         self.linear = nn.Linear(dim, dim * 2)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(self.silu(emb)).chunk(2, dim=1)  # this order, unlike the blocks
+    def modulation(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (B, dim) -> (B, 2 * dim): scale, shift (this order, unlike the blocks)."""
+        return self.linear(self.silu(emb))
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        scale, shift = modulation.chunk(2, dim=1)
         return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
@@ -167,9 +173,17 @@ class DiTBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, ff_mult, dropout)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
-        x = x + gate_msa.unsqueeze(1) * self.attn(norm, mask, rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        attend: Callable[[Attention, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """x (B, T, dim), ``attn_norm.modulation`` of the time embedding, ``attend(self.attn, normed x)``
+        the self-attention (over the frames of this call, or cached ones too) -> (B, T, dim)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
+        norm = self.attn_norm.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        x = x + gate_msa.unsqueeze(1) * attend(self.attn, norm)
         norm = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * self.ff(norm)
 
@@ -238,14 +252,14 @@ class DiT(nn.Module):
         b, _, length = x.shape
         if t.ndim == 0:
             t = t.repeat(b)
-        temb = self.time_embed(t)
+        *block_modulations, out_modulation = self._modulations(t)
         h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
         rope = self.rotary_embed(length)
         chunk = self.static_chunk_size if streaming else 0
         attn_mask = chunk_attention_mask(mask, chunk, self.num_decoding_left_chunks)
-        for block in self.transformer_blocks:
-            h = block(h, temb, attn_mask, rope)
-        h = self.norm_out(h, temb)
+        for block, modulation in zip(self.transformer_blocks, block_modulations, strict=True):
+            h = block(h, modulation, lambda attn, x: attn(x, attn_mask, rope))
+        h = self.norm_out(h, out_modulation)
         return self.proj_out(h).transpose(1, 2)
 
     @property
@@ -260,13 +274,14 @@ class DiT(nn.Module):
         t: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
-        state: dict[nn.Module, tuple[torch.Tensor, ...]],
+        state: ChunkState,
         offset: int,
     ) -> torch.Tensor:
         """The streaming forward of the frames from ``offset`` on (see the v2 U-Net's ``forward_chunk``).
 
-        ``state`` holds the earlier frames' keys / values (rotated) of every block and the last 30
-        input frames of both position convolutions; it is extended in place. ``offset`` must be a
+        ``state`` holds the earlier frames' keys / values (rotated) of every block, the last 30
+        input frames of both position convolutions and the time conditioning of this Euler step
+        (the same for every chunk); it is extended in place. ``offset`` must be a
         multiple of the chunk size. x / mu / cond (B, 80, T new), spks (B, 80) -> (B, out_channels, T new).
         """
         chunk = self.static_chunk_size
@@ -275,35 +290,27 @@ class DiT(nn.Module):
         b, _, length = x.shape
         if t.ndim == 0:
             t = t.repeat(b)
-        temb = self.time_embed(t)
+        *block_modulations, out_modulation = per_step(state, self.time_embed, t, lambda: self._modulations(t))
         embed = self.input_embed
         spk = spks.unsqueeze(1).expand(-1, length, -1)
         h = embed.proj(torch.cat((x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spk), dim=-1))
         pos = embed.conv_pos_embed
         y = h.transpose(1, 2)
         for conv in (pos.conv1, pos.conv2):
-            y = conv(_left_context(conv[0], y, pos.kernel_size - 1, state))
+            y = conv(left_context(state, conv[0], y, pos.kernel_size - 1))
         h = y.transpose(1, 2) + h
         rope = self.rotary_embed(offset + length)[offset:]
         keys = torch.ones(1, 1, offset + length, dtype=torch.bool, device=x.device)
         mask = chunk_attention_mask(keys, chunk, self.num_decoding_left_chunks)[:, :, offset:]
-        for block in self.transformer_blocks:
-            norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, temb)
-            h = h + gate_msa.unsqueeze(1) * _attention_chunk(block.attn, norm, mask, rope, state)
-            norm = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-            h = h + gate_mlp.unsqueeze(1) * block.ff(norm)
-        h = self.norm_out(h, temb)
+        for block, modulation in zip(self.transformer_blocks, block_modulations, strict=True):
+            h = block(h, modulation, lambda attn, x: _attention_chunk(attn, x, mask, rope, state))
+        h = self.norm_out(h, out_modulation)
         return self.proj_out(h).transpose(1, 2)
 
-
-def _left_context(
-    key: nn.Module, x: torch.Tensor, keep: int, state: dict[nn.Module, tuple[torch.Tensor, ...]]
-) -> torch.Tensor:
-    """x (B, C, T) with the last ``keep`` frames of the earlier input prepended (zeros at the start)."""
-    (left,) = state.get(key, (x.new_zeros(x.size(0), x.size(1), keep),))
-    x = torch.cat([left, x], dim=2)
-    state[key] = (x[:, :, -keep:],)
-    return x
+    def _modulations(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every block's AdaLN modulation of the time embedding, then the output norm's."""
+        temb = self.time_embed(t)
+        return *(block.attn_norm.modulation(temb) for block in self.transformer_blocks), self.norm_out.modulation(temb)
 
 
 def _attention_chunk(
@@ -311,7 +318,7 @@ def _attention_chunk(
     x: torch.Tensor,
     mask: torch.Tensor,
     rope: torch.Tensor,
-    state: dict[nn.Module, tuple[torch.Tensor, ...]],
+    state: ChunkState,
 ) -> torch.Tensor:
     """The new frames' attention over the cached (rotated) keys / values and their own."""
     b = x.size(0)
@@ -319,10 +326,7 @@ def _attention_chunk(
     k = apply_rotary(attn.to_k(x), rope)
     v = attn.to_v(x)
     q, k, v = (z.view(b, -1, attn.heads, z.size(-1) // attn.heads).transpose(1, 2) for z in (q, k, v))
-    if attn in state:
-        cached_k, cached_v = state[attn]
-        k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-    state[attn] = (k, v)
+    k, v = append_kv(state, attn, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = out.transpose(1, 2).reshape(b, -1, q.size(1) * q.size(-1)).to(q.dtype)
     return attn.to_out[1](attn.to_out[0](out))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from cosyserve.nn.chunk_state import ChunkState, state_nbytes
+
 # The official v2/v3 samplers draw this buffer once at construction: 15000 frames = 300 s of mel
 # at 50 frames/s, from a generator seeded with 0.
 FIXED_NOISE_FRAMES = 15000
@@ -161,9 +163,9 @@ class EstimatorCache:
 
     def __init__(self) -> None:
         self.frames = 0  # frames already computed
-        self._steps: list[dict[nn.Module, tuple[Tensor, ...]]] = []
+        self._steps: list[ChunkState] = []
 
-    def steps(self, n: int) -> list[dict[nn.Module, tuple[Tensor, ...]]]:
+    def steps(self, n: int) -> list[ChunkState]:
         if not self._steps:
             self._steps = [{} for _ in range(n)]
         elif len(self._steps) != n:
@@ -172,7 +174,7 @@ class EstimatorCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cached tensors."""
-        return sum(t.numel() * t.element_size() for step in self._steps for ts in step.values() for t in ts)
+        return sum(state_nbytes(step) for step in self._steps)
 
     def reset(self) -> None:
         self.frames = 0

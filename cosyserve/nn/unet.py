@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context
+
 _MASK_BIAS = -1.0e10  # additive attention bias for disallowed keys, as the reference uses
 
 
@@ -416,10 +418,6 @@ class ConditionalDecoder(nn.Module):
         return self.final_proj(_block_chunk(self.final_block, x, state))
 
 
-# Per-request streaming state of one estimator evaluation: module -> cached tensors.
-ChunkState = dict[nn.Module, tuple[Tensor, ...]]
-
-
 def _chunk_bias(offset: int, length: int, chunk: int, left_chunks: int, dtype, device) -> Tensor:
     """(1, 1, length, offset + length) additive bias of the streaming mask for queries from ``offset`` on."""
     allowed = chunk_attention_mask(offset + length, chunk, left_chunks, device)[offset:]
@@ -431,10 +429,7 @@ def _conv_chunk(conv: nn.Conv1d, x: Tensor, state: ChunkState) -> Tensor:
     keep = conv.kernel_size[0] - 1
     if keep == 0:
         return nn.Conv1d.forward(conv, x)
-    (left,) = state.get(conv, (x.new_zeros(x.size(0), x.size(1), keep),))
-    x = torch.cat([left, x], dim=2)
-    state[conv] = (x[:, :, -keep:],)
-    return nn.Conv1d.forward(conv, x)
+    return nn.Conv1d.forward(conv, left_context(state, conv, x, keep))
 
 
 def _block_chunk(block: CausalBlock1D, x: Tensor, state: ChunkState) -> Tensor:
@@ -454,10 +449,7 @@ def _attention_chunk(attn: Attention, x: Tensor, bias: Tensor, state: ChunkState
     """Self-attention of the new frames over the cached keys / values and their own."""
     b, t, _ = x.shape
     q, k, v = (proj(x).view(b, t, attn.heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    if attn in state:
-        cached_k, cached_v = state[attn]
-        k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-    state[attn] = (k, v)
+    k, v = append_kv(state, attn, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return attn.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 

@@ -1,0 +1,82 @@
+"""The streamed flow estimator's per-request state: growing key / value buffers and per-step constants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cosyserve.nn.chunk_state import FrameKV, append_kv, per_step, state_nbytes
+from cosyserve.nn.dit import DiT
+
+
+def test_frame_kv_returns_every_frame_so_far_and_grows_rarely():
+    cache = FrameKV()
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)) for n in (7, 5, 5, 5, 5, 5)]
+    buffers = set()
+    for i, (k, v) in enumerate(chunks):
+        all_k, all_v = cache.append(k, v)
+        torch.testing.assert_close(all_k, torch.cat([c[0] for c in chunks[: i + 1]], dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(all_v, torch.cat([c[1] for c in chunks[: i + 1]], dim=2), rtol=0, atol=0)
+        buffers.add(all_k.untyped_storage().data_ptr())
+    assert cache.frames == 32
+    # Half again as much room on each growth: 6 appends need 3 buffers (7 -> 10, 12 -> 18, 22 -> 33 frames).
+    assert len(buffers) == 3
+    assert cache.nbytes == 2 * (2 * 3 * 33 * 4) * 4
+
+
+def test_per_step_computes_once_per_flow_time():
+    state = {}
+    key = torch.nn.Identity()
+    calls = []
+
+    def compute(value: float):
+        calls.append(value)
+        return (torch.full((2,), value),)
+
+    t = torch.tensor([0.3, 0.3])
+    (first,) = per_step(state, key, t, lambda: compute(1.0))
+    (again,) = per_step(state, key, t.clone(), lambda: compute(2.0))
+    assert calls == [1.0] and again is first
+    (other,) = per_step(state, key, torch.tensor([0.5, 0.5]), lambda: compute(3.0))
+    assert calls == [1.0, 3.0] and other[0] == 3.0
+    assert state_nbytes(state) == 2 * 4 + 2 * 4  # t and the value
+
+
+def test_state_nbytes_counts_key_value_buffers():
+    state = {}
+    attention = torch.nn.Identity()
+    append_kv(state, attention, torch.zeros(1, 2, 10, 8), torch.zeros(1, 2, 10, 8))
+    assert state_nbytes(state) == 2 * (1 * 2 * 15 * 8) * 4
+
+
+@pytest.fixture
+def tiny_dit() -> DiT:
+    torch.manual_seed(0)
+    dit = DiT(
+        dim=32, depth=2, heads=2, dim_head=16, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,
+        out_channels=80, static_chunk_size=8, num_decoding_left_chunks=-1,
+    )  # fmt: skip
+    return dit.eval()
+
+
+def test_dit_chunks_compute_the_time_conditioning_once_per_step(tiny_dit):
+    """The AdaLN modulations depend on the flow time only: later chunks at the same step reuse them."""
+    calls = []
+    for block in tiny_dit.transformer_blocks:
+        block.attn_norm.linear.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(1)
+    frames = 24
+    x, mu, cond = (torch.randn(2, 80, frames, generator=g) for _ in range(3))
+    spks = torch.randn(2, 80, generator=g)
+    t = torch.full((2,), 0.25)
+    with torch.inference_mode():
+        full = tiny_dit(x, torch.ones(2, 1, frames), mu, t, spks, cond, streaming=True)
+        calls.clear()
+        state = {}
+        parts = [
+            tiny_dit.forward_chunk(x[..., s : s + 8], mu[..., s : s + 8], t, spks, cond[..., s : s + 8], state, s)
+            for s in range(0, frames, 8)
+        ]
+    assert len(calls) == len(tiny_dit.transformer_blocks)  # the first chunk only
+    torch.testing.assert_close(torch.cat(parts, dim=2), full, rtol=0, atol=1e-5)
