@@ -12,6 +12,7 @@ from torch import nn
 
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 from cosyserve.models.config_checks import BLANK_EN, FamilyConfig, StageNumbers, build_hift, feat_extractor_args
+from cosyserve.nn.linear import use_few_rows_linear
 from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,7 +62,8 @@ class FamilyModel(StageNumbers):
         """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`).
 
         The flow keeps its ODE state in fp32 and only evaluates the estimator in ``flow``; the vocoder
-        is left in fp32 (v3's f0 predictor in fp64)."""
+        is left in fp32 (v3's f0 predictor in fp64). An fp32 LLM's linear layers take the weight-first
+        kernel for a decode step's few rows (:mod:`cosyserve.nn.linear`)."""
         if llm == "int8":
             # Dynamic quantization: int8 weights, fp32 activations, for the LLM's linear layers (but the
             # rel-pos projection, whose weight the attention reads directly).
@@ -74,6 +76,8 @@ class FamilyModel(StageNumbers):
             self.llm = torch.ao.quantization.quantize_dynamic(self.llm, spec, dtype=torch.qint8)
         elif llm != "fp32":
             self.llm.to(_TORCH_DTYPES[llm])
+        else:
+            use_few_rows_linear(self.llm)  # the decode step's products, faster on the CPU
         if flow != "fp32":
             self.flow.decoder.estimator.to(_TORCH_DTYPES[flow])
         return self
