@@ -78,6 +78,12 @@ def append_kv(state: ChunkState, attention: nn.Module, k: Tensor, v: Tensor) -> 
     return cache.append(k, v)
 
 
+def sees_every_frame(offset: int, length: int, chunk: int, left_chunks: int) -> bool:
+    """Whether the ``length`` new frames from ``offset`` (a chunk boundary) may all attend to every
+    frame so far, so their attention needs no mask (a faster kernel): one chunk, nothing dropped on the left."""
+    return length <= chunk and (left_chunks < 0 or offset <= left_chunks * chunk)
+
+
 def left_context(state: ChunkState, conv: nn.Module, x: Tensor, keep: int) -> Tensor:
     """x (B, C, T) with the last ``keep`` input frames of ``conv``'s earlier calls in front (zeros at first)."""
     (left,) = state.get(conv, (x.new_zeros(x.size(0), x.size(1), keep),))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context, per_step
+from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context, per_step, sees_every_frame
 
 
 class SinusPositionEmbedding(nn.Module):
@@ -300,8 +300,10 @@ class DiT(nn.Module):
             y = conv(left_context(state, conv[0], y, pos.kernel_size - 1))
         h = y.transpose(1, 2) + h
         rope = self.rotary_embed(offset + length)[offset:]
-        keys = torch.ones(1, 1, offset + length, dtype=torch.bool, device=x.device)
-        mask = chunk_attention_mask(keys, chunk, self.num_decoding_left_chunks)[:, :, offset:]
+        mask = None
+        if not sees_every_frame(offset, length, chunk, self.num_decoding_left_chunks):
+            keys = torch.ones(1, 1, offset + length, dtype=torch.bool, device=x.device)
+            mask = chunk_attention_mask(keys, chunk, self.num_decoding_left_chunks)[:, :, offset:]
         for block, modulation in zip(self.transformer_blocks, block_modulations, strict=True):
             h = block(h, modulation, lambda attn, x: _attention_chunk(attn, x, mask, rope, state))
         h = self.norm_out(h, out_modulation)
@@ -316,7 +318,7 @@ class DiT(nn.Module):
 def _attention_chunk(
     attn: Attention,
     x: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     rope: torch.Tensor,
     state: ChunkState,
 ) -> torch.Tensor:

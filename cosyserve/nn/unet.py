@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context
+from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context, sees_every_frame
 
 _MASK_BIAS = -1.0e10  # additive attention bias for disallowed keys, as the reference uses
 
@@ -418,8 +418,11 @@ class ConditionalDecoder(nn.Module):
         return self.final_proj(_block_chunk(self.final_block, x, state))
 
 
-def _chunk_bias(offset: int, length: int, chunk: int, left_chunks: int, dtype, device) -> Tensor:
-    """(1, 1, length, offset + length) additive bias of the streaming mask for queries from ``offset`` on."""
+def _chunk_bias(offset: int, length: int, chunk: int, left_chunks: int, dtype, device) -> Tensor | None:
+    """(1, 1, length, offset + length) additive bias of the streaming mask for queries from ``offset`` on
+    (None when they see every frame)."""
+    if sees_every_frame(offset, length, chunk, left_chunks):
+        return None
     allowed = chunk_attention_mask(offset + length, chunk, left_chunks, device)[offset:]
     return ((1.0 - allowed.to(dtype)) * _MASK_BIAS)[None, None]
 
@@ -445,7 +448,7 @@ def _resnet_chunk(resnet: ResnetBlock1D, x: Tensor, temb: Tensor, state: ChunkSt
     return _block_chunk(resnet.block2, h, state) + resnet.res_conv(x)
 
 
-def _attention_chunk(attn: Attention, x: Tensor, bias: Tensor, state: ChunkState) -> Tensor:
+def _attention_chunk(attn: Attention, x: Tensor, bias: Tensor | None, state: ChunkState) -> Tensor:
     """Self-attention of the new frames over the cached keys / values and their own."""
     b, t, _ = x.shape
     q, k, v = (proj(x).view(b, t, attn.heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))

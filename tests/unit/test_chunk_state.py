@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyserve.nn.chunk_state import FrameKV, append_kv, per_step, state_nbytes
+from cosyserve.nn.chunk_state import FrameKV, append_kv, per_step, sees_every_frame, state_nbytes
 from cosyserve.nn.dit import DiT
+from cosyserve.nn.unet import chunk_attention_mask
 
 
 def test_frame_kv_returns_every_frame_so_far_and_grows_rarely():
@@ -80,3 +81,12 @@ def test_dit_chunks_compute_the_time_conditioning_once_per_step(tiny_dit):
         ]
     assert len(calls) == len(tiny_dit.transformer_blocks)  # the first chunk only
     torch.testing.assert_close(torch.cat(parts, dim=2), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("left_chunks", [-1, 0, 1, 3])
+def test_no_mask_exactly_when_the_new_frames_see_every_frame(left_chunks):
+    chunk = 4
+    for offset in range(0, 6 * chunk, chunk):
+        for length in range(1, 3 * chunk):
+            allowed = chunk_attention_mask(offset + length, chunk, left_chunks)[offset:]
+            assert sees_every_frame(offset, length, chunk, left_chunks) == bool(allowed.all()), (offset, length)
