@@ -77,6 +77,13 @@ class TokenFlow(nn.Module):
         """Embedded prompt + target tokens (1, P+N, D) -> the condition at the mel frame rate (1, T, 80)."""
         raise NotImplementedError
 
+    def encode_stream(
+        self, emb: Tensor, n_prompt: int, prompt_frames: int, finalize: bool, state: FlowStream
+    ) -> Tensor:
+        """:meth:`encode` (streaming) for the next call of one streamed request; a flow whose encoder
+        can continue from the request's earlier calls keeps what it needs in ``state``."""
+        return self.encode(emb, n_prompt, prompt_frames, finalize, streaming=True)
+
     def condition(
         self,
         token: Tensor,
@@ -85,13 +92,19 @@ class TokenFlow(nn.Module):
         embedding: Tensor,
         finalize: bool = True,
         streaming: bool = False,
+        stream: FlowStream | None = None,
     ) -> FlowCondition:
-        """token (1, N), prompt_token (1, P), prompt_feat (1, Tp, 80), embedding (1, 192) -> the CFM condition."""
+        """token (1, N), prompt_token (1, P), prompt_feat (1, Tp, 80), embedding (1, 192) -> the CFM condition.
+
+        ``stream``: a streamed request's state, when this (streaming) call continues its earlier ones."""
         spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
         tokens = torch.cat([prompt_token, token], dim=1)
         emb = self.input_embedding(tokens.clamp(min=0))
         prompt_frames = prompt_feat.size(1)
-        h = self.encode(emb, prompt_token.size(1), prompt_frames, finalize, streaming)
+        if stream is None:
+            h = self.encode(emb, prompt_token.size(1), prompt_frames, finalize, streaming)
+        else:
+            h = self.encode_stream(emb, prompt_token.size(1), prompt_frames, finalize, stream)
         frames = h.size(1)
         cond = torch.zeros(1, frames, self.output_size, dtype=h.dtype, device=h.device)
         cond[:, :prompt_frames] = prompt_feat
@@ -147,6 +160,7 @@ class CausalFlow(TokenFlow):
         streaming: bool,
         finalize: bool,
         noise: Tensor | None,
+        stream: FlowStream | None = None,
     ) -> tuple[FlowCondition, Tensor]:
         """The estimator's condition and the starting noise of its frames (checked to match)."""
         n_encoded = prompt_token.size(1) + token.size(1) - (0 if finalize else self.pre_lookahead_len)
@@ -156,7 +170,7 @@ class CausalFlow(TokenFlow):
             noise = self.decoder.fixed_noise(frames, token.device)
         elif noise.size(2) < frames:
             raise ValueError(f"flow noise covers {noise.size(2)} frames, {frames} needed")
-        c = self.condition(token, prompt_token, prompt_feat, embedding, finalize, streaming)
+        c = self.condition(token, prompt_token, prompt_feat, embedding, finalize, streaming, stream)
         if c.mu.size(2) != frames:
             raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
         return c, noise[:, :, :frames].to(c.mu)
@@ -182,11 +196,12 @@ class CausalFlow(TokenFlow):
         Same arguments and result (the tokens so far, the mel of all of them), but a streaming call
         runs the estimator on the frames not computed by an earlier call only; the earlier frames come
         from ``state``, exactly as a full chunk-causal run computes them. A non-streaming call (the
-        full-attention last chunk) recomputes everything. The encoder re-runs on all tokens.
+        full-attention last chunk) recomputes everything. A flow whose encoder can continue (v2's)
+        encodes only the new tokens too.
         """
         if not streaming or not self.decoder.estimator.supports_chunks:
             state.reset()
             return self.tokens_to_mel(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
-        c, noise = self._conditioned(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise)
+        c, noise = self._conditioned(token, prompt_token, prompt_feat, embedding, streaming, finalize, noise, state)
         mel = state.advance(self.decoder, c.mu, c.spks, c.cond, noise)
         return mel[:, :, c.prompt_frames :]

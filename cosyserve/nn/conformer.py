@@ -20,6 +20,7 @@ from cosyserve.nn.attention import (
     chunk_mask,
     padding_mask,
 )
+from cosyserve.nn.chunk_state import ChunkState, left_context
 from cosyserve.nn.kv_cache import KVCache
 
 ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU}
@@ -114,6 +115,21 @@ def _run_layers(layers: nn.ModuleList, x: Tensor, mask: Tensor, pos_enc: RelPosi
     pos_seq = pos_enc.sequence(t - 1, -(t - 1), x)
     for layer in layers:
         x = layer(x, mask, pos_seq)
+    return x
+
+
+def _run_layers_cached(
+    layers: nn.ModuleList, x: Tensor, cache: KVCache, chunk: int, pos_enc: RelPositionalEncoding
+) -> Tensor:
+    """The chunk-masked ``_run_layers`` of T new positions after the ``cache``'s (one row), extending it."""
+    t = x.size(1)
+    cached = cache.length
+    keys = cached + t
+    mask = chunk_mask(keys, chunk, x.device)[cached:].unsqueeze(0)  # (1, T, S)
+    pos_seq = pos_enc.sequence(keys - 1, -(t - 1), x)
+    for i, layer in enumerate(layers):
+        x = layer(x, mask, pos_seq, LayerCache(cache, i))
+    cache.advance(t)
     return x
 
 
@@ -223,8 +239,11 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(in_channels, channels, kernel_size=pre_lookahead_len + 1)
         self.conv2 = nn.Conv1d(channels, in_channels, kernel_size=3)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """x (B, T, C), context (B, c, C) with c <= pre_lookahead_len frames following x -> (B, T, C)."""
+    def forward(self, x: Tensor, context: Tensor | None = None, earlier: ChunkState | None = None) -> Tensor:
+        """x (B, T, C), context (B, c, C) with c <= pre_lookahead_len frames following x -> (B, T, C).
+
+        ``earlier``: a streamed request's state when x continues the frames of earlier calls (conv2
+        then sees their last activations instead of zeros); it is updated."""
         h = x.transpose(1, 2)
         missing = self.pre_lookahead_len
         if context is not None and context.size(1) > 0:
@@ -234,7 +253,8 @@ class PreLookaheadLayer(nn.Module):
             missing -= context.size(1)
         h = F.pad(h, (0, missing))
         h = F.leaky_relu(self.conv1(h), 0.01)
-        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))
+        keep = self.conv2.kernel_size[0] - 1
+        h = self.conv2(F.pad(h, (keep, 0)) if earlier is None else left_context(earlier, self.conv2, h, keep))
         return h.transpose(1, 2) + x
 
 
@@ -246,10 +266,12 @@ class Upsample1D(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(channels, out_channels, kernel_size=stride * 2 + 1)
 
-    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, C, T) -> (B, C', stride*T), lengths * stride."""
+    def forward(self, x: Tensor, lengths: Tensor, earlier: ChunkState | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, C, T) -> (B, C', stride*T), lengths * stride. ``earlier`` as in :class:`PreLookaheadLayer`."""
         x = torch.repeat_interleave(x, self.stride, dim=2)
-        return self.conv(F.pad(x, (self.stride * 2, 0))), lengths * self.stride
+        keep = self.stride * 2
+        x = F.pad(x, (keep, 0)) if earlier is None else left_context(earlier, self.conv, x, keep)
+        return self.conv(x), lengths * self.stride
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -316,3 +338,48 @@ class UpsampleConformerEncoder(nn.Module):
         chunk = chunk * self.up_layer.stride
         x = _run_layers(self.up_encoders, x, _attention_mask(pad, chunk), self.up_embed.pos_enc)
         return self.after_norm(x), pad
+
+    def forward_stream(self, xs: Tensor, context: Tensor | None, stream: EncoderStream) -> Tensor:
+        """The streaming :meth:`forward` of a request's tokens so far, encoding only those after ``stream``'s.
+
+        xs (1, T, D_in) all the tokens so far, context as in :meth:`forward` -> (1, 2T, D). With the
+        chunk masks the earlier tokens' outputs do not change when tokens are added (their look-ahead
+        context was the same tokens), so ``stream`` keeps them with both stacks' keys / values and the
+        convolutions' last inputs. Earlier tokens not ending on a chunk boundary are encoded again.
+        """
+        chunk = self.static_chunk_size
+        if chunk <= 0:
+            return self.forward(xs, torch.tensor([xs.size(1)], device=xs.device), context, streaming=True)[0]
+        if stream.tokens % chunk or stream.tokens > xs.size(1):
+            stream.reset()
+        start = stream.tokens
+        x = self.embed(xs[:, start:])
+        if context is not None and context.size(1) > 0:
+            context = self.embed(context)
+        x = self.pre_lookahead_layer(x, context, stream.convs)
+        x = _run_layers_cached(self.encoders, x, stream.encoders, chunk, self.embed.pos_enc)
+        lengths = torch.tensor([x.size(1)], device=x.device)
+        x = self.up_layer(x.transpose(1, 2), lengths, stream.convs)[0].transpose(1, 2)
+        x = self.up_embed(x)
+        stride = self.up_layer.stride
+        x = _run_layers_cached(self.up_encoders, x, stream.up_encoders, chunk * stride, self.up_embed.pos_enc)
+        out = self.after_norm(x)
+        stream.output = out if stream.output is None else torch.cat([stream.output, out], dim=1)
+        stream.tokens = xs.size(1)
+        return stream.output
+
+
+class EncoderStream:
+    """One streamed request's :class:`UpsampleConformerEncoder` state: its tokens encoded so far, their
+    outputs, and what later tokens need of them (both stacks' keys / values, the convolutions' last inputs)."""
+
+    def __init__(self, encoder: UpsampleConformerEncoder) -> None:
+        self._depths = (len(encoder.encoders), len(encoder.up_encoders))
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self.output: Tensor | None = None  # (1, 2 * tokens, D)
+        self.encoders = KVCache(self._depths[0])
+        self.up_encoders = KVCache(self._depths[1])
+        self.convs: ChunkState = {}

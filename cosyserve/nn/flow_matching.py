@@ -194,12 +194,14 @@ class FlowStream:
     def __init__(self, max_cache_bytes: int) -> None:
         self.cache = EstimatorCache()
         self.mel: Tensor | None = None  # (1, C, cache.frames), prompt frames included
+        self.encoder: object | None = None  # the flow encoder's own streaming state, if it keeps one
         self.max_cache_bytes = max_cache_bytes
         self.over_budget = False
 
     def reset(self) -> None:
         self.cache.reset()
         self.mel = None
+        self.encoder = None
 
     def advance(self, cfm: ConditionalCFM, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
         """The streaming mel (1, C, T) of all T frames of mu, computing only those not computed before.

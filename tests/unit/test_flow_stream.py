@@ -214,3 +214,31 @@ def test_a_cache_over_budget_falls_back_to_the_full_rerun(monkeypatch):
     np.testing.assert_allclose(
         mel.numpy(), flow.tokens_to_mel(*args, streaming=True, finalize=False).numpy(), atol=ATOL
     )
+
+
+@pytest.mark.parametrize("hops", [(25, 25, 25), (50, 25, 75), (25, 30, 25)])
+def test_v2_encoder_encodes_only_the_new_tokens_and_equals_the_full_encoder(hops, request):
+    """The up-sampling conformer continued from a request's earlier calls: each streamed call embeds the
+    tokens after the last chunk boundary only (all of them again after a call that ended off it), and its
+    output equals the full chunk-masked encoder's over all tokens."""
+    flow = _core("v2-tiny").flow
+    chunk, lookahead = flow.encoder.static_chunk_size, flow.pre_lookahead_len
+    c = _condition(prompt_tokens=chunk)
+    tokens = torch.tensor([_tokens(sum(hops) + lookahead)], dtype=torch.int32)
+    embedded = []
+    hook = flow.encoder.embed.register_forward_pre_hook(lambda _, args: embedded.append(args[0].size(1)))
+    request.addfinalizer(hook.remove)
+    state = flow.stream_state()
+    done = encoded = 0
+    for hop in hops:
+        n = done + hop + lookahead
+        args = (tokens[:, :n], c.token, c.feat, c.embedding)
+        embedded.clear()
+        streamed = flow.condition(*args, finalize=False, streaming=True, stream=state).mu
+        total = c.token.size(1) + done + hop
+        expected_new = total - encoded if encoded % chunk == 0 else total
+        encoded = total
+        assert embedded == [expected_new, lookahead], embedded  # the new tokens, then their look-ahead context
+        full = flow.condition(*args, finalize=False, streaming=True).mu
+        np.testing.assert_allclose(streamed.numpy(), full.numpy(), atol=ATOL, rtol=0)
+        done += hop

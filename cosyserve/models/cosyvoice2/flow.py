@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from cosyserve.models.cosyvoice2.config import V2FlowConfig
 from cosyserve.models.flow import CausalFlow
+from cosyserve.nn.conformer import EncoderStream
+from cosyserve.nn.flow_matching import FlowStream
 from cosyserve.nn.unet import ConditionalDecoder
 
 
@@ -27,3 +29,12 @@ class CausalMaskedDiffWithXvec(CausalFlow):
         lens = torch.tensor([emb.size(1)], device=emb.device)
         h, _ = self.encoder(emb, lens, context=context, streaming=streaming)  # (1, 2 (P+N[-3]), 512)
         return self.encoder_proj(h)
+
+    def encode_stream(
+        self, emb: Tensor, n_prompt: int, prompt_frames: int, finalize: bool, state: FlowStream
+    ) -> Tensor:
+        """:meth:`encode` (streaming), encoding only the tokens after those of the request's earlier calls."""
+        emb, context = self.split_lookahead(emb, finalize)
+        if not isinstance(state.encoder, EncoderStream):
+            state.encoder = EncoderStream(self.encoder)
+        return self.encoder_proj(self.encoder.forward_stream(emb, context, state.encoder))
