@@ -15,15 +15,16 @@ import torch
 from torch import Tensor, nn
 
 # Spare room, as a share of the frames held, reserved when the key / value buffers grow: growing
-# by concatenation copied (and page-faulted) the whole cache for every chunk.
-GROWTH = 0.5
+# by concatenation copied (and page-faulted) the whole cache for every chunk. The room is allocated
+# but not written, so on the CPU its pages are not resident until frames fill them.
+GROWTH = 1.0
 
 
 class FrameKV:
     """One attention layer's keys and values of the frames so far, (B, H, S, D), grown along S.
 
-    Storage grows by half again when full, so appending a chunk copies the earlier frames only a
-    few times per request, and the attention reads strided views of the buffers (no copy).
+    Storage doubles when full, so appending a chunk copies the earlier frames about once per
+    request, and the attention reads strided views of the buffers (no copy).
     """
 
     def __init__(self) -> None:
@@ -51,8 +52,11 @@ class FrameKV:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffers (spare room included)."""
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v) if t is not None)
+        """Bytes of the frames held (the untouched spare room is left out)."""
+        if self._k is None:
+            return 0
+        per_frame = self._k[:, :, :1].numel() * self._k.element_size()
+        return 2 * per_frame * self.frames
 
 
 # module -> its state: keys / values, the last input frames, or tensors of the flow time.

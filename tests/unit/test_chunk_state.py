@@ -21,9 +21,9 @@ def test_frame_kv_returns_every_frame_so_far_and_grows_rarely():
         torch.testing.assert_close(all_v, torch.cat([c[1] for c in chunks[: i + 1]], dim=2), rtol=0, atol=0)
         buffers.add(all_k.untyped_storage().data_ptr())
     assert cache.frames == 32
-    # Half again as much room on each growth: 6 appends need 3 buffers (7 -> 10, 12 -> 18, 22 -> 33 frames).
-    assert len(buffers) == 3
-    assert cache.nbytes == 2 * (2 * 3 * 33 * 4) * 4
+    # Twice the room on each growth: 6 appends need 2 buffers (7 -> 14, 17 -> 34 frames).
+    assert len(buffers) == 2
+    assert cache.nbytes == 2 * (2 * 3 * 32 * 4) * 4  # the frames held, not the room
 
 
 def test_per_step_computes_once_per_flow_time():
@@ -48,7 +48,7 @@ def test_state_nbytes_counts_key_value_buffers():
     state = {}
     attention = torch.nn.Identity()
     append_kv(state, attention, torch.zeros(1, 2, 10, 8), torch.zeros(1, 2, 10, 8))
-    assert state_nbytes(state) == 2 * (1 * 2 * 15 * 8) * 4
+    assert state_nbytes(state) == 2 * (1 * 2 * 10 * 8) * 4
 
 
 @pytest.fixture
