@@ -65,6 +65,7 @@ class FamilyModel(StageNumbers):
         is left in fp32 (v3's f0 predictor in fp64). An fp32 LLM's linear layers take the weight-first
         kernel for a decode step's few rows (:mod:`cosyserve.nn.linear`)."""
         if llm == "int8":
+            use_few_rows_linear(self.llm, enabled=False)  # quantize_dynamic converts plain nn.Linear only
             # Dynamic quantization: int8 weights, fp32 activations, for the LLM's linear layers (but the
             # rel-pos projection, whose weight the attention reads directly).
             qconfig = torch.ao.quantization.default_dynamic_qconfig

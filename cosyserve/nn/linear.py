@@ -23,16 +23,6 @@ FEW_ROWS = 64
 class FewRowsLinear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) that computes 2..FEW_ROWS-row fp32 CPU inputs weight-first."""
 
-    @classmethod
-    def sharing(cls, linear: nn.Linear) -> FewRowsLinear:
-        """A FewRowsLinear holding ``linear``'s own weight and bias Parameters (nothing copied)."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        return layer
-
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
         fp32_cpu = x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
@@ -44,14 +34,26 @@ class FewRowsLinear(nn.Linear):
         return y.contiguous().view(*x.shape[:-1], self.out_features)
 
 
-def use_few_rows_linear(module: nn.Module) -> int:
+def use_few_rows_linear(module: nn.Module, enabled: bool = True) -> int:
     """Replace every plain ``nn.Linear`` inside ``module`` by a :class:`FewRowsLinear` sharing its
-    parameters (parameter names and the state dict stay as they are); returns how many."""
+    parameters (parameter names and the state dict stay as they are), or, not ``enabled``, back (what
+    dynamic quantization needs: it converts plain ``nn.Linear`` only). Returns how many."""
+    source, target = (nn.Linear, FewRowsLinear) if enabled else (FewRowsLinear, nn.Linear)
     replaced = 0
     for name, child in module.named_children():
-        if type(child) is nn.Linear:
-            setattr(module, name, FewRowsLinear.sharing(child))
+        if type(child) is source:
+            setattr(module, name, _sharing(target, child))
             replaced += 1
         else:
-            replaced += use_few_rows_linear(child)
+            replaced += use_few_rows_linear(child, enabled)
     return replaced
+
+
+def _sharing(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
+    """A ``cls`` holding ``linear``'s own weight and bias Parameters (nothing copied)."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = linear.in_features, linear.out_features
+    layer.weight = linear.weight
+    layer.bias = linear.bias
+    return layer

@@ -9,12 +9,18 @@ from torch import nn
 from cosyserve.nn.linear import FEW_ROWS, FewRowsLinear, use_few_rows_linear
 
 
+def _few_rows(linear: nn.Linear) -> FewRowsLinear:
+    holder = nn.Sequential(linear)
+    use_few_rows_linear(holder)
+    return holder[0]
+
+
 @pytest.mark.parametrize("rows", [1, 2, 7, FEW_ROWS, FEW_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
 def test_equals_nn_linear(rows, bias):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=bias)
-    fast = FewRowsLinear.sharing(linear)
+    fast = _few_rows(linear)
     x = torch.randn(rows, 1, 96)
     y = fast(x)
     assert y.shape == (rows, 1, 40) and y.is_contiguous()
@@ -26,7 +32,7 @@ def test_weight_first_product_is_used_for_a_few_rows_only(monkeypatch):
     calls = []
     original = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a: calls.append(1) or original(*a))
-    fast = FewRowsLinear.sharing(nn.Linear(16, 8))
+    fast = _few_rows(nn.Linear(16, 8))
     for rows in (1, 2, FEW_ROWS, FEW_ROWS + 1):
         fast(torch.randn(rows, 16))
     assert len(calls) == 2
@@ -45,3 +51,6 @@ def test_replacement_keeps_parameters_and_state_dict():
     assert list(model.state_dict()) == keys
     model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
     assert model(torch.ones(3, 4)).abs().sum() == 0
+    assert use_few_rows_linear(model, enabled=False) == 2
+    assert type(model[0]) is nn.Linear and type(model[1][1]) is nn.Linear
+    assert all(dict(model.named_parameters())[n] is before[n] for n in before)
