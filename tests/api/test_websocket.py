@@ -151,14 +151,14 @@ def test_parse_output_format():
 # -- the native protocol ---------------------------------------------------------------------------
 
 
-async def _native_session(server: LiveServer, version: str, rate: int) -> dict[str, Any]:
-    """Streams SENTENCES word by word; the last sentence only once audio came (or after TIMEOUT s)."""
+async def _streamed_session(server: LiveServer, config: dict[str, Any], groups: list[list[str]]) -> dict[str, Any]:
+    """Sends ``config``, then each group of text fragments but the last, fragment by fragment; the last
+    group only once audio came (or after TIMEOUT s); then closes. Records every event and when things happened."""
     events: list[Any] = []
     got_audio = asyncio.Event()
     times: dict[str, float] = {}
     async with websockets.connect(ws_url(server, "/v1/audio/speech/stream"), max_size=None) as ws:
-        config = {"type": "session.config", "voice": speaker(version), "seed": SEED, "sample_rate": rate}
-        await ws.send(json.dumps(config))
+        await ws.send(json.dumps({"type": "session.config", **config}))
 
         async def reader() -> None:
             async for message in ws:
@@ -168,20 +168,25 @@ async def _native_session(server: LiveServer, version: str, rate: int) -> dict[s
                 events.append(message if isinstance(message, bytes) else json.loads(message))
 
         task = asyncio.create_task(reader())
-        fragments = words(SENTENCES)
-        for sentence in fragments[:-1]:
-            for word in sentence:
-                await ws.send(json.dumps({"type": "text", "text": word}))
+        for group in groups[:-1]:
+            for fragment in group:
+                await ws.send(json.dumps({"type": "text", "text": fragment}))
                 await asyncio.sleep(0.01)
-            times.setdefault("first_sentence_sent", time.perf_counter())
+            times.setdefault("first_group_sent", time.perf_counter())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(got_audio.wait(), TIMEOUT)
         times["last_fragment"] = time.perf_counter()
-        for word in fragments[-1]:
-            await ws.send(json.dumps({"type": "text", "text": word}))
+        for fragment in groups[-1]:
+            await ws.send(json.dumps({"type": "text", "text": fragment}))
         await ws.send(json.dumps({"type": "close"}))
         await asyncio.wait_for(task, TIMEOUT)
         return {"events": events, "times": times, "close": ws.close_code}
+
+
+async def _native_session(server: LiveServer, version: str, rate: int) -> dict[str, Any]:
+    """Streams SENTENCES word by word; the last sentence only once audio came (or after TIMEOUT s)."""
+    config = {"voice": speaker(version), "seed": SEED, "sample_rate": rate}
+    return await _streamed_session(server, config, words(SENTENCES))
 
 
 def split_segments(events: list[Any]) -> dict[int, dict[str, Any]]:
@@ -220,9 +225,7 @@ def test_native_audio_before_the_last_fragment_and_equal_to_http(version, server
         np.testing.assert_array_equal(got, want, err_msg=f"segment {index}: {text}")
         assert segments[index]["seconds"] == pytest.approx(got.size / rate, abs=0.01)
     wait_for(lambda: engine_idle(server), 10, "the engine to be idle")
-    print(
-        f"{version}: first audio {times['first_audio'] - times['first_sentence_sent']:.3f} s after the first sentence"
-    )
+    print(f"{version}: first audio {times['first_audio'] - times['first_group_sent']:.3f} s after the first sentence")
 
 
 @contextlib.contextmanager
@@ -586,32 +589,8 @@ def test_sessions_in_metrics(server_for):
 
 async def _bistream_session(server: LiveServer, version: str) -> dict[str, Any]:
     """Streams SENTENCES word by word into one bistream utterance; the last word only once audio came."""
-    events: list[Any] = []
-    got_audio = asyncio.Event()
-    times: dict[str, float] = {}
-    async with websockets.connect(ws_url(server, "/v1/audio/speech/stream"), max_size=None) as ws:
-        config = {"type": "session.config", "voice": speaker(version), "seed": SEED, "bistream": True}
-        await ws.send(json.dumps(config))
-
-        async def reader() -> None:
-            async for message in ws:
-                if isinstance(message, bytes) and not got_audio.is_set():
-                    times["first_audio"] = time.perf_counter()
-                    got_audio.set()
-                events.append(message if isinstance(message, bytes) else json.loads(message))
-
-        task = asyncio.create_task(reader())
-        fragments = [w for sentence in words(SENTENCES) for w in sentence]
-        for word in fragments[:-1]:
-            await ws.send(json.dumps({"type": "text", "text": word}))
-            await asyncio.sleep(0.01)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(got_audio.wait(), TIMEOUT)
-        times["last_fragment"] = time.perf_counter()
-        await ws.send(json.dumps({"type": "text", "text": fragments[-1]}))
-        await ws.send(json.dumps({"type": "close"}))
-        await asyncio.wait_for(task, TIMEOUT)
-        return {"events": events, "times": times, "close": ws.close_code}
+    config = {"voice": speaker(version), "seed": SEED, "bistream": True}
+    return await _streamed_session(server, config, [[w] for sentence in words(SENTENCES) for w in sentence])
 
 
 @pytest.mark.parametrize("version", ["v2-tiny", "v3-tiny"])
