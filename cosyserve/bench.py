@@ -13,13 +13,16 @@ What it reports (progress goes to stderr, the report to stdout):
   and, at N = 1, the time per stage (prefill, decode, flow, vocoder);
 - the LLM decode step time at batch 1, 4, 8 (``--decode-batches``) next to its weight-read bound:
   the bytes of weights one step reads divided by the measured memory bandwidth;
-- peak RSS.
+- peak RSS;
+- with ``--mixed``, through HTTP: a stream's largest gap between chunks alone, beside a non-streamed
+  request, and while a zero-shot request with a long prompt is admitted (:mod:`cosyserve.bench_mixed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import resource
 import sys
@@ -30,7 +33,8 @@ from typing import Any
 
 import torch
 
-from cosyserve.engine.client import AsyncEngine
+from cosyserve.bench_mixed import print_mixed, run_mixed
+from cosyserve.engine.client import AsyncEngine, AudioStream
 from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.hub import resolve_model_dir
@@ -77,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
     parser.add_argument("--stream-only", action="store_true", help="skip the non-streaming runs")
+    parser.add_argument("--mixed", action="store_true", help="also the mixed-load scenarios through HTTP")
+    parser.add_argument(
+        "--long-prompt-seconds", type=float, default=29.0, help="the mixed load's zero-shot prompt (default 29)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -115,6 +123,22 @@ class FixedLengthSampler:
         return self.ras(masked, history)
 
 
+class FixedLengthEngine(AsyncEngine):
+    """The in-process engine with every request generating exactly ``n_tokens`` speech tokens (a
+    random-weight LLM cannot be trusted to stop), also for requests that come through HTTP."""
+
+    def __init__(self, model: TTSModel, n_tokens: int, seed: int, max_running: int, max_queue: int) -> None:
+        super().__init__(model, max_running=max_running, max_queue=max_queue)
+        self.n_tokens = n_tokens
+        self.seeds = itertools.count(seed)
+
+    async def synthesize(
+        self, request: SynthesisRequest, request_id: str | None = None, **overrides: Any
+    ) -> AudioStream:
+        overrides.setdefault("sampler", FixedLengthSampler(self.model, self.n_tokens, next(self.seeds)))
+        return await super().synthesize(request, request_id, **overrides)
+
+
 def random_weight_dir(model_dir: Path, frontend_from: Path | None, blank_en: Path | None) -> Path:
     """A directory with ``model_dir``'s yaml and geometry and ``frontend_from``'s frontend files."""
     work = Path(tempfile.mkdtemp(prefix="cosyserve-bench-"))
@@ -148,25 +172,30 @@ def _request(model: TTSModel, args: argparse.Namespace, stream: bool) -> Synthes
     return SynthesisRequest("zero_shot", args.text, prompt_text=args.prompt_text, prompt_audio=prompt, options=options)
 
 
-async def _one(engine: AsyncEngine, request: SynthesisRequest, sampler: FixedLengthSampler) -> dict[str, float]:
+async def _one(engine: FixedLengthEngine, request: SynthesisRequest) -> dict[str, Any]:
     start = time.perf_counter()
-    first = None
+    arrivals = []
     samples = 0
-    stream = await engine.synthesize(request, sampler=sampler)
+    stream = await engine.synthesize(request)
     async for chunk in stream:
-        first = first if first is not None else time.perf_counter() - start
+        arrivals.append(time.perf_counter())
         samples += chunk.shape[0]
-    return {"total_s": time.perf_counter() - start, "first_s": first or 0.0, "samples": samples}
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return {
+        "total_s": time.perf_counter() - start,
+        "first_s": arrivals[0] - start if arrivals else 0.0,
+        "samples": samples,
+        "gap_max_s": max(gaps, default=0.0),
+        "gap_median_s": _percentile(gaps, 0.5) or 0.0,
+    }
 
 
-async def _level(engine: AsyncEngine, model: TTSModel, args: argparse.Namespace, n: int, stream: bool) -> dict:
-    n_tokens = round(args.seconds * model.token_rate)
+async def _level(engine: FixedLengthEngine, model: TTSModel, args: argparse.Namespace, n: int, stream: bool) -> dict:
     requests = [_request(model, args, stream) for _ in range(n)]
-    samplers = [FixedLengthSampler(model, n_tokens, args.seed + i) for i in range(n)]
     timings: dict[str, float] = {}
     engine.core.scheduler.timings = timings
     start = time.perf_counter()
-    results = await asyncio.gather(*(_one(engine, r, s) for r, s in zip(requests, samplers, strict=True)))
+    results = await asyncio.gather(*(_one(engine, r) for r in requests))
     wall = time.perf_counter() - start
     engine.core.scheduler.timings = None
     audio_s = sum(r["samples"] for r in results) / model.sample_rate
@@ -183,6 +212,9 @@ async def _level(engine: AsyncEngine, model: TTSModel, args: argparse.Namespace,
         "first_chunk_p95_s": round(_percentile(firsts, 0.95), 3),
         "total_p50_s": round(_percentile(totals, 0.5), 3),
         "total_p95_s": round(_percentile(totals, 0.95), 3),
+        # Per request, its largest / median gap between two chunks; the worst request's here.
+        "gap_max_s": round(max(r["gap_max_s"] for r in results), 3),
+        "gap_median_s": round(max(r["gap_median_s"] for r in results), 3),
         "stages_s": {k: round(v, 3) for k, v in timings.items()},
     }
 
@@ -287,7 +319,9 @@ def run(args: argparse.Namespace) -> int:
     levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
     stream_levels = [int(n) for n in (args.stream_concurrency or args.concurrency).split(",") if n.strip()]
     kinds = ([] if args.stream_only else [(False, levels)]) + ([] if args.no_stream else [(True, stream_levels)])
-    engine = AsyncEngine(model, max_running=max(levels + stream_levels), max_queue=max(levels + stream_levels))
+    most = max(levels + stream_levels + [3])
+    n_tokens = round(args.seconds * model.token_rate)
+    engine = FixedLengthEngine(model, n_tokens, args.seed, max_running=most, max_queue=most)
     try:
         for stream, counts in kinds:
             for n in counts:
@@ -298,6 +332,13 @@ def run(args: argparse.Namespace) -> int:
                     f"first chunk p50 {result['first_chunk_p50_s']} s"
                 )
                 report["runs"].append(result)
+        if args.mixed:
+            progress(
+                f"mixed load through HTTP ({args.seconds} s each, {args.long_prompt_seconds} s zero-shot prompt) ..."
+            )
+            report["mixed"] = run_mixed(
+                engine, model.list_speakers()[0], args.text, args.prompt_text, args.long_prompt_seconds
+            )
     finally:
         engine.core.stop()
     progress("decode step timing ...")
@@ -334,6 +375,8 @@ def _print_table(report: dict[str, Any]) -> None:
             f"{r['rtf']:5.2f} {r['first_chunk_p50_s']:7.2f}/{r['first_chunk_p95_s']:<7.2f} "
             f"{r['total_p50_s']:7.2f}/{r['total_p95_s']:<7.2f}"
         )
+        if r["stream"]:
+            print(f"{'':14s}gap between chunks: max {r['gap_max_s']:.2f} s, median {r['gap_median_s']:.2f} s")
         if r["concurrency"] == 1:
             stages = ", ".join(f"{k} {v:.2f} s" for k, v in r["stages_s"].items())
             print(f"{'':14s}stages: {stages}")
@@ -344,6 +387,8 @@ def _print_table(report: dict[str, Any]) -> None:
     )
     for s in d["steps"]:
         print(f"  batch {s['batch']:2d}: {s['step_ms']:8.2f} ms  ({s['x_bound']}x the bound)")
+    if "mixed" in report:
+        print_mixed(report["mixed"])
     print(f"peak RSS {report['peak_rss_mb']} MB")
 
 
