@@ -42,23 +42,6 @@ class CliError(Exception):
 # -- serve ----------------------------------------------------------------------------------------
 
 
-def resolve_device(gpu: int | None) -> str:
-    """``cuda:<gpu>`` when CUDA is there; the CPU (with a warning if a GPU was asked for) otherwise."""
-    if gpu == -1:
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        if gpu is not None:
-            logger.warning("CUDA is not available: running on the CPU instead of GPU %d", gpu)
-        return "cpu"
-    count = torch.cuda.device_count()
-    index = 0 if gpu is None else gpu
-    if index >= count:
-        raise CliError(f"--gpu {index} is out of range: {count} CUDA device(s) visible (0..{count - 1})")
-    return f"cuda:{index}"
-
-
 def bind_socket(host: str, port: int) -> socket.socket:
     """Listen early, so a taken port fails at once instead of after the model has loaded."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -72,35 +55,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def model_loaders(settings: Settings, device: str) -> dict[str, Any]:
-    """A loader per ``--model_dir`` entry, keyed by its name; the models share one voice library."""
-    library: list[Any] = []  # opened by the first loader to run: start-up stays fast, errors reach /health
+def server_loaders(settings: Settings) -> dict[str, Any]:
+    """A loader per ``--model_dir`` entry, keyed by its name, on the device ``--gpu`` picks (imports torch)."""
+    from cosyserve.engine.loading import resolve_device
+    from cosyserve.engine.pipeline import model_loaders
 
-    def loader(source: str) -> Any:
-        def load() -> Any:
-            from cosyserve.engine.pipeline import load_model
-            from cosyserve.engine.voice_library import open_voice_library
-
-            logger.info("loading %s on %s", source, device)
-            if not library:
-                data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else None
-                library.append(open_voice_library(settings.voice_store, data_dir, settings.max_voices))
-            return load_model(
-                source,
-                device=device,
-                library=library[0],
-                llm_weights=settings.llm_weights,
-                text_frontend=settings.text_frontend,
-                threads=settings.threads or os.cpu_count() or 1,
-                dtype=settings.dtype,
-                flow_steps=settings.flow_steps or None,
-                stream_last_chunk=settings.stream_last_chunk,
-                stream_cache_mb=settings.stream_cache_mb,
-            )
-
-        return load
-
-    return {spec.name or spec.source: loader(spec.source) for spec in settings.models}
+    try:
+        device = resolve_device(settings.gpu)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    sources = {spec.name or spec.source: spec.source for spec in settings.models}
+    return model_loaders(sources, settings.engine_options(), device)
 
 
 def serve(settings: Settings) -> int:
@@ -109,7 +74,6 @@ def serve(settings: Settings) -> int:
     from cosyserve.api import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = resolve_device(settings.gpu)
     sock = bind_socket(settings.host, settings.port)
     failures: list[tuple[str, BaseException]] = []
 
@@ -125,7 +89,7 @@ def serve(settings: Settings) -> int:
         # A lazily loaded model fails on its first request: that request and /health report it.
         return load if settings.lazy_load else guarded
 
-    loaders = {name: stopping_on_failure(name, load) for name, load in model_loaders(settings, device).items()}
+    loaders = {name: stopping_on_failure(name, load) for name, load in server_loaders(settings).items()}
     app = create_app(loaders if len(loaders) > 1 else next(iter(loaders.values())), settings)
     logger.info(
         "listening on http://%s:%d; GET /health answers 503 until the model%s loaded",

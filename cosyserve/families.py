@@ -7,6 +7,8 @@ them (``models`` for the networks, ``engine`` for the token-to-audio policy).
 
 To add a family: a ``models/<family>/`` package with its networks and a ``FamilySpec`` (``load``),
 a synthesizer in ``engine/streaming.py`` if its token-to-audio schedule is new, and a record here.
+
+The engine asks this table, never a network (``hasattr``) or a family name, what a family can do.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class Family:
     synthesizer: str  # token-to-audio policy: a class of cosyserve.engine.streaming
     instruct_mode: str  # instruct (built-in speaker + instruction) or instruct2 (prompt + instruction)
     system_prompt: bool = False  # texts need "You are a helpful assistant.<|endofprompt|>" before them
+    bistream: bool = False  # the LLM takes text that arrives while it speaks (spec §9.4)
+    # The official code's early stop masks one id that is not this family's eos (v3: spec §17.2), which
+    # --reference_eos_mask reproduces; where the two rules agree (v1, v2) the option changes nothing.
+    reference_eos_quirk: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -49,6 +55,7 @@ FAMILIES: dict[str, Family] = {
             "cosyserve.models.cosyvoice2.model",
             "V2Synthesizer",
             "instruct2",
+            bistream=True,
         ),
         Family(
             "cosyvoice3",
@@ -60,6 +67,8 @@ FAMILIES: dict[str, Family] = {
             "V3Synthesizer",
             "instruct2",
             system_prompt=True,
+            bistream=True,
+            reference_eos_quirk=True,
         ),
     )
 }

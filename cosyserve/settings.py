@@ -13,10 +13,13 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cosyserve.engine.voice_library import check_voice_store
 from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES, parse_dtypes
+
+if TYPE_CHECKING:
+    from cosyserve.engine.loading import EngineOptions
 
 ENV_PREFIX = "COSYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -107,6 +110,23 @@ class Settings:
     @property
     def models(self) -> tuple[ModelSpec, ...]:
         return parse_model_specs(self.model_dir)
+
+    def engine_options(self) -> EngineOptions:
+        """The options every model of this server is loaded with."""
+        from cosyserve.engine.loading import EngineOptions  # torch: imported when a model is loaded only
+
+        return EngineOptions(
+            data_dir=Path(self.data_dir).expanduser() if self.data_dir else None,
+            voice_store=self.voice_store,
+            max_voices=self.max_voices,
+            llm_weights=self.llm_weights,
+            text_frontend=self.text_frontend,
+            threads=self.threads or os.cpu_count() or 1,
+            dtype=self.dtype,
+            flow_steps=self.flow_steps or None,
+            stream_last_chunk=self.stream_last_chunk,
+            stream_cache_mb=self.stream_cache_mb,
+        )
 
     def __post_init__(self) -> None:
         specs = self.models  # raises on a malformed list

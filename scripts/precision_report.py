@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from cosyserve.bench import progress, random_weight_dir
+from cosyserve.engine.inputs import SegmentInput
 from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.models.base import FamilyModel
@@ -66,24 +67,18 @@ def parse_options(spec: str) -> list[tuple[str, str]]:
 
 
 # -- LLM ------------------------------------------------------------------------------------------
-def llm_prefix_inputs(model: TTSModel) -> dict[str, torch.Tensor]:
+def llm_prefix_inputs(model: TTSModel) -> SegmentInput:
     """The first segment's model input of an sft request for the first built-in speaker."""
     request = SynthesisRequest("sft", TEXT, spk_id=model.list_speakers()[0], options=GenerationOptions(seed=0))
     return model.prepare(request).inputs[0]
 
 
-def teacher_forced_logps(llm: torch.nn.Module, inputs: dict[str, torch.Tensor], tokens: list[int] | None, steps: int):
+def teacher_forced_logps(llm: torch.nn.Module, inputs: SegmentInput, tokens: list[int] | None, steps: int):
     """(steps, V) log-probs of ``llm`` fed ``tokens`` after the prefix; with ``tokens`` None, greedy
     over the speech ids (what the fp32 reference feeds). Returns (log-probs, the ids fed)."""
-    empty = torch.zeros(1, 0, dtype=torch.int32)
     rows, fed = [], []
     with torch.inference_mode():
-        prefix = llm.build_prefix(
-            inputs["text"],
-            inputs.get("prompt_text", empty),
-            inputs.get("llm_prompt_speech_token", empty),
-            inputs.get("llm_embedding", torch.zeros(0, 192)),
-        )
+        prefix = llm.build_prefix(inputs.text, inputs.prompt_text, inputs.llm_prompt_speech, inputs.llm_embedding)
         hidden, cache = llm.prefill(prefix)
         for step in range(steps):
             logp = llm.logp(hidden).float().cpu()
@@ -204,7 +199,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         n_tokens = round(args.seconds * core.token_frame_rate)
         tokens = torch.randint(0, speech_ids, (1, n_tokens), generator=torch.Generator().manual_seed(args.seed))
         tokens = tokens.to(torch.int32)
-        embedding = inputs["flow_embedding"]
+        embedding = inputs.flow_embedding
         start = time.perf_counter()
         mel32 = flow_mel(core, tokens, embedding, args.seed)
         wave32, source32 = vocode(core, mel32, args.seed)

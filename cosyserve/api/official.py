@@ -151,8 +151,9 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
         }
         options, fmt = parse_options(fields, state.settings.official_format)
         sample_rate = parse_sample_rate(fields)
+        limits = engine.info.prompt_limits
         for name in endpoint.audios:
-            values[REQUEST_FIELDS[name]] = None if name in replaced else await audio_field(fields, name)
+            values[REQUEST_FIELDS[name]] = None if name in replaced else await audio_field(fields, name, limits)
         if spk_id is not None:
             values["spk_id"] = spk_id
     finally:

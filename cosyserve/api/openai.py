@@ -274,7 +274,8 @@ async def create_speech(request: Request) -> Response:
     options = _options(req)
     prompt = None
     if req.ref_audio:
-        prompt = await anyio.to_thread.run_sync(check_audio, "ref_audio", decode_ref_audio(req.ref_audio))
+        limits = engine.info.prompt_limits
+        prompt = await anyio.to_thread.run_sync(check_audio, "ref_audio", decode_ref_audio(req.ref_audio), limits)
     instructions = req.instructions if req.instructions and req.instructions.strip() else None
     spk_id = voice = None
     if prompt is None:

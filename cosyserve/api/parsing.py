@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio
-import numpy as np
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
@@ -17,12 +16,11 @@ from starlette.types import Message
 
 from cosyserve.api.deps import MalformedBody, MissingField
 from cosyserve.audio.encode import ENCODERS
-from cosyserve.audio.io import MIN_SAMPLE_RATE, decode_audio
-from cosyserve.engine.pipeline import MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, unsupported_mode
+from cosyserve.audio.prompt import CheckedAudio, PromptLimits, check_prompt_audio
+from cosyserve.engine.inputs import unsupported_mode
 from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError
 
 Fields = dict[str, str | UploadFile]
-Audio = tuple[np.ndarray, int]  # (wave (channels, N) float32, sample rate), as decode_audio returns
 
 
 def check_mode(engine: Any, mode: str) -> None:
@@ -103,24 +101,12 @@ def text_field(fields: Fields, name: str, max_length: int) -> str:
     return value
 
 
-def check_audio(name: str, data: bytes) -> Audio:
-    try:
-        wave, sr = decode_audio(data, max_seconds=MAX_PROMPT_SECONDS)
-    except AudioError as exc:
-        raise AudioError(f"{name}: {exc.message}", param=name) from exc
-    except Exception as exc:  # a decoder crash on hostile input is still the input's fault
-        raise AudioError(f"{name} does not decode as audio: {exc}", param=name) from exc
-    seconds = wave.shape[-1] / sr
-    if sr < MIN_SAMPLE_RATE:
-        raise AudioError(f"{name} is sampled at {sr} Hz; at least {MIN_SAMPLE_RATE} Hz is needed", param=name)
-    if seconds < MIN_PROMPT_SECONDS:
-        raise AudioError(f"{name} is {seconds:.2f} s long; at least {MIN_PROMPT_SECONDS} s is needed", param=name)
-    if seconds > MAX_PROMPT_SECONDS:
-        raise AudioError(f"{name} is {seconds:.1f} s long; at most {MAX_PROMPT_SECONDS:g} s is accepted", param=name)
-    return wave, sr
+def check_audio(name: str, data: bytes, limits: PromptLimits) -> CheckedAudio:
+    """An uploaded recording decoded and checked once, with the engine's limits (it is not decoded again)."""
+    return check_prompt_audio(data, name, limits)
 
 
-async def audio_field(fields: Fields, name: str) -> Audio:
+async def audio_field(fields: Fields, name: str, limits: PromptLimits) -> CheckedAudio:
     value = fields.get(name)
     if value is None or value == "":
         raise MissingField(f"{name} is required: upload an audio file (multipart/form-data)", param=name)
@@ -129,7 +115,7 @@ async def audio_field(fields: Fields, name: str) -> Audio:
     data = await value.read()
     if not data:
         raise AudioError(f"{name} is empty (0 bytes)", param=name)
-    return await anyio.to_thread.run_sync(check_audio, name, data)
+    return await anyio.to_thread.run_sync(check_audio, name, data, limits)
 
 
 MAX_SEED = 2**63 - 1

@@ -119,7 +119,7 @@ async def create_voice(request: Request) -> JSONResponse:
         # Invalid, taken or over the cap: answered before the recording is decoded and analysed.
         name = await anyio.to_thread.run_sync(engine.voices.check_new, name)
         ref_text = _optional_text(fields, "ref_text", state.settings.max_text_length)
-        audio = await audio_field(fields, "audio_sample")
+        audio = await audio_field(fields, "audio_sample", engine.info.prompt_limits)
     finally:
         for value in fields.values():
             if isinstance(value, UploadFile):

@@ -130,10 +130,12 @@ def app_builder(settings: Settings) -> Callable[[], Any]:
 
     def build_app() -> Any:
         from cosyserve.api import create_app
-        from cosyserve.cli import model_loaders, resolve_device
+        from cosyserve.engine.loading import resolve_device
+        from cosyserve.engine.pipeline import model_loaders
 
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        models = model_loaders(settings, resolve_device(settings.gpu))
+        sources = {spec.name or spec.source: spec.source for spec in settings.models}
+        models = model_loaders(sources, settings.engine_options(), resolve_device(settings.gpu))
         if not settings.lazy_load:
             # Loaded before the replica counts as started: Serve sends it no request before, and a
             # model that cannot load fails the replica's start (Serve retries, then reports the deployment).

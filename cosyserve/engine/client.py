@@ -15,12 +15,13 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import GenerationFailed, UnsupportedMode
 
 from .core import EngineCore, Work
@@ -36,6 +37,7 @@ class ModelInfo:
     sample_rate: int
     model_dir: str
     token_rate: int  # speech tokens per second
+    prompt_limits: PromptLimits = field(default_factory=PromptLimits)  # what a prompt recording must be
 
     @property
     def name(self) -> str:
@@ -192,7 +194,7 @@ class AsyncEngine(EngineClient):
     @property
     def info(self) -> ModelInfo:
         m = self.model
-        return ModelInfo(m.family, m.sample_rate, str(m.model_dir), getattr(m, "token_rate", 25))
+        return ModelInfo(m.family, m.sample_rate, str(m.model_dir), getattr(m, "token_rate", 25), m.prompt_limits)
 
     @property
     def modes(self) -> frozenset[str]:

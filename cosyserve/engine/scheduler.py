@@ -1,151 +1,89 @@
-"""Step-driven generation of many requests at once on one model.
+"""Deciding each engine step for the requests of one model (the runner executes the decision).
 
-A :class:`Sequence` is one request after its frontend: a list of text segments (model inputs), its
-random draws and LLM sampler. :meth:`Scheduler.step` advances every sequence it holds:
+:meth:`Scheduler.schedule` looks at every request's state and returns a :class:`StepPlan`:
 
-1. prefill: a sequence whose next segment has not started runs its prefix alone (the prompt
-   lengths differ) and joins the decode batch as a new row of the shared :class:`KVCache`;
-2. decode: ONE batched LLM step for every row (each row at its own position), then each row's own
-   :class:`TokenRules` picks its id with its own generator, so a seeded request gives the same
-   tokens whoever shares the batch; a row that stops leaves the batch at once;
-3. audio: token-to-audio work that is due (a streaming chunk, or a segment's last chunk) runs for
-   at most ``audio_jobs_per_step`` sequences while others are decoding, requests that have no
-   audio yet first (their first chunk is what a listener waits for), then in arrival order.
+1. feeds: a segment whose prefix is not all in its cache feeds the next piece of it alone (chunked
+   prefill: the prompt lengths differ, and a long prompt must not hold up the batch for long); a
+   bi-streamed row feeds its text / prompt-speech groups and the final text + task id alone;
+2. decode: ONE batched step for every segment that feeds one id (each row at its own position);
+   each row's own :class:`TokenRules` (or bistream state) picks its id with its own generator, so a
+   seeded request gives the same tokens whoever shares the batch;
+3. audio: token-to-audio work that is due (a streaming chunk, or a segment's last chunk).
 
-A request whose text arrives over time (bi-streaming, spec §9.4: ``Sequence.text``) is one segment
-with a :class:`BistreamInput` of its own. When it must feed several positions at once (text groups,
-prompt speech groups, the final text + task id) it does so alone, on its own one-row cache, in step
-1; while it feeds one speech id at a time it is a row of the batch like any other; at a fill marker
-it leaves the batch with its cache (:meth:`KVCache.take_row`) and waits for text without holding up
-the others, then rejoins. :attr:`Scheduler.runnable` is False while every sequence waits for text.
+:meth:`Scheduler.update` applies the runner's :class:`StepOutput`: ids to their synthesizers, chunks to
+their requests, failures to the failed request only.
 
-The same scheduler serves one request alone (the Python API iterates it in the caller's thread) and
-many (the engine core runs it in its own thread); there is no other generation loop.
+**No stage stalls another.** A live request (streamed audio or streamed text) has a listener waiting
+for its next chunk; an offline one waits for the whole audio anyway. While a live request runs, an
+offline request's prefill and audio are *background* work: cut into bounded units (prefix pieces, the
+flow's Euler steps and estimator blocks, the vocoder's stages; :mod:`cosyserve.work_units`) and given
+at most :attr:`SchedulePolicy.background_share` seconds per second of foreground work, so a stream's
+gaps between chunks stretch by about that share and a unit, whatever else runs. Live work runs first,
+in full; a request with no audio yet goes first (its first chunk is what its listener waits for),
+then arrival order. With no live request, every request's work runs as soon as it is due, audio in
+slices so that a stream that arrives meanwhile waits at most one slice.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
-import torch
 
-from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, FamilyModel
-from cosyserve.models.cosyvoice2.bistream import BistreamInput
+from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
+from cosyserve.models.contracts import BistreamLM, SpeechLM
 from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES
-from cosyserve.nn.kv_cache import KVCache
-from cosyserve.nn.sampling import Sampler, TokenRules
+from cosyserve.nn.sampling import TokenRules
 
+from .inputs import SegmentInput
+from .plan import AudioWork, Feed, StepOutput, StepPlan
+from .sequence import Segment, Sequence
 from .streaming import Draws, PromptCondition, Synthesizer
-from .text_feed import FeedReader
 
 logger = logging.getLogger("cosyserve.engine")
 
-PREFILL_TOKENS_PER_STEP = 2048  # prefix positions prefilled per step, beyond the first sequence's
-
-_arrivals = itertools.count()
-
-
-@dataclass(eq=False)  # identity: a segment is one object in a batch, not a value
-class Segment:
-    """One text segment of a sequence: its model input, token rules and token-to-audio state."""
-
-    model_input: dict[str, torch.Tensor]
-    synthesizer: Synthesizer
-    rules: TokenRules | None = None  # None: the tokens are given (vc)
-    next_input: int | None = None  # the id the next decode step feeds (the last one picked)
-    decoded: bool = False  # the LLM is done with this segment
-    done: bool = False  # its last chunk is out
-    bistream: BistreamInput | None = None  # text arriving over time: what to feed, when to wait
-    own_cache: KVCache | None = None  # a bistream row's cache while it is out of the batch
+# What makes a segment's token-to-audio state: (condition, draws, speed, stream) -> Synthesizer.
+SynthesizerFactory = Callable[[PromptCondition, Draws, float, bool], Synthesizer]
+Event = tuple[Sequence, np.ndarray | None]
 
 
-@dataclass(eq=False)
-class Sequence:
-    """One request's generation state; lives as long as the request."""
+@dataclass(frozen=True)
+class SchedulePolicy:
+    """The scheduler's budgets (see the module doc)."""
 
-    inputs: list[dict[str, torch.Tensor]]
-    draws: Draws
-    sampler: Sampler
-    stream: bool
-    speed: float
-    request_id: str = ""
-    arrival: int = field(default_factory=lambda: next(_arrivals))
-    segments: deque[Segment] = field(default_factory=deque)  # started, audio not all out, in order
-    next_input: int = 0  # index in ``inputs`` of the next segment to start
-    chunks_out: int = 0
-    tokens_out: int = 0
-    failed: BaseException | None = None
-    text: FeedReader | None = None  # bi-streaming: the text arrives through this feed
-
-    @property
-    def decoding(self) -> Segment | None:
-        """The segment the LLM is working on (at most one at a time)."""
-        return next((s for s in self.segments if not s.decoded), None)
-
-    @property
-    def finished(self) -> bool:
-        return self.next_input >= len(self.inputs) and not self.segments
-
-
-class DecodeBatch:
-    """The rows being decoded: one KV cache, row ``i`` holding ``segments[i]``'s history."""
-
-    def __init__(self, llm: torch.nn.Module) -> None:
-        self.llm = llm
-        self.cache: KVCache | None = None
-        self.segments: list[Segment] = []
-        self.owners: list[Sequence] = []
-
-    def __len__(self) -> int:
-        return len(self.segments)
-
-    def join(self, sequence: Sequence, segment: Segment, row_cache: KVCache) -> None:
-        if self.cache is None:
-            self.cache = row_cache  # the first row: adopt its cache as is
-        else:
-            self.cache.add_row(row_cache)
-        self.segments.append(segment)
-        self.owners.append(sequence)
-
-    def leave(self, segment: Segment, keep_cache: bool = False) -> KVCache | None:
-        """Drop the segment's row; with ``keep_cache`` return that row as a one-row cache."""
-        row = self.segments.index(segment)
-        own = None
-        if keep_cache:
-            own, moved = self.cache.take_row(row)
-        else:
-            moved = self.cache.remove_row(row)
-        if moved is not None:
-            self.segments[row], self.owners[row] = self.segments[moved], self.owners[moved]
-        self.segments.pop()
-        self.owners.pop()
-        if not self.segments:
-            self.cache = None
-        return own
-
-    def step(self) -> torch.Tensor:
-        """Feed every row its last picked id; (rows, V) log-probs of the next one."""
-        device = self.llm.speech_embedding.weight.device
-        ids = torch.tensor([s.next_input for s in self.segments], dtype=torch.long, device=device)
-        return self.llm.logp(self.llm.decode_batch(ids, self.cache))
+    prefill_positions_per_step: int = 2048  # prefix positions fed per step, all segments together
+    prefill_chunk: int = 512  # at most this many positions of one prefix per step
+    audio_jobs_per_step: int = 1  # live audio jobs per step while rows decode (all when none do)
+    background_share: float = 0.15  # background seconds per foreground second while a live request runs
+    idle_slice_s: float = 0.05  # background time per step when no foreground work is due
+    offline_slice_s: float = 0.5  # an audio job's slice per step when no live request runs
+    max_credit_s: float = 2.0  # the background budget saved up (or owed) at most
 
 
 class Scheduler:
-    """Advances the sequences it holds, one :meth:`step` at a time (see the module doc)."""
+    """Decides each step for the sequences it holds (see the module doc)."""
 
-    def __init__(self, model: FamilyModel, synthesizer: type[Synthesizer], audio_jobs_per_step: int = 1) -> None:
-        self.model = model
-        self.synthesizer = synthesizer
-        self.audio_jobs_per_step = audio_jobs_per_step
-        self.batch = DecodeBatch(model.llm)
+    def __init__(
+        self,
+        lm: SpeechLM,
+        new_synthesizer: SynthesizerFactory,
+        token_mel_ratio: int = 0,
+        policy: SchedulePolicy | None = None,
+    ) -> None:
+        self.lm = lm
+        self.new_synthesizer = new_synthesizer
+        self.token_mel_ratio = token_mel_ratio  # v2/v3: bounds the tokens by the flow's fixed noise
+        self.policy = policy or SchedulePolicy()
         self.sequences: list[Sequence] = []
+        self._owner: dict[Segment, Sequence] = {}
+        self._release: list[Segment] = []
+        self._dropped: list[Segment] = []  # segments of sequences that left, for the runner to free
+        self._in_flight: dict[Sequence, AudioWork] = {}  # audio work paused at a unit boundary
+        self.credit = 0.0  # background seconds available (negative: owed)
+        self.prefill_s_per_position = 2e-3  # measured as it runs; sizes background prefill pieces
         self.llm_steps = 0
         self.llm_tokens = 0
         self.last_batch_size = 0
@@ -157,19 +95,30 @@ class Scheduler:
         self.sequences.append(sequence)
 
     def remove(self, sequence: Sequence) -> None:
-        """Drop a sequence (finished, failed or aborted): its batch row and caches are freed now."""
-        with torch.inference_mode():  # the cache's tensors are inference tensors
-            for segment in sequence.segments:
-                if segment in self.batch.segments:
-                    self.batch.leave(segment)
-                segment.own_cache = None
+        """Forget a sequence (finished, failed or aborted); its segments go to :meth:`take_dropped`."""
+        segments = list(sequence.segments)
+        for segment in segments:
+            self._owner.pop(segment, None)
+        self._release = [s for s in self._release if s not in segments]
+        self._dropped += segments
+        self._in_flight.pop(sequence, None)
         sequence.segments.clear()
         if sequence in self.sequences:
             self.sequences.remove(sequence)
 
+    def take_dropped(self) -> list[Segment]:
+        """The segments of the sequences removed since the last call (their runner state is to free)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
     @property
     def has_work(self) -> bool:
         return bool(self.sequences)
+
+    @property
+    def live(self) -> bool:
+        """A request with a listener waiting for its next chunk is running."""
+        return any(s.live and s.failed is None for s in self.sequences)
 
     @property
     def runnable(self) -> bool:
@@ -181,131 +130,114 @@ class Scheduler:
         if sequence.text is None or sequence.failed is not None or sequence.text.has_news:
             return False
         segment = sequence.decoding
-        if segment is None or segment.bistream is None or segment in self.batch.segments:
+        if segment is None or segment.bistream is None or segment.next_input is not None:
             return False
-        return segment.bistream.waiting and not self._audio_due(sequence)
+        return segment.bistream.waiting and self._audio_due(sequence) is None and sequence not in self._in_flight
 
-    # -- one step ----------------------------------------------------------------------------------
-    def step(self) -> list[tuple[Sequence, np.ndarray | None]]:
-        """Advance every sequence; returns the chunks made, in order per sequence, and ``(seq, None)``
-        for each sequence that finished. A sequence that fails is dropped with ``failed`` set and
-        reported as finished; the others go on."""
-        out: list[tuple[Sequence, np.ndarray | None]] = []
-        with torch.inference_mode():
-            self._prefill()
-            self._decode()
-            self._audio(out)
-        for sequence in list(self.sequences):
-            if sequence.failed is not None or sequence.finished:
-                self.remove(sequence)
-                out.append((sequence, None))
-        return out
-
-    def _timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.timings is None:
-            return fn(*args)
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-
-    def _guarded(self, sequence: Sequence, work: Callable[[], Any]) -> Any:
-        try:
-            return work()
-        except Exception as exc:  # one request's failure must not stop the others
-            logger.exception("[%s] generation failed", sequence.request_id or "-")
-            sequence.failed = exc
-            self.remove(sequence)
-            self.sequences.append(sequence)  # reported (and dropped) at the end of the step
-            return None
-
-    def _prefill(self) -> None:
-        budget = PREFILL_TOKENS_PER_STEP
-        for sequence in list(self.sequences):
-            if budget <= 0:
-                break
-            if sequence.failed:
+    # -- deciding ----------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """The next step's plan (starting segments that are due, reading streamed text)."""
+        policy = self.policy
+        live = self.live
+        release, self._release = tuple(self._release), []
+        feeds: list[Feed] = []
+        background: list[Sequence] = []  # offline sequences with work, in arrival order (live only)
+        positions = policy.prefill_positions_per_step
+        for sequence in self.sequences:
+            if sequence.failed is not None:
                 continue
-            if sequence.decoding is None and sequence.next_input < len(sequence.inputs):
-                budget -= self._guarded(sequence, lambda s=sequence: self._start_segment(s)) or 0
-            segment = sequence.decoding
-            if (
-                not sequence.failed
-                and segment is not None
-                and segment.bistream is not None
-                and segment not in self.batch.segments
-            ):
-                budget -= self._guarded(sequence, lambda s=sequence, g=segment: self._feed_alone(s, g)) or 0
-
-    def _start_segment(self, sequence: Sequence) -> int:
-        """Start the sequence's next segment; returns the prefix length prefilled."""
-        model_input = sequence.inputs[sequence.next_input]
-        sequence.next_input += 1
-        condition = PromptCondition(
-            token=model_input.get("flow_prompt_speech_token", torch.zeros(1, 0, dtype=torch.int32)),
-            feat=model_input.get("prompt_speech_feat", torch.zeros(1, 0, 80)),
-            embedding=model_input["flow_embedding"],
+            segment = self._current_segment(sequence)
+            if sequence.failed is not None:
+                continue
+            if live and not sequence.live:
+                background.append(sequence)
+                continue
+            if segment is not None and positions > 0:
+                feed = self._feed(sequence, segment, min(positions, policy.prefill_chunk))
+                if feed is not None:
+                    feeds.append(feed)
+                    positions -= feed.positions or len(feed.items)
+        fed = {feed.segment for feed in feeds}
+        decode = tuple(
+            segment
+            for sequence in self.sequences
+            if sequence.failed is None
+            for segment in sequence.segments
+            if segment.decoding and segment not in fed
         )
-        synthesizer = self.synthesizer(self.model, condition, sequence.draws, sequence.speed, sequence.stream)
+        audio = self._foreground_audio(live, decode)
+        if live:
+            budget = self._background_budget(bool(feeds or decode or audio))
+            work = self._background_work(background, budget) if budget > 0 else None
+            if isinstance(work, Feed):
+                feeds.append(work)
+            elif work is not None:
+                audio.append(work)
+        return StepPlan(release=release, feeds=tuple(feeds), decode=decode, audio=tuple(audio))
+
+    def _current_segment(self, sequence: Sequence) -> Segment | None:
+        """The segment the LLM works on, starting the next one when none is (None: all decoded)."""
+        segment = sequence.decoding
+        if segment is None and sequence.next_segment < len(sequence.inputs):
+            try:
+                segment = self._start_segment(sequence)
+            except Exception as exc:  # one request's failure must not stop the others
+                logger.exception("[%s] starting a segment failed", sequence.request_id or "-")
+                sequence.failed = exc
+                return None
+        return segment if segment is not None and not segment.decoded else None
+
+    def _start_segment(self, sequence: Sequence) -> Segment:
+        model_input = sequence.inputs[sequence.next_segment]
+        sequence.next_segment += 1
+        condition = PromptCondition(model_input.flow_prompt_speech, model_input.prompt_mel, model_input.flow_embedding)
+        synthesizer = self.new_synthesizer(condition, sequence.draws, sequence.speed, sequence.stream)
         synthesizer.timings = self.timings
         segment = Segment(model_input, synthesizer)
         sequence.segments.append(segment)
-        if "source_speech_token" in model_input:  # vc: the tokens are given
-            for token in model_input["source_speech_token"].reshape(-1).tolist():
+        self._owner[segment] = sequence
+        if model_input.source_speech is not None:  # vc: the tokens are given
+            for token in model_input.source_speech.reshape(-1).tolist():
                 synthesizer.add(int(token))
             segment.decoded = True
-            return 0
-        llm = self.model.llm
-        empty_ids = torch.zeros(1, 0, dtype=torch.int32)
+            return segment
         if sequence.text is not None:
-            segment.bistream = llm.new_bistream(
-                model_input.get("prompt_text", empty_ids),
-                model_input.get("llm_prompt_speech_token", empty_ids),
-                sequence.sampler,
-                self._noise_bound(model_input),
+            lm = cast(BistreamLM, self.lm)  # only families whose record says bistream get a text feed
+            segment.bistream = lm.new_bistream(
+                model_input.prompt_text, model_input.llm_prompt_speech, sequence.sampler, self._noise_bound(model_input)
             )
-            return 0
-        n_text = int(model_input["text"].shape[1])
+            return segment
         segment.rules = TokenRules(
             sequence.sampler,
-            llm.stop_token_ids,
-            MIN_TOKEN_TEXT_RATIO * n_text,
+            self.lm.stop_token_ids,
+            MIN_TOKEN_TEXT_RATIO * model_input.text_length,
             self._max_tokens(model_input),
-            llm.mask_early_stop,
-        )
-        prefix = llm.build_prefix(
-            model_input["text"],
-            model_input.get("prompt_text", empty_ids),
-            model_input.get("llm_prompt_speech_token", empty_ids),
-            model_input.get("llm_embedding", torch.zeros(0, 192)),
+            self.lm.mask_early_stop,
         )
         if segment.rules.stopped:
             segment.decoded = True
-            return 0
-        hidden, row_cache = self._timed("prefill", llm.prefill, prefix)
-        if self._pick(sequence, segment, llm.logp(hidden)):
-            self.batch.join(sequence, segment, row_cache)
-        return int(prefix.shape[1])
+        return segment
 
-    def _max_tokens(self, model_input: dict[str, torch.Tensor]) -> int:
+    def _max_tokens(self, model_input: SegmentInput) -> int:
         """The LLM's length bound: 20 tokens per text token, and for v2/v3 no more than the flow's
         fixed noise covers (prompt included), so an unsplittable text cannot overrun it."""
-        bound = min(MAX_TOKEN_TEXT_RATIO * model_input["text"].shape[1], self._noise_bound(model_input))
-        return max(bound, 0)
+        return max(min(MAX_TOKEN_TEXT_RATIO * model_input.text_length, self._noise_bound(model_input)), 0)
 
-    def _noise_bound(self, model_input: dict[str, torch.Tensor]) -> int:
+    def _noise_bound(self, model_input: SegmentInput) -> int:
         """The speech tokens the flow's fixed noise covers after the prompt (v2/v3; v1: no bound)."""
-        if not self.model.token_mel_ratio:
+        if not self.token_mel_ratio:
             return 1 << 62
-        prompt = model_input.get("flow_prompt_speech_token", torch.zeros(1, 0)).shape[1]
-        return max(FIXED_NOISE_FRAMES // self.model.token_mel_ratio - prompt, 0)
+        prompt = model_input.flow_prompt_speech.shape[1]
+        return max(FIXED_NOISE_FRAMES // self.token_mel_ratio - prompt, 0)
 
-    # -- bi-streaming rows ---------------------------------------------------------------------------
-    def _feed_alone(self, sequence: Sequence, segment: Segment) -> int:
-        """A bistream row out of the batch: take the text that came, feed what it can on its own
-        cache (several positions at once) and rejoin the batch once it has one speech id to feed.
-        Returns the positions fed."""
+    def _feed(self, sequence: Sequence, segment: Segment, positions: int, background: bool = False) -> Feed | None:
+        """What the segment feeds alone this step, if anything (reads a bistream row's new text)."""
+        if segment.bistream is None:
+            if segment.prefilled:
+                return None
+            return Feed(sequence, segment, positions=max(1, positions), background=background)
+        if segment.next_input is not None:
+            return None  # it decodes in the batch
         state = segment.bistream
         ids, closed = sequence.text.read()
         if ids:
@@ -315,136 +247,139 @@ class Scheduler:
         items = state.next_input()
         if items is None:
             if state.done:
-                segment.decoded, segment.own_cache = True, None
-            return 0
-        llm = self.model.llm
-        hidden, segment.own_cache = self._timed("prefill", llm.feed, llm.embed_inputs(items), segment.own_cache)
-        if self._bistream_pick(sequence, segment, llm.logp(hidden)):
-            self.batch.join(sequence, segment, segment.own_cache)
-            segment.own_cache = None
-        elif segment.decoded:
-            segment.own_cache = None
-        return len(items)
+                self._decoding_over(segment)
+            return None
+        return Feed(sequence, segment, items=tuple(items), background=background)
 
-    def _bistream_pick(self, sequence: Sequence, segment: Segment, logp: torch.Tensor) -> bool:
-        """The bistream row's id for this step; True when its next input is one speech id (it decodes
-        in the batch), False when it waits for text (fill) or is over."""
-        state = segment.bistream
-        token = state.pick(logp)
-        if token is None:
-            segment.decoded = True
-            return False
-        if token == state.fill:
-            return False
-        segment.synthesizer.add(token)
-        sequence.tokens_out += 1
-        self.llm_tokens += 1
-        if state.done:
-            segment.decoded = True
-            return False
-        (kind, segment.next_input), *more = state.next_input()
-        assert kind == "speech" and not more, "after a speech id the next input is that id"
-        return True
-
-    def _pick(self, sequence: Sequence, segment: Segment, logp: torch.Tensor) -> bool:
-        """Pick the segment's next id from (V,) log-probs; False once its decoding is over."""
-        token = segment.rules.pick(logp)
-        if token is None:
-            segment.decoded = True
-            return False
-        segment.next_input = token
-        segment.synthesizer.add(token)
-        sequence.tokens_out += 1
-        self.llm_tokens += 1
-        if segment.rules.stopped:  # max_len reached: this id is the last
-            segment.decoded = True
-            return False
-        return True
-
-    def _decode(self) -> None:
-        if not len(self.batch):
-            self.last_batch_size = 0
-            return
-        self.last_batch_size = len(self.batch)
-        try:
-            logp = self._timed("decode", self.batch.step)
-        except Exception as exc:
-            # A failure of the shared step cannot be pinned on one row: every row in it fails.
-            logger.exception("batched decode step failed for %d rows", len(self.batch))
-            for sequence in set(self.batch.owners):
-                sequence.failed = exc
-                self.remove(sequence)
-                self.sequences.append(sequence)
-            return
-        self.llm_steps += 1
-        for row, (segment, sequence) in enumerate(list(zip(self.batch.segments, self.batch.owners, strict=True))):
-            pick = self._pick if segment.bistream is None else self._bistream_pick
-            keep = self._guarded(sequence, lambda s=sequence, g=segment, r=row, p=pick: p(s, g, logp[r]))
-            if not keep and segment in self.batch.segments:
-                # A bistream row waiting for text keeps its history to continue from.
-                waits = segment.bistream is not None and not segment.decoded and sequence.failed is None
-                segment.own_cache = self.batch.leave(segment, keep_cache=waits)
-
-    def _audio(self, out: list[tuple[Sequence, np.ndarray | None]]) -> None:
-        due = [s for s in self.sequences if s.failed is None and self._audio_due(s)]
-        # First audio first (what a listener is waiting for), then by arrival.
-        due.sort(key=lambda s: (s.chunks_out > 0, s.arrival))
-        limit = self.audio_jobs_per_step if len(self.batch) else max(1, len(due))
-        for sequence in due[:limit]:
-            self._guarded(sequence, lambda s=sequence: self._audio_job(s, out))
-
-    @staticmethod
-    def _audio_due(sequence: Sequence) -> bool:
+    def _audio_due(self, sequence: Sequence) -> AudioWork | None:
+        if sequence in self._in_flight:
+            return self._in_flight[sequence]
         if not sequence.segments:
-            return False
-        head = sequence.segments[0]
-        return head.synthesizer.ready() or head.decoded
-
-    def _audio_job(self, sequence: Sequence, out: list[tuple[Sequence, np.ndarray | None]]) -> None:
-        """Make the sequence's next due chunk (its oldest unfinished segment's)."""
+            return None
         head = sequence.segments[0]
         if head.synthesizer.ready():
-            chunk = head.synthesizer.next_chunk()
-        else:
-            chunk = head.synthesizer.finish()
-            head.done = True
-            sequence.segments.popleft()
-        if chunk is not None and chunk.size:
-            sequence.chunks_out += 1
-            out.append((sequence, chunk))
+            return AudioWork(sequence, head, last=False)
+        if head.decoded:
+            return AudioWork(sequence, head, last=True)
+        return None
 
+    def _foreground_audio(self, live: bool, decode: tuple[Segment, ...]) -> list[AudioWork]:
+        """Live requests' due audio (all requests' when none is live), in-flight work first, then
+        requests with no audio yet, then by arrival."""
+        due = []
+        for sequence in self.sequences:
+            if sequence.failed is None and (sequence.live or not live):
+                work = self._audio_due(sequence)
+                if work is not None:
+                    due.append(work)
+        due.sort(key=lambda w: (w.sequence not in self._in_flight, w.sequence.chunks_out > 0, w.sequence.arrival))
+        limit = self.policy.audio_jobs_per_step if decode else len(due)
+        slice_s = None if live else self.policy.offline_slice_s
+        return [AudioWork(w.sequence, w.segment, w.last, budget_s=slice_s) for w in due[:limit]]
 
-def new_sequence(
-    inputs: list[dict[str, torch.Tensor]],
-    draws: Draws,
-    sampler: Sampler,
-    stream: bool,
-    speed: float,
-    request_id: str = "",
-    text: FeedReader | None = None,
-) -> Sequence:
-    return Sequence(
-        inputs=inputs, draws=draws, sampler=sampler, stream=stream, speed=speed, request_id=request_id, text=text
-    )
+    def _background_budget(self, foreground: bool) -> float:
+        if not foreground:
+            return self.policy.idle_slice_s
+        return max(self.credit, 0.0)
 
+    def _background_work(self, offline: list[Sequence], budget: float) -> Feed | AudioWork | None:
+        """One piece of offline work for ``budget`` seconds: work already started first (its memory
+        is held), then the earliest request's next prefix piece or due audio."""
+        for sequence in offline:
+            if sequence in self._in_flight:
+                work = self._in_flight[sequence]
+                return AudioWork(sequence, work.segment, work.last, budget_s=budget, background=True)
+        for sequence in offline:
+            segment = sequence.decoding
+            if segment is not None and not segment.decoded:
+                positions = int(budget / max(self.prefill_s_per_position, 1e-6))
+                feed = self._feed(sequence, segment, min(max(positions, 16), self.policy.prefill_chunk), True)
+                if feed is not None:
+                    return feed
+            work = self._audio_due(sequence)
+            if work is not None:
+                return AudioWork(sequence, work.segment, work.last, budget_s=budget, background=True)
+        return None
 
-def run_alone(scheduler: Scheduler, sequence: Sequence) -> Iterator[np.ndarray]:
-    """The chunks of one sequence, stepping a private scheduler in the caller's thread (lazy:
-    closing the iterator stops the generation)."""
-    scheduler.add(sequence)
-    started = time.perf_counter()
-    try:
-        while True:
-            if not scheduler.runnable and sequence.text is not None:
-                sequence.text.feed.wait(timeout=1.0)  # the text's next fragment (or its end)
+    # -- applying a step's results ---------------------------------------------------------------------
+    def update(self, plan: StepPlan, out: StepOutput) -> list[Event]:
+        """Apply what the runner did; returns the chunks made, in order per sequence, and ``(seq, None)``
+        for each sequence that finished (or failed: ``failed`` set)."""
+        events: list[Event] = []
+        self.last_batch_size = out.batch_size
+        if out.batch_size:
+            self.llm_steps += 1
+        self._time("prefill", out.prefill_s)
+        if out.prefill_positions and out.prefill_s > 0:
+            rate = out.prefill_s / out.prefill_positions
+            self.prefill_s_per_position = 0.7 * self.prefill_s_per_position + 0.3 * rate
+        for segment, error in out.failed.items():
+            sequence = self._owner.get(segment)
+            if sequence is not None and sequence.failed is None:
+                sequence.failed = error
+        for segment, (n, length) in out.fed.items():
+            segment.prefix_fed += n
+            segment.prefix_length = length
+        for segment, token in out.picked.items():
+            sequence = self._owner.get(segment)
+            if sequence is not None and sequence.failed is None:
+                self._apply_pick(sequence, segment, token)
+        finished = set()
+        for work, chunk in out.audio:
+            finished.add(work.sequence)
+            self._in_flight.pop(work.sequence, None)
+            if work.sequence.failed is not None:
                 continue
-            for seq, chunk in scheduler.step():
-                if chunk is not None:
-                    yield chunk
-                elif seq.failed is not None:
-                    raise seq.failed
-                else:
-                    return
-    finally:
-        scheduler.remove(sequence)
-        logger.debug("sequence done in %.2f s", time.perf_counter() - started)
+            if work.last:
+                work.segment.done = True
+                work.sequence.segments.remove(work.segment)
+                self._owner.pop(work.segment, None)
+            if chunk is not None and chunk.size:
+                work.sequence.chunks_out += 1
+                events.append((work.sequence, chunk))
+        for work in plan.audio:
+            if work.sequence not in finished and work.sequence.failed is None:
+                self._in_flight[work.sequence] = work
+        if self.live:
+            if out.foreground_s > 0:
+                credit = self.credit + self.policy.background_share * out.foreground_s - out.background_s
+                self.credit = min(max(credit, -self.policy.max_credit_s), self.policy.max_credit_s)
+        else:
+            self.credit = 0.0
+        for sequence in list(self.sequences):
+            if sequence.failed is not None or sequence.finished:
+                self.remove(sequence)
+                events.append((sequence, None))
+        return events
+
+    def _time(self, stage: str, seconds: float) -> None:
+        if self.timings is not None and seconds:
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def _decoding_over(self, segment: Segment) -> None:
+        segment.decoded = True
+        segment.next_input = None
+        self._release.append(segment)
+
+    def _apply_pick(self, sequence: Sequence, segment: Segment, token: int | None) -> None:
+        """The segment's id of this step: to its synthesizer, and what it feeds next."""
+        state = segment.bistream
+        if token is None:
+            self._decoding_over(segment)
+            return
+        if state is not None and token == state.fill:
+            segment.next_input = None  # it waits for text: fed alone once 5 more text tokens are there
+            return
+        segment.synthesizer.add(token)
+        sequence.tokens_out += 1
+        self.llm_tokens += 1
+        if state is None:
+            segment.next_input = token
+            if segment.rules is not None and segment.rules.stopped:  # max_len reached: this id is the last
+                self._decoding_over(segment)
+            return
+        if state.done:
+            self._decoding_over(segment)
+            return
+        (kind, segment.next_input), *more = state.next_input()
+        assert kind == "speech" and not more, "after a speech id the next input is that id"

@@ -11,14 +11,18 @@ so the audio is the same however the scheduler interleaves this work with other 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cosyserve.models.base import MAX_SILENT_RUN, FamilyModel, SilenceFilter
+from cosyserve.models.contracts import Flow, StreamingFlow, StreamingVocoder, Vocoder
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
+from cosyserve.work_units import job_clock, unit_boundary
 
 
 class Draws:
@@ -76,6 +80,61 @@ def stretch_mel(mel: torch.Tensor, speed: float) -> torch.Tensor:
     return F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
 
 
+@dataclass(frozen=True)
+class StreamingOptions:
+    """How streamed v2/v3 requests trade audio for cost (see :mod:`cosyserve.precision`)."""
+
+    last_chunk: str = "reference"  # reference: the last chunk re-runs the flow in full context; causal: not
+    cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20  # per request, the flow's cached keys / values
+
+
+@dataclass(frozen=True, eq=False)
+class AudioStage:
+    """The token-to-audio networks of one model where they run: the flow on ``flow_device``, the
+    vocoder on ``vocoder_device`` (the runner's placement), and the numbers chunking is planned by."""
+
+    flow: Flow
+    hift: Vocoder
+    flow_device: torch.device
+    vocoder_device: torch.device
+    sample_rate: int
+    hop_size: int  # waveform samples per mel frame
+    token_frame_rate: int  # speech tokens per second
+    token_mel_ratio: int = 0  # v2/v3: mel frames per token
+    chunk_tokens: int = 0  # v2/v3: the first streaming hop
+    pre_lookahead_len: int = 0  # v2/v3: right-context tokens of the causal flow
+    silent_tokens: frozenset[int] = frozenset()  # v3: ids whose long runs the flow skips
+    streaming: StreamingOptions = StreamingOptions()
+
+    @classmethod
+    def of(
+        cls,
+        model: FamilyModel,
+        flow_device: torch.device,
+        vocoder_device: torch.device,
+        streaming: StreamingOptions | None = None,
+    ) -> AudioStage:
+        """``model``'s flow and vocoder, placed on these devices (where the loader put them)."""
+        return cls(
+            flow=model.flow,
+            hift=model.hift,
+            flow_device=flow_device,
+            vocoder_device=vocoder_device,
+            sample_rate=model.sample_rate,
+            hop_size=model.hop_size,
+            token_frame_rate=model.token_frame_rate,
+            token_mel_ratio=model.token_mel_ratio,
+            chunk_tokens=model.chunk_tokens,
+            pre_lookahead_len=model.pre_lookahead_len,
+            silent_tokens=model.silent_tokens,
+            streaming=streaming or StreamingOptions(),
+        )
+
+    def new_token_filter(self) -> SilenceFilter | None:
+        """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""
+        return SilenceFilter(self.silent_tokens, MAX_SILENT_RUN) if self.silent_tokens else None
+
+
 @dataclass
 class PromptCondition:
     """What the flow is conditioned on: prompt tokens (1, P), prompt mel (1, T, 80), x-vector (1, 192)."""
@@ -89,15 +148,19 @@ class PromptCondition:
 
 
 class Synthesizer:
-    """Base class: pulls tokens and turns them into float32 audio chunks."""
+    """Base class: pulls tokens and turns them into float32 audio chunks.
+
+    One text segment's token-to-audio state (the request's, never the model's). Its inputs move to
+    the flow's device here, once; the mel moves to the vocoder's device before the vocoder.
+    """
 
     def __init__(
-        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+        self, stage: AudioStage, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
     ) -> None:
-        self.model = model
+        self.stage = stage
         self.stream = stream
-        # Every tensor this state makes lives where the flow's weights are (the one place inputs move).
-        self.device = next(model.flow.parameters()).device
+        self.device = stage.flow_device
+        self.vocoder_device = stage.vocoder_device
         self.condition = condition.to(self.device)
         self.draws = draws
         self.speed = speed
@@ -108,17 +171,20 @@ class Synthesizer:
         self.timings: dict[str, float] | None = None  # seconds per stage, accumulated when set (bench)
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, its wall time added to ``timings[stage]`` when timings are kept."""
+        """``fn(*args, **kwargs)``, its own running time (pauses between units excluded) added to
+        ``timings[stage]`` when timings are kept."""
         if self.timings is None:
             return fn(*args, **kwargs)
-        start = time.perf_counter()
+        start = job_clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+            self.timings[stage] = self.timings.get(stage, 0.0) + job_clock() - start
 
     def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        hift = self.model.hift
+        hift = self.stage.hift
+        unit_boundary()  # between the flow and the vocoder
+        mel = mel.to(self.vocoder_device)
         source = self.draws.next_hift_source()
         if source is not None:
             return self.timed("vocoder", hift.decode, mel, source), source
@@ -167,16 +233,16 @@ class V1Synthesizer(Synthesizer):
     TOKEN_OVERLAP = 20
 
     def __init__(
-        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+        self, stage: AudioStage, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
     ) -> None:
-        super().__init__(model, condition, draws, speed, stream)
-        frame_rate = model.token_frame_rate
+        super().__init__(stage, condition, draws, speed, stream)
+        frame_rate = stage.token_frame_rate
         self.token_hop = 2 * frame_rate
-        self.mel_overlap = int(self.TOKEN_OVERLAP / frame_rate * model.sample_rate / model.hop_size)
+        self.mel_overlap = int(self.TOKEN_OVERLAP / frame_rate * stage.sample_rate / stage.hop_size)
         self.mel_window = hamming(2 * self.mel_overlap).to(self.device)
         self.mel_cache = 20
-        self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache).to(self.device)
+        self.source_cache = self.mel_cache * stage.hop_size
+        self.speech_window = hamming(2 * self.source_cache).to(self.vocoder_device)
         self.flow_cache: torch.Tensor | None = None
         self.mel_tail: torch.Tensor | None = None
         self.pending: list[int] = []
@@ -185,7 +251,7 @@ class V1Synthesizer(Synthesizer):
         c = self.condition
         mel, self.flow_cache = self.timed(
             "flow",
-            self.model.flow.tokens_to_mel,
+            self.stage.flow.tokens_to_mel,
             torch.tensor([tokens], dtype=torch.int32, device=self.device),
             c.token,
             c.feat,
@@ -227,37 +293,37 @@ class V2Synthesizer(Synthesizer):
     HOP_SCALE = 2
 
     def __init__(
-        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+        self, stage: AudioStage, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
     ) -> None:
-        super().__init__(model, condition, draws, speed, stream)
-        self.hop = model.chunk_tokens
-        self.lookahead = model.pre_lookahead_len
-        self.mel_ratio = model.token_mel_ratio
+        super().__init__(stage, condition, draws, speed, stream)
+        self.flow = cast(StreamingFlow, stage.flow)
+        self.hop = stage.chunk_tokens
+        self.lookahead = stage.pre_lookahead_len
+        self.mel_ratio = stage.token_mel_ratio
         self.mel_cache = 8
-        self.source_cache = self.mel_cache * model.hop_size
-        self.speech_window = hamming(2 * self.source_cache).to(self.device)
+        self.source_cache = self.mel_cache * stage.hop_size
+        self.speech_window = hamming(2 * self.source_cache).to(self.vocoder_device)
         self.kept: list[int] = []  # the ids the flow sees
         self.offset = 0  # tokens already turned into audio
         prompt_len = condition.token.shape[1]
         # The first hop also covers the prompt's padding up to a whole flow chunk.
         self.prompt_pad = math.ceil(prompt_len / self.hop) * self.hop - prompt_len
         # Streaming: the flow's per-request incremental state (linear cost over the chunks).
-        streamable = stream and hasattr(model.flow, "stream_state")
-        self.flow_state = model.flow.stream_state(model.stream_cache_bytes) if streamable else None
+        self.flow_state = self.flow.stream_state(stage.streaming.cache_bytes) if stream else None
         # The reference's last chunk attends to the whole utterance (a full re-run of the flow);
         # "causal" keeps the chunk-causal attention, so it costs only its own frames.
-        self.full_context_last_chunk = model.stream_last_chunk == "reference"
+        self.full_context_last_chunk = stage.streaming.last_chunk == "reference"
 
     def flow_mel(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         c = self.condition
         args = (torch.tensor([tokens], dtype=torch.int32, device=self.device), c.token, c.feat, c.embedding)
         if self.flow_state is None:
-            mel = self.timed("flow", self.model.flow.tokens_to_mel, *args, streaming=streaming, finalize=finalize)
+            mel = self.timed("flow", self.flow.tokens_to_mel, *args, streaming=streaming, finalize=finalize)
         else:
             # The estimator runs on the new frames only; the earlier ones come from this request's state.
             mel = self.timed(
                 "flow",
-                self.model.flow.tokens_to_mel_stream,
+                self.flow.tokens_to_mel_stream,
                 self.flow_state,
                 *args,
                 streaming=streaming,
@@ -305,13 +371,14 @@ class V3Synthesizer(V2Synthesizer):
     """
 
     def __init__(
-        self, model, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
+        self, stage: AudioStage, condition: PromptCondition, draws: Draws, speed: float = 1.0, stream: bool = False
     ) -> None:
-        super().__init__(model, condition, draws, speed, stream)
-        self.mel = torch.zeros(1, 80, 0, device=self.device)
+        super().__init__(stage, condition, draws, speed, stream)
+        self.hift = cast(StreamingVocoder, stage.hift)
+        self.mel = torch.zeros(1, self.condition.feat.shape[-1], 0, device=self.vocoder_device)
         self.samples_out = 0
-        self.token_filter = model.new_token_filter()
-        self.hift_state = model.hift.stream_state() if stream and hasattr(model.hift, "stream_state") else None
+        self.token_filter = stage.new_token_filter()
+        self.hift_state = self.hift.stream_state() if stream else None
 
     def add(self, token: int) -> None:
         # The LLM conditions on every id; the flow may skip some (v3: long runs of silence, spec §9.5).
@@ -320,14 +387,14 @@ class V3Synthesizer(V2Synthesizer):
 
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)
-        self.mel = torch.cat([self.mel, mel], dim=2)
+        unit_boundary()  # between the flow and the vocoder
+        self.mel = torch.cat([self.mel, mel.to(self.vocoder_device)], dim=2)
         source = self.draws.next_hift_source()
         if self.hift_state is not None:
             # The causal vocoder continues from this request's state: only the new frames are computed.
-            return self.timed(
-                "vocoder", self.model.hift.mel_to_wave_stream, self.hift_state, self.mel, finalize, source=source
-            )
-        speech, _ = self.timed("vocoder", self.model.hift.mel_to_wave, self.mel, finalize=finalize, source=source)
+            stream = self.hift.mel_to_wave_stream
+            return self.timed("vocoder", stream, self.hift_state, self.mel, finalize, source=source)
+        speech, _ = self.timed("vocoder", self.hift.mel_to_wave, self.mel, finalize=finalize, source=source)
         speech = speech[:, self.samples_out :]
         self.samples_out += speech.shape[1]
         return speech

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,6 @@ from torch import nn
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 from cosyserve.models.config_checks import BLANK_EN, FamilyConfig, StageNumbers, build_hift, feat_extractor_args
 from cosyserve.nn.linear import use_few_rows_linear
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
@@ -49,14 +48,7 @@ class FamilyModel(StageNumbers):
     llm: nn.Module
     flow: nn.Module
     hift: nn.Module
-    silent_tokens: frozenset[int] = field(default_factory=frozenset)
-    # Streaming v2/v3 (see cosyserve.precision): the last chunk's attention, the flow cache's budget.
-    stream_last_chunk: str = "reference"
-    stream_cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20
-
-    def new_token_filter(self) -> SilenceFilter | None:
-        """A fresh filter of the ids one text segment's flow sees (v3 drops long silences), or None."""
-        return SilenceFilter(self.silent_tokens, MAX_SILENT_RUN) if self.silent_tokens else None
+    silent_tokens: frozenset[int] = field(default_factory=frozenset)  # v3: ids whose long runs the flow skips
 
     def set_precision(self, llm: str = "fp32", flow: str = "fp32") -> FamilyModel:
         """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`).
@@ -103,11 +95,23 @@ class FamilySpec:
     silent_tokens: frozenset[int] = frozenset()
 
     def load(
-        self, model_dir: Path, config: dict[str, Any], llm_weights: str = "llm.pt", random_weights: bool = False
+        self,
+        model_dir: Path,
+        config: dict[str, Any],
+        llm_weights: str = "llm.pt",
+        random_weights: bool = False,
+        *,
+        flow_steps: int | None = None,
+        reference_eos_mask: bool = False,
     ) -> FamilyModel:
-        """Build the networks from the yaml and load their weights (random init when ``random_weights``)."""
+        """Build the networks from the yaml and load their weights (random init when ``random_weights``).
+
+        ``flow_steps``: the CFM's Euler steps (None: the model's 10); ``reference_eos_mask``: the LLM's
+        early stop as the official code does it (see ``Family.reference_eos_quirk``)."""
         cfg = self.parse(config, model_dir)
-        llm, flow, hift = self.llm(cfg.llm), self.flow(cfg.flow), build_hift(self.hift, cfg.hift)
+        llm_config = replace(cfg.llm, reference_eos_mask=reference_eos_mask)
+        flow_config = cfg.flow if flow_steps is None else replace(cfg.flow, n_timesteps=flow_steps)
+        llm, flow, hift = self.llm(llm_config), self.flow(flow_config), build_hift(self.hift, cfg.hift)
         if not random_weights:
             load_weights(llm, model_dir / llm_weights)
             load_weights(flow, model_dir / "flow.pt")

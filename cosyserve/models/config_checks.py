@@ -326,3 +326,5 @@ class SpeechLMConfig:
 
     speech_token_size: int
     sampling: Mapping[str, Any] = field(default_factory=dict)  # RasSampler arguments
+    # Before min_len mask only the id the official code masks (see Family.reference_eos_quirk), not every stop id.
+    reference_eos_mask: bool = False

@@ -30,6 +30,7 @@ class FlowConfig:
     spk_embed_dim: int = 192
     input_frame_rate: int = 25  # speech tokens per second
     inference_cfg_rate: float = 0.7
+    n_timesteps: int = 10  # Euler steps of the CFM (the models were trained for 10; fewer is an opt-in)
 
     # The flow node's keys that hold these numbers (the rest of the config comes from its sub-nodes).
     SIZE_KEYS: ClassVar[tuple[str, ...]] = (
@@ -71,7 +72,9 @@ class TokenFlow(nn.Module):
         self.output_size = config.output_size
         self.input_embedding = nn.Embedding(config.vocab_size, config.input_size)
         self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.output_size)
-        self.decoder = ConditionalCFM(estimator, inference_cfg_rate=config.inference_cfg_rate)
+        self.decoder = ConditionalCFM(
+            estimator, inference_cfg_rate=config.inference_cfg_rate, n_timesteps=config.n_timesteps
+        )
 
     def encode(self, emb: Tensor, n_prompt: int, prompt_frames: int, finalize: bool, streaming: bool) -> Tensor:
         """Embedded prompt + target tokens (1, P+N, D) -> the condition at the mel frame rate (1, T, 80)."""

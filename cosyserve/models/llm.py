@@ -1,9 +1,10 @@
 """What every text-to-speech-token LM shares: the speech vocabulary's stop ids, log-probs, the sampler
 from the yaml and a one-sequence generation loop.
 
-Each family's LM writes how its prefix is built and run (``build_prefix``, ``prefill``,
-``decode_batch``); the engine's scheduler batches those steps across requests. :meth:`SpeechTokenLM.generate`
-runs them for one sequence alone (tests and scripts).
+Each family's LM writes how its prefix is built and run (``build_prefix``, ``feed``,
+``decode_batch``); the engine batches those steps across requests. :meth:`SpeechTokenLM.generate`
+runs them for one sequence alone (tests and scripts), with the engine's own per-row rules
+(:class:`~cosyserve.nn.sampling.TokenRules`), so there is one way to pick tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from cosyserve.models.base import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from cosyserve.nn.kv_cache import KVCache
-from cosyserve.nn.sampling import RasSampler, Sampler, sample_tokens
+from cosyserve.nn.sampling import RasSampler, Sampler, TokenRules
 
 TokenIds = Tensor | Sequence[int] | None
 
@@ -65,8 +66,13 @@ class SpeechTokenLM(nn.Module):
         """The embedded prefix (1, L0, D) the LM continues with speech tokens."""
 
     @abstractmethod
+    def feed(self, inputs: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        """Run (1, t, D) inputs after a one-row ``cache``'s history (None: a fresh cache); return the
+        last hidden state (D,) and the extended cache. A prefix fed in pieces equals it fed whole."""
+
     def prefill(self, prefix: Tensor) -> tuple[Tensor, KVCache]:
         """Run the prefix (1, L0, D) through a fresh cache; return the last hidden state (D,) and the cache."""
+        return self.feed(prefix, None)
 
     @abstractmethod
     def decode_batch(self, token_ids: Tensor, cache: KVCache) -> Tensor:
@@ -114,17 +120,23 @@ class SpeechTokenLM(nn.Module):
         max_len = MAX_TOKEN_TEXT_RATIO * n_text if max_len is None else max_len
         with torch.inference_mode():
             prefix = self.build_prefix(text, prompt_text, prompt_speech_token, embedding)
-        cache: list[KVCache] = []
-
-        def next_logp(token: int | None) -> Tensor:
-            if token is None:
-                hidden, state = self.prefill(prefix)
-                cache.append(state)
-            else:
-                hidden = self.decode_step(token, cache[0])
-            return self.logp(hidden)
 
         def mask(logp: Tensor) -> Tensor:
             return self.mask_early_stop(logp, **mask_options)
 
-        return sample_tokens(next_logp, sampler or self.make_sampler(), self.stop_token_ids, min_len, max_len, mask)
+        rules = TokenRules(sampler or self.make_sampler(), self.stop_token_ids, min_len, max_len, mask)
+        return self._decode(prefix, rules)
+
+    def _decode(self, prefix: Tensor, rules: TokenRules) -> Iterator[int]:
+        cache: KVCache | None = None
+        token: int | None = None
+        while not rules.stopped:
+            with torch.inference_mode():
+                if cache is None:
+                    hidden, cache = self.prefill(prefix)
+                else:
+                    hidden = self.decode_step(token, cache)
+                token = rules.pick(self.logp(hidden))
+            if token is None:
+                return
+            yield token

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context, per_step, sees_every_frame
+from cosyserve.work_units import unit_boundary
 
 
 class SinusPositionEmbedding(nn.Module):
@@ -259,6 +260,7 @@ class DiT(nn.Module):
         attn_mask = chunk_attention_mask(mask, chunk, self.num_decoding_left_chunks)
         for block, modulation in zip(self.transformer_blocks, block_modulations, strict=True):
             h = block(h, modulation, lambda attn, x: attn(x, attn_mask, rope))
+            unit_boundary()  # a long flow call may pause between blocks (cosyserve.work_units)
         h = self.norm_out(h, out_modulation)
         return self.proj_out(h).transpose(1, 2)
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosyserve.work_units import unit_boundary
+
 
 class CausalConv1d(nn.Conv1d):
     """Conv1d whose padding is all on one side: 'left' (causal) or 'right' (look-ahead).
@@ -341,6 +343,7 @@ class _HiFTBase(nn.Module):
             for block in blocks[1:]:
                 xs = xs + block(x)
             x = xs / self.num_kernels
+            unit_boundary()  # a long vocoder call may pause between stages (cosyserve.work_units)
         x = self.conv_post(F.leaky_relu(x))  # default slope 0.01, as the reference
         bins = self.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)

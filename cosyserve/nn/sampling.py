@@ -7,7 +7,7 @@ Every random draw comes from the sampler's own ``torch.Generator``; the global R
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container
 from typing import Protocol
 
 import numpy as np
@@ -116,24 +116,3 @@ class TokenRules:
         self.history.append(token)
         self.stopped = len(self.history) >= self.max_len
         return token
-
-
-def sample_tokens(
-    next_logp: Callable[[int | None], Tensor],
-    sampler: Sampler,
-    stop_ids: Container[int],
-    min_len: int,
-    max_len: int,
-    mask_early_stop: Callable[[Tensor], Tensor],
-) -> Iterator[int]:
-    """The autoregressive loop of one sequence: ``next_logp(previous id or None)`` gives the next
-    step's log-probs, :class:`TokenRules` picks. Lazy: closing the iterator stops decoding."""
-    rules = TokenRules(sampler, stop_ids, min_len, max_len, mask_early_stop)
-    token: int | None = None
-    while not rules.stopped:
-        with torch.inference_mode():
-            logp = next_logp(token)
-        token = rules.pick(logp)
-        if token is None:
-            return
-        yield token

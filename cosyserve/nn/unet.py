@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.nn.chunk_state import ChunkState, append_kv, left_context, sees_every_frame
+from cosyserve.work_units import unit_boundary
 
 _MASK_BIAS = -1.0e10  # additive attention bias for disallowed keys, as the reference uses
 
@@ -355,12 +356,14 @@ class ConditionalDecoder(nn.Module):
             hiddens.append(x)
             x = downsample(x * mask_down)
             masks.append(mask_down[:, :, ::2])
+            unit_boundary()  # a long flow call may pause between blocks (cosyserve.work_units)
         masks.pop()  # the last stage does not change the resolution
 
         mask_mid = masks[-1]
         for resnet, blocks in self.mid_blocks:
             x = resnet(x, mask_mid, temb)
             x = self._run_transformers(blocks, x, bias_for(mask_mid))
+            unit_boundary()
 
         mask_up = mask
         for resnet, blocks, upsample in self.up_blocks:
@@ -371,6 +374,7 @@ class ConditionalDecoder(nn.Module):
             x = resnet(x, mask_up, temb)
             x = self._run_transformers(blocks, x, bias_for(mask_up))
             x = upsample(x * mask_up)
+            unit_boundary()
 
         x = self.final_block(x, mask_up)
         return self.final_proj(x * mask_up) * mask

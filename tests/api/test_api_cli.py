@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cosyserve import cli
+from cosyserve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "runtime" / "python" / "fastapi" / "client.py"
@@ -130,15 +131,19 @@ def test_client_needs_no_torch():
 
 
 def test_gpu_resolution(monkeypatch, caplog):
+    from cosyserve.engine import loading
+
     torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0))
-    monkeypatch.setitem(sys.modules, "torch", torch)
-    assert cli.resolve_device(None) == "cpu"
-    assert cli.resolve_device(0) == "cpu" and "CUDA is not available" in caplog.text
-    assert cli.resolve_device(-1) == "cpu"
+    monkeypatch.setattr(loading, "torch", torch)
+    assert loading.resolve_device(None) == "cpu"
+    assert loading.resolve_device(0) == "cpu" and "CUDA is not available" in caplog.text
+    assert loading.resolve_device(-1) == "cpu"
     torch.cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2)
-    assert cli.resolve_device(None) == "cuda:0" and cli.resolve_device(1) == "cuda:1"
-    with pytest.raises(cli.CliError, match="out of range"):
-        cli.resolve_device(2)
+    assert loading.resolve_device(None) == "cuda:0" and loading.resolve_device(1) == "cuda:1"
+    with pytest.raises(ValueError, match="out of range"):
+        loading.resolve_device(2)
+    with pytest.raises(cli.CliError, match="out of range"):  # the server says it in one line
+        cli.server_loaders(Settings(model_dir="/nowhere", gpu=2))
 
 
 def _run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

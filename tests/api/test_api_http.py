@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from cosyserve.api import create_app
 from cosyserve.audio.encode import to_int16
+from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import TextError, UnknownSpeaker
 from cosyserve.settings import Settings
 
@@ -43,12 +44,16 @@ class StubSequence:
         self.failed = None
 
 
-class StubScheduler:
-    """One chunk per running sequence per step, like the real scheduler's interface."""
+class StubLoop:
+    """One chunk per running sequence per step, like the real generation loop's interface."""
 
     def __init__(self):
         self.sequences = []
         self.last_batch_size = self.llm_steps = self.llm_tokens = 0
+
+    @property
+    def scheduler(self):  # the stats the core reads
+        return self
 
     @property
     def has_work(self):
@@ -90,6 +95,7 @@ class StubModel:
         self.family = family
         self.sample_rate = RATE
         self.token_rate = 25
+        self.prompt_limits = PromptLimits()
         self.modes = frozenset(modes)
         self.model_dir = "/models/stub-model"
         self.speakers = list(speakers)
@@ -114,8 +120,8 @@ class StubModel:
             [rng.uniform(-1.1, 1.1, self.chunk_len).astype(np.float32) for _ in range(n_chunks or self.n_chunks)]
         )
 
-    def new_scheduler(self):
-        return StubScheduler()
+    def new_loop(self):
+        return StubLoop()
 
     def prepare(self, request, *, request_id="", **overrides):
         mode, o = request.mode, request.options

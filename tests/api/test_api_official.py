@@ -325,11 +325,11 @@ def test_disconnect_stops_generation(entry):
         sequence = recording.sequences[0]
         at_close = sequence.chunks_out
         core = app.state.cosyserve.engine.core
-        wait_for(lambda: sequence not in core.scheduler.sequences and not core.running_ids(), 30, "generation to stop")
-        assert sequence.next_input < len(sequence.inputs) or sequence.chunks_out < 3 * at_close + 3, (
+        wait_for(lambda: sequence not in core.loop.sequences and not core.running_ids(), 30, "generation to stop")
+        assert sequence.next_segment < len(sequence.inputs) or sequence.chunks_out < 3 * at_close + 3, (
             "generation ran to the end despite the disconnect"
         )
         assert sequence.chunks_out <= at_close + 1, "generation went on for more than one chunk after the disconnect"
-        assert core.scheduler.batch.cache is None, "its batch row was not freed"
+        assert core.loop.runner.idle, "its batch row was not freed"
         wait_for(lambda: app.state.cosyserve.in_flight.value == 0, 10, "in-flight count back to 0")
         assert requests.get(server.url + "/health").json()["in_flight"] == 0

@@ -18,7 +18,7 @@ from golden import REPO, golden_root, manifest, model_dir
 from helpers import load_settings
 
 from cosyserve.api import create_app
-from cosyserve.cli import model_loaders
+from cosyserve.cli import server_loaders
 from cosyserve.engine.pipeline import load_model
 from cosyserve.engine.voices import VoiceLibrary
 from cosyserve.settings import Settings, SettingsError
@@ -210,7 +210,7 @@ def test_settings_take_several_models():
 
 def test_served_models_share_one_voice_library():
     settings = _settings(data_dir="", text_frontend="none", threads=1)
-    loaded = [load() for load in model_loaders(settings, "cpu").values()]
+    loaded = [load() for load in server_loaders(settings).values()]
     assert len({id(model.voices.library) for model in loaded}) == 1
 
 

@@ -445,10 +445,10 @@ class FailingAfterFirstChunk:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
-    def new_scheduler(self) -> Any:
-        """The real scheduler, whose requests break right after their first chunk."""
-        scheduler = self._model.new_scheduler()
-        step = scheduler.step
+    def new_loop(self) -> Any:
+        """The real generation loop, whose requests break right after their first chunk."""
+        loop = self._model.new_loop()
+        step = loop.step
 
         def breaking_step() -> list:
             events = step()
@@ -456,12 +456,12 @@ class FailingAfterFirstChunk:
                 if chunk is not None and sequence.failed is None:
                     sequence.failed = RuntimeError("broken on purpose")
                     if not any(s is sequence and c is None for s, c in events):  # not ended in this step yet
-                        scheduler.remove(sequence)
+                        loop.remove(sequence)
                         events.append((sequence, None))
             return events
 
-        scheduler.step = breaking_step
-        return scheduler
+        loop.step = breaking_step
+        return loop
 
 
 @pytest.mark.parametrize("version", VERSIONS[:1])

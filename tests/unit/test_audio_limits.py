@@ -14,9 +14,10 @@ import soundfile as sf
 from golden import REPO, model_dir
 
 from cosyserve.audio.io import MAX_INPUT_SAMPLE_RATE, decode_audio
-from cosyserve.engine.pipeline import MAX_PROMPT_SECONDS
+from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import AudioError
 
+MAX_PROMPT_SECONDS = int(PromptLimits().max_seconds)
 RATE = 16000
 BOMB_HOURS = 6
 RSS_BUDGET_MB = 50
@@ -52,8 +53,9 @@ def bomb(tmp_path_factory) -> Path:
 _MEASURE = """
 import json, resource, sys
 from cosyserve.audio.io import decode_audio
-from cosyserve.engine.pipeline import MAX_PROMPT_SECONDS
+from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import AudioError
+MAX_PROMPT_SECONDS = PromptLimits().max_seconds
 data = open(sys.argv[1], "rb").read()
 decode_audio(open(sys.argv[2], "rb").read(), max_seconds=MAX_PROMPT_SECONDS)  # warm the decoder up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -130,27 +130,27 @@ def _run_with_others(model: TTSModel, request: SynthesisRequest, fragments: list
     """Steps one scheduler holding the bistream request and two ordinary ones; one fragment every
     other step. Returns the bistream state and, per step, (bistream row in the batch, batch size)."""
     feed = TextFeed()
-    scheduler = model.new_scheduler()
+    loop = model.new_loop()
     sequence = model.prepare(request, sampler=sampler, text_feed=feed)
-    scheduler.add(sequence)
+    loop.add(sequence)
     others = [model.prepare(SynthesisRequest("sft", t, spk_id=model.list_speakers()[0])) for t in OTHERS]
     segment = None
     membership = []
     step = 0
-    while scheduler.has_work:
+    while loop.has_work:
         if step == 2:
             for other in others:
-                scheduler.add(other)
+                loop.add(other)
         if step % 2 == 0 and fragments:
             feed.append(fragments.pop(0))
             if not fragments:
                 feed.close()
-        assert scheduler.runnable or fragments, "the scheduler waits although all the text is there"
-        if scheduler.runnable:
-            scheduler.step()
+        assert loop.runnable or fragments, "the scheduler waits although all the text is there"
+        if loop.runnable:
+            loop.step()
         segment = segment or (sequence.segments[0] if sequence.segments else None)
-        in_batch = segment is not None and segment in scheduler.batch.segments
-        membership.append((in_batch, len(scheduler.batch)))
+        in_batch = segment is not None and segment in loop.runner.batch
+        membership.append((in_batch, len(loop.runner.batch)))
         step += 1
         assert step < 5000
     assert sequence.failed is None, sequence.failed
@@ -169,14 +169,14 @@ def test_interleave_and_exact_incremental_logprobs(name, mode):
     # (a) the interleave of spec §9.4, rebuilt from its rules
     prepared = model.prepare(request, text_feed=TextFeed())  # the prompt parts, as the engine built them
     model_input = prepared.inputs[0]
-    prompt_ids = model_input["prompt_text"].reshape(-1).tolist()
+    prompt_ids = model_input.prompt_text.reshape(-1).tolist()
     if name == "v3-tiny":
         assert ENDOFPROMPT_ID in prompt_ids
         end = prompt_ids.index(ENDOFPROMPT_ID) + 1
         head, prompt_rest = prompt_ids[:end], prompt_ids[end:]
     else:
         head, prompt_rest = [], prompt_ids
-    prompt_speech = model_input.get("llm_prompt_speech_token", torch.zeros(1, 0)).reshape(-1).tolist()
+    prompt_speech = model_input.llm_prompt_speech.reshape(-1).tolist()
     assert (len(prompt_speech) > 0) == (mode == "zero_shot")
     words = TEXT.split(" ")
     text = [i for n, w in enumerate(words) for i in model._text_ids(w if n == 0 else " " + w)]
@@ -231,7 +231,7 @@ def test_bad_use_is_a_clear_error():
     request = SynthesisRequest("zero_shot", prompt_text="no end of prompt marker", prompt_audio=_prompt_wav())
     with pytest.raises(InvalidRequest):  # the v3 frontend adds the system prompt; without it the LLM refuses
         v3.core.llm.new_bistream([1, 2, 3], [], None, 100)
-    assert v3.prepare(request, text_feed=TextFeed()).inputs[0]["text"].numel() == 0
+    assert v3.prepare(request, text_feed=TextFeed()).inputs[0].text.numel() == 0
 
 
 def test_engine_waits_without_spinning_and_abort_frees_everything():
@@ -259,7 +259,7 @@ def test_engine_waits_without_spinning_and_abort_frees_everything():
         stats = engine.stats()
         assert stats["running"] == 0 and stats["queue_depth"] == 0
         scheduler = engine.core.scheduler
-        assert not scheduler.sequences and not len(scheduler.batch) and scheduler.batch.cache is None
+        assert not scheduler.sequences and engine.core.loop.runner.idle
         after_abort = scheduler.llm_steps
         feed.append("more text after the abort goes nowhere ")  # no error, no work
         await asyncio.sleep(0.2)

@@ -13,6 +13,7 @@ caches, speed changes, batched decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import pytest
@@ -21,15 +22,18 @@ from golden import golden_root, manifest, model_dir, model_version
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from cosyserve.engine.pipeline import TTSModel, load_model
+from cosyserve.engine.loading import EngineOptions, StagePlacement, load_parts
+from cosyserve.engine.pipeline import TTSModel
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.engine.streaming import Draws
 
 STAND_IN = torch.device("meta")
+OTHER_STAND_IN = torch.device("hpu")  # a second device, for stages placed apart
 # Ops that accept operands on two devices (a copy, an index on the CPU).
 _CROSS_DEVICE = {torch.Tensor.copy_, torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 _TO_DEVICE = {torch.Tensor.to, torch.Tensor.cpu}
 _TO_HOST_ARRAY = {torch.Tensor.numpy, torch.Tensor.__array__}
+_CPU = torch.device("cpu")
 
 
 class WrongDevice(RuntimeError):
@@ -38,49 +42,57 @@ class WrongDevice(RuntimeError):
 
 class StandInDevice(TorchFunctionMode):
     """Treats ``modules``' parameters and buffers, and what is computed from them, as being on
-    :data:`STAND_IN` (see the module docstring)."""
+    :data:`STAND_IN` (see the module docstring); ``placed`` puts other modules on other stand-ins."""
 
-    def __init__(self, *modules: torch.nn.Module) -> None:
+    def __init__(self, *modules: torch.nn.Module, placed: dict[torch.device, tuple] | None = None) -> None:
         super().__init__()
         # By storage, not tensor object: views share it, and so do the parameters a module copy or a
         # dtype change rebuilds around a computed tensor (deepcopy, .double()).
-        self.on_device: weakref.WeakSet = weakref.WeakSet()
-        for module in modules:
-            for tensor in (*module.parameters(), *module.buffers()):
-                self.on_device.add(tensor.untyped_storage())
+        self.where: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        groups = [(STAND_IN, modules), *(placed or {}).items()]
+        for device, group in groups:
+            for module in group:
+                for tensor in (*module.parameters(), *module.buffers()):
+                    self.where[tensor.untyped_storage()] = device
+
+    def _device_of(self, tensor: torch.Tensor) -> torch.device:
+        return self.where.get(tensor.untyped_storage(), _CPU)
 
     def _is_on(self, tensor: torch.Tensor) -> bool:
-        return tensor.untyped_storage() in self.on_device
+        return self._device_of(tensor) != _CPU
 
-    def _target(self, func, args: tuple, kwargs: dict) -> bool | None:
-        """Where the result is put explicitly: True (the stand-in), False (CPU), None (not said)."""
+    def _target(self, func, args: tuple, kwargs: dict) -> torch.device | None:
+        """Where the result is put explicitly (None: not said)."""
         candidates = [kwargs["device"]] if kwargs.get("device") is not None else []
         if func in _TO_DEVICE:
             if func is torch.Tensor.cpu:
-                return False
+                return _CPU
             candidates += [a for a in args[1:] if isinstance(a, (str, torch.device, torch.Tensor))]
         if not candidates:
             return None
         where = candidates[0]
         if isinstance(where, torch.Tensor):
-            return self._is_on(where)
-        return torch.device(where).type == STAND_IN.type
+            return self._device_of(where)
+        return torch.device(where) if torch.device(where).type in (STAND_IN.type, OTHER_STAND_IN.type) else _CPU
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func == torch.Tensor.device.__get__:
-            return STAND_IN if self._is_on(args[0]) else func(*args)
+            return self._device_of(args[0])
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        on = [t for t in tensors if self._is_on(t)]
+        devices = {self._device_of(t) for t in tensors if self._is_on(t)}
         target = self._target(func, args, kwargs)
         if target is None:  # an op: its operands must agree, its result is where they are
-            if func in _TO_HOST_ARRAY and on:
+            if func in _TO_HOST_ARRAY and devices:
                 raise WrongDevice(f"{func.__name__}() of a tensor on the model's device (needs .cpu() first)")
             off = [t for t in tensors if not self._is_on(t) and t.dim() > 0]
-            if on and off and func not in _CROSS_DEVICE:
+            name = getattr(func, "__name__", func)
+            if len(devices) > 1 and func not in _CROSS_DEVICE:
+                raise WrongDevice(f"{name}: tensors on {sorted(map(str, devices))} meet")
+            if devices and off and func not in _CROSS_DEVICE:
                 shapes = [tuple(t.shape) for t in off]
-                raise WrongDevice(f"{getattr(func, '__name__', func)}: CPU tensor(s) {shapes} meet the model's device")
-            target = bool(on)
+                raise WrongDevice(f"{name}: CPU tensor(s) {shapes} meet the model's device")
+            target = next(iter(devices)) if devices else _CPU
         if kwargs.get("device") is not None:
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to:
@@ -90,16 +102,16 @@ class StandInDevice(TorchFunctionMode):
         out = func(*args, **kwargs)
         return self._place(out, target, tensors)
 
-    def _place(self, out, target: bool, inputs: list[torch.Tensor]):
+    def _place(self, out, target: torch.device, inputs: list[torch.Tensor]):
         results = out if isinstance(out, (tuple, list)) else (out,)
         placed = []
         for result in results:
             if isinstance(result, torch.Tensor):
                 storage = result.untyped_storage()
-                if self._is_on(result) != target and any(storage is t.untyped_storage() for t in inputs):
+                if self._device_of(result) != target and any(storage is t.untyped_storage() for t in inputs):
                     result = result.clone()  # a move makes a new tensor; never retag the input's storage
-                if target:
-                    self.on_device.add(result.untyped_storage())
+                if target != _CPU:
+                    self.where[result.untyped_storage()] = target
             placed.append(result)
         if not isinstance(out, (tuple, list)):
             return placed[0]
@@ -145,9 +157,32 @@ def prompt_wav() -> bytes:
     return (golden_root() / "audio" / f"{name}.wav").read_bytes()
 
 
+def _placed(name: str, placement: StagePlacement) -> TTSModel:
+    """The model loaded on the CPU, its runner told its stages are where ``placement`` says (the
+    stand-in mode makes them look so)."""
+    parts = load_parts(
+        model_dir(name), device="cpu", hub="auto", options=EngineOptions(text_frontend="none"), library=None
+    )
+    return TTSModel(dataclasses.replace(parts, placement=placement))
+
+
 def _stand_in(model: TTSModel) -> StandInDevice:
     core = model.core
     return StandInDevice(core.llm, core.flow, core.hift)
+
+
+def _run_batched(model: TTSModel, requests: list[SynthesisRequest]) -> None:
+    """Several requests decoded as one batch (rows joining a shared cache), each to its end."""
+    loop = model.new_loop()
+    for seed, request in enumerate(requests):
+        loop.add(model.prepare(request, draws=Draws(seed)))
+    finished = 0
+    while loop.has_work:
+        for sequence, chunk in loop.step():
+            if chunk is None:
+                assert sequence.failed is None, sequence.failed
+                finished += 1
+    assert finished == len(requests)
 
 
 def _requests(model: TTSModel, prompt_wav: bytes) -> list[SynthesisRequest]:
@@ -169,21 +204,57 @@ def _requests(model: TTSModel, prompt_wav: bytes) -> list[SynthesisRequest]:
 
 @pytest.mark.parametrize("name", _models())
 def test_engine_creates_stage_inputs_on_the_model_device(name, prompt_wav):
-    model = load_model(model_dir(name), text_frontend="none")
+    model = _placed(name, StagePlacement.on(STAND_IN.type))
     requests = _requests(model, prompt_wav)
     with _stand_in(model):
         for request in requests:
             chunks = list(model.synthesize(request))
             assert chunks and all(c.size and c.dtype.name == "float32" for c in chunks), request.mode
-        # Several requests decoded as one batch (rows joining a shared cache).
-        scheduler = model.new_scheduler()
-        batched = [requests[0], requests[-1]]
-        for seed, request in enumerate(batched):
-            scheduler.add(model.prepare(request, draws=Draws(seed)))
-        finished = 0
-        while scheduler.has_work:
-            for sequence, chunk in scheduler.step():
-                if chunk is None:
-                    assert sequence.failed is None, sequence.failed
-                    finished += 1
-        assert finished == len(batched)
+        _run_batched(model, [requests[0], requests[-1]])
+
+
+def _every_mode(model: TTSModel, prompt_wav: bytes) -> list[SynthesisRequest]:
+    text, prompt_text = "今天天气真好，我们一起去散步吧。", "希望你以后能够做的比我还好呦。"
+    speaker = model.list_speakers()[0] if model.list_speakers() else None
+    fields = {
+        "sft": {"text": text, "spk_id": speaker},
+        "zero_shot": {"text": text, "prompt_text": prompt_text, "prompt_audio": prompt_wav},
+        "cross_lingual": {"text": text, "prompt_audio": prompt_wav},
+        "instruct": {"text": text, "spk_id": speaker, "instruct_text": "Speak slowly."},
+        "instruct2": {"text": text, "instruct_text": "Speak slowly.", "prompt_audio": prompt_wav},
+        "vc": {"source_audio": prompt_wav, "prompt_audio": prompt_wav},
+    }
+    return [
+        SynthesisRequest(mode, options=GenerationOptions(stream=stream, seed=n), **fields[mode])
+        for n, (mode, stream) in enumerate((m, s) for m in sorted(model.modes) for s in (False, True))
+    ]
+
+
+@pytest.mark.parametrize("vocoder_apart", [False, True], ids=["vocoder-with-flow", "vocoder-with-llm"])
+@pytest.mark.parametrize("name", _models())
+def test_llm_and_flow_on_two_devices_serve_every_mode(name, vocoder_apart, prompt_wav):
+    """The LLM on one device, the flow on another, the vocoder on either: every mode, streamed or not,
+    and a batch, with each stage's inputs made on (or moved to) its own device only."""
+    vocoder = STAND_IN if vocoder_apart else OTHER_STAND_IN
+    model = _placed(name, StagePlacement(llm=STAND_IN.type, flow=OTHER_STAND_IN.type, vocoder=vocoder.type))
+    core = model.core
+    requests = _every_mode(model, prompt_wav)
+    assert {r.mode for r in requests} == set(model.modes)
+    placed = {OTHER_STAND_IN: (core.flow,)}
+    placed[vocoder] = (*placed.get(vocoder, ()), core.hift)
+    with StandInDevice(core.llm, placed=placed):
+        assert core.llm.speech_embedding.weight.device == STAND_IN
+        assert next(core.flow.parameters()).device == OTHER_STAND_IN
+        for request in requests:
+            chunks = list(model.synthesize(request))
+            assert chunks and all(c.size and c.dtype.name == "float32" for c in chunks), request.mode
+        _run_batched(model, requests[:3])
+
+
+def test_the_stand_in_catches_two_devices_meeting():
+    a, b = torch.nn.Linear(4, 3).requires_grad_(False), torch.nn.Linear(3, 2).requires_grad_(False)
+    with StandInDevice(a, placed={OTHER_STAND_IN: (b,)}):
+        hidden = a(torch.zeros(1, 4, device=STAND_IN))
+        with pytest.raises(WrongDevice, match="meet"):
+            b(hidden)
+        assert b(hidden.to(OTHER_STAND_IN)).device == OTHER_STAND_IN

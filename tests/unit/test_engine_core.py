@@ -62,17 +62,17 @@ def test_batched_logprobs_equal_solo(name):
         sampler = RecordingSampler()
         list(model.synthesize(_sft(model, text), sampler=sampler))
         solo.append(sampler)
-    scheduler = model.new_scheduler()
+    loop = model.new_loop()
     batched = [RecordingSampler() for _ in TEXTS]
     sequences = [model.prepare(_sft(model, t), sampler=s) for t, s in zip(TEXTS, batched, strict=True)]
     join_at = {0: 0, 1: 0, 2: 3, 3: 7}  # requests 2 and 3 arrive while the others decode
     sizes, step = [], 0
-    while step == 0 or scheduler.has_work:
+    while step == 0 or loop.has_work:
         for i, at in join_at.items():
             if at == step:
-                scheduler.add(sequences[i])
-        scheduler.step()
-        sizes.append(scheduler.last_batch_size)
+                loop.add(sequences[i])
+        loop.step()
+        sizes.append(loop.scheduler.last_batch_size)
         step += 1
     assert max(sizes) >= 3, f"the batch never held several rows: {sizes}"
     for i, (alone, together) in enumerate(zip(solo, batched, strict=True)):
@@ -83,7 +83,7 @@ def test_batched_logprobs_equal_solo(name):
             finite = torch.isfinite(a)
             assert torch.equal(finite, torch.isfinite(b))
             assert_close(b[finite], a[finite].numpy(), LOGP_ATOL, f"request {i} step {k} logp")
-    assert scheduler.batch.cache is None and not scheduler.sequences, "rows left behind"
+    assert loop.runner.idle and not loop.sequences, "rows left behind"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -103,7 +103,7 @@ def test_seeded_tokens_same_solo_and_batched(name):
             sampler = llm.make_sampler(torch.Generator().manual_seed(seed))
             list(model.synthesize(_sft(model, TEXTS[seed % 3], seed), sampler=_tap(sampler, tokens)))
             picks[seed] = [tokens]
-        scheduler = model.new_scheduler()
+        loop = model.new_loop()
         waiting = []
         for seed in batch:
             tokens = []
@@ -111,10 +111,10 @@ def test_seeded_tokens_same_solo_and_batched(name):
             sampler = llm.make_sampler(torch.Generator().manual_seed(seed))
             waiting.append(model.prepare(_sft(model, TEXTS[seed % 3], seed), sampler=_tap(sampler, tokens)))
         step = 0
-        while waiting or scheduler.has_work:
+        while waiting or loop.has_work:
             if waiting and step % 2 == 0:  # one joins every other step: rows of different lengths
-                scheduler.add(waiting.pop(0))
-            scheduler.step()
+                loop.add(waiting.pop(0))
+            loop.step()
             step += 1
         flips += sum(alone != together for alone, together in picks.values())
     print(f"{name}: {flips} of {len(seeds)} seeded requests picked another token in a batch")
@@ -190,18 +190,18 @@ def test_requests_join_a_running_batch_and_aborts_free_their_row():
         second, victim = CollectingSink(), CollectingSink()
         core.submit(Work("second", second, request=_sft(model, TEXTS[1], seed=2)))
         core.submit(Work("victim", victim, request=_sft(model, long_text, seed=3, stream=True)))
-        _wait(lambda: len(core.scheduler.batch) >= 2 and "victim" in core.running_ids(), 30, "requests to join")
+        _wait(lambda: len(core.loop.runner.batch) >= 2 and "victim" in core.running_ids(), 30, "requests to join")
         core.abort("victim")
         _wait(lambda: victim.done.is_set(), 10, "the abort")
         assert victim.events[-1][0] == "finished"
         assert "victim" not in core.running_ids()
-        assert all(s.request_id != "victim" for s in core.scheduler.sequences)
-        assert all(o.request_id != "victim" for o in core.scheduler.batch.owners), "its batch row was not freed"
+        assert all(s.request_id != "victim" for s in core.loop.sequences)
+        assert len(core.loop.runner.batch) <= 2, "its batch row was not freed"
         for sink in (first, second):
             assert sink.done.wait(120), "a request did not finish"
             assert sink.events[-1][0] == "finished" and sink.audio().size > 0
         _wait(lambda: not core.scheduler.has_work, 10, "the engine to go idle")
-        assert core.scheduler.batch.cache is None and core.stats().running == 0
+        assert core.loop.runner.idle and core.stats().running == 0
         # The same seeded requests alone give the same audio.
         alone = np.concatenate(list(model.synthesize(_sft(model, TEXTS[1], seed=2))))
         np.testing.assert_allclose(second.audio(), alone, atol=1e-4)
@@ -300,13 +300,13 @@ def test_abort_of_a_long_non_streaming_request_takes_effect_within_a_second():
         _wait(lambda: core.stats().running == 0 and not core.scheduler.has_work, 5, "the request to leave")
         assert time.monotonic() - aborted_at < 1.0
         assert [kind for kind, _ in sink.events] == ["started", "finished"], "no audio, a clean end"
-        assert core.scheduler.batch.cache is None
+        assert core.loop.runner.idle
     finally:
         core.stop()
 
 
-class _BrokenScheduler:
-    """A scheduler whose loop-facing interface fails: a bug in the engine loop itself."""
+class _BrokenLoop:
+    """A generation loop whose interface fails: a bug in the engine loop itself."""
 
     has_work = False
 
@@ -322,8 +322,8 @@ class _BrokenScheduler:
 
 
 class _BrokenModel:
-    def new_scheduler(self):
-        return _BrokenScheduler()
+    def new_loop(self):
+        return _BrokenLoop()
 
     def prepare(self, request, **kwargs):
         return object()

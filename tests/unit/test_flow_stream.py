@@ -13,7 +13,7 @@ from golden import model_dir
 
 from cosyserve.config import load_yaml
 from cosyserve.engine import streaming
-from cosyserve.engine.streaming import Draws, PromptCondition
+from cosyserve.engine.streaming import AudioStage, Draws, PromptCondition, StreamingOptions
 from cosyserve.families import FAMILIES
 
 MODELS = {"v2-tiny": "cosyvoice2", "v3-tiny": "cosyvoice3"}
@@ -26,6 +26,11 @@ def _core(model: str):
     directory = model_dir(model)
     config = load_yaml(directory / family.yaml, {"qwen_pretrain_path": str(directory / "CosyVoice-BlankEN")})
     return importlib.import_module(family.model_module).load(directory, config).eval()
+
+
+def _stage(core, streaming: StreamingOptions | None = None) -> AudioStage:
+    cpu = torch.device("cpu")
+    return AudioStage.of(core, cpu, cpu, streaming)
 
 
 def _condition(prompt_tokens: int, seed: int = 1) -> PromptCondition:
@@ -116,7 +121,7 @@ def test_streamed_request_equals_the_full_rerun(model, n_tokens):
     c = _condition(prompt_tokens=17)
     outputs = []
     for incremental in (True, False):
-        synth = synth_cls(core, c, Draws(seed=0), stream=True)
+        synth = synth_cls(_stage(core), c, Draws(seed=0), stream=True)
         assert synth.flow_state is not None
         if not incremental:
             synth.flow_state = None  # the full re-run of every chunk
@@ -177,10 +182,9 @@ def test_chunk_causal_last_chunk_computes_its_own_frames_only(model, monkeypatch
     """stream_last_chunk="causal": the last chunk continues the state too (not the reference's audio)."""
     core = _core(model)
     synth_cls = getattr(streaming, FAMILIES[MODELS[model]].synthesizer)
-    monkeypatch.setattr(core, "stream_last_chunk", "causal")
     counter = _FrameCounter(core.flow.decoder.estimator, monkeypatch)
     c = _condition(prompt_tokens=25)
-    synth = synth_cls(core, c, Draws(seed=0), stream=True)
+    synth = synth_cls(_stage(core, StreamingOptions(last_chunk="causal")), c, Draws(seed=0), stream=True)
     tokens = _tokens(120)
     for token in tokens:
         synth.add(token)

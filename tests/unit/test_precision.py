@@ -55,15 +55,15 @@ def test_streaming_options_reach_each_request_state():
         "sft", "今天天气真好。", spk_id=model.list_speakers()[0], options=GenerationOptions(seed=3, stream=True)
     )
     sequence = model.prepare(request)
-    scheduler = model.new_scheduler()
-    scheduler.add(sequence)
-    scheduler.step()  # the first segment starts: its synthesizer holds the request's streaming state
+    loop = model.new_loop()
+    loop.add(sequence)
+    loop.step()  # the first segment starts: its synthesizer holds the request's streaming state
     synthesizer = sequence.segments[0].synthesizer
     assert synthesizer.full_context_last_chunk is False
     assert synthesizer.flow_state.max_cache_bytes == 7 << 20
-    scheduler.remove(sequence)
+    loop.remove(sequence)
     default = load_model(model_dir("v2-tiny"), text_frontend="none")
-    assert default.core.stream_last_chunk == "reference"
+    assert default.audio_stage.streaming.last_chunk == "reference"
 
 
 def test_bad_streaming_options_are_refused():

@@ -52,10 +52,9 @@ class TransformerLM(SpeechTokenLM):
         parts = [table[0:1], spk, text_part, table[1:2], self.speech_embedding(as_ids(prompt_speech_token, device))]
         return torch.cat(parts, dim=0)[None]
 
-    def prefill(self, prefix: Tensor) -> tuple[Tensor, KVCache]:
-        """Run the prefix (1, L0, D) causally through a fresh cache; return the last hidden (D,) and the cache."""
-        cache = self.llm.new_cache()
-        return self.llm.forward_chunk(prefix, cache)[0, -1], cache
+    def feed(self, inputs: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        cache = cache if cache is not None else self.llm.new_cache()
+        return self.llm.forward_chunk(inputs, cache)[0, -1], cache
 
     def decode_batch(self, token_ids: Tensor, cache: KVCache) -> Tensor:
         """Feed one speech token per cache row, ids (B,), after each row's own history (the cache is

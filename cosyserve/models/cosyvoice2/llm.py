@@ -2,7 +2,7 @@
 
 Uni-stream inference (the whole text is known when decoding starts) through ``build_prefix`` /
 ``prefill`` / ``decode_batch``; bi-streaming text input (spec §9.4) through ``new_bistream``, whose
-per-request state says what to ``feed`` (models/cosyvoice2/bistream.py).
+per-request state says what to ``feed`` (models/bistream.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cosyserve.models.cosyvoice2.bistream import BistreamInput, Item
+from cosyserve.models.bistream import BistreamInput, Item
 from cosyserve.models.cosyvoice2.config import Qwen2LMConfig
 from cosyserve.models.llm import SpeechTokenLM, TokenIds, as_ids
 from cosyserve.nn.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
@@ -43,12 +43,12 @@ class Qwen2LM(SpeechTokenLM):
     num_special_tokens = 3
     decoder_bias = True
 
-    def __init__(self, config: Qwen2LMConfig, reference_eos_mask: bool = False) -> None:
+    def __init__(self, config: Qwen2LMConfig) -> None:
         super().__init__()
         d = config.qwen.hidden_size
         self.speech_token_size = config.speech_token_size
         self.sampling_args = dict(config.sampling)
-        self.reference_eos_mask = reference_eos_mask
+        self.reference_eos_mask = config.reference_eos_mask
         self._build_task_embeddings(d)
         self.llm = Qwen2Encoder(config.qwen)
         vocab = config.speech_token_size + self.num_special_tokens
@@ -89,10 +89,9 @@ class Qwen2LM(SpeechTokenLM):
         ]
         return torch.cat(parts, dim=0)[None]
 
-    def prefill(self, prefix: Tensor) -> tuple[Tensor, KVCache]:
-        """Run the prefix (1, L0, D) through a fresh cache; return the last hidden state (D,) and the cache."""
-        cache = self.llm.model.model.new_cache()
-        return self.llm(prefix, cache)[0, -1], cache
+    def feed(self, inputs: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        cache = cache if cache is not None else self.llm.model.model.new_cache()
+        return self.llm(inputs, cache)[0, -1], cache
 
     def decode_batch(self, token_ids: Tensor, cache: KVCache) -> Tensor:
         """Feed one speech token per cache row, ids (B,), after each row's own history (the cache is
@@ -139,12 +138,6 @@ class Qwen2LM(SpeechTokenLM):
                 rows.append(table(torch.tensor([i for _, i in items[start:end]], dtype=torch.long, device=device)))
             start = end
         return torch.cat(rows, dim=0)[None]
-
-    def feed(self, inputs: Tensor, cache: KVCache | None) -> tuple[Tensor, KVCache]:
-        """Run (1, t, D) inputs after a one-row ``cache``'s history (None: a fresh cache); the last
-        hidden state (D,) and the extended cache."""
-        cache = cache if cache is not None else self.llm.model.model.new_cache()
-        return self.llm(inputs, cache)[0, -1], cache
 
     def mask_early_stop(self, logp: Tensor, reference_eos_mask: bool | None = None) -> Tensor:
         """Scores the sampler sees before ``min_len``: the stop ids (or the reference's one id) at -inf."""

@@ -1,0 +1,79 @@
+"""What lives as long as one request: its segments, draws, sampler, and how far each has come.
+
+The scheduler reads and updates these; the runner reads a segment's input and picks its ids with the
+segment's own rules, so a seeded request gives the same tokens whoever shares the batch. Nothing
+here holds a network or a device buffer of the runner's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from cosyserve.models.bistream import BistreamInput
+from cosyserve.nn.sampling import Sampler, TokenRules
+
+from .inputs import SegmentInput
+from .streaming import Draws, Synthesizer
+from .text_feed import FeedReader
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)  # identity: a segment is one object in a batch, not a value
+class Segment:
+    """One text segment of a sequence: its model input, token rules and token-to-audio state."""
+
+    input: SegmentInput
+    synthesizer: Synthesizer
+    rules: TokenRules | None = None  # uni-stream decoding rules; None for vc (given tokens) and bistream
+    bistream: BistreamInput | None = None  # text arriving over time: what to feed, when to wait
+    prefix_fed: int = 0  # uni-stream: prefix positions fed so far
+    prefix_length: int | None = None  # known once the runner has built the prefix
+    next_input: int | None = None  # the id the next decode step feeds (the last one picked)
+    decoded: bool = False  # the LLM is done with this segment
+    done: bool = False  # its last chunk is out
+
+    @property
+    def prefilled(self) -> bool:
+        """The whole prefix (uni-stream) is in the segment's cache."""
+        return self.prefix_length is not None and self.prefix_fed >= self.prefix_length
+
+    @property
+    def decoding(self) -> bool:
+        """Its next LLM step is one id in the batch."""
+        return not self.decoded and self.next_input is not None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's generation state; lives as long as the request."""
+
+    inputs: list[SegmentInput]
+    draws: Draws
+    sampler: Sampler
+    stream: bool
+    speed: float
+    request_id: str = ""
+    text: FeedReader | None = None  # bi-streaming: the text arrives through this feed
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    segments: deque[Segment] = field(default_factory=deque)  # started, audio not all out, in order
+    next_segment: int = 0  # index in ``inputs`` of the next segment to start
+    chunks_out: int = 0
+    tokens_out: int = 0
+    failed: BaseException | None = None
+
+    @property
+    def decoding(self) -> Segment | None:
+        """The segment the LLM is working on (at most one at a time)."""
+        return next((s for s in self.segments if not s.decoded), None)
+
+    @property
+    def finished(self) -> bool:
+        return self.next_segment >= len(self.inputs) and not self.segments
+
+    @property
+    def live(self) -> bool:
+        """Someone listens as audio is made: its chunks are due as soon as their tokens are there."""
+        return self.stream or self.text is not None
