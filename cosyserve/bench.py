@@ -40,6 +40,7 @@ from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import BLANK_EN
 from cosyserve.nn.kv_cache import KVCache
+from cosyserve.nn.linear import PackedLinear
 from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES
 
 # The official benchmark's text and prompt transcript (the reference repo's example).
@@ -250,6 +251,8 @@ def decode_weight_bytes(llm: torch.nn.Module) -> int:
             seen.add(id(param))
             if not isinstance(module, torch.nn.Embedding):
                 total += param.numel() * param.element_size()
+        if isinstance(module, PackedLinear):  # its weight is an opaque oneDNN tensor, not a parameter
+            total += module.out_features * module.in_features * module.dtype.itemsize
         packed = getattr(module, "_packed_params", None)  # an int8 (dynamically quantized) linear layer
         if packed is not None and callable(getattr(module, "weight", None)):
             for tensor in (module.weight(), module.bias()):

@@ -1,8 +1,9 @@
 """The LLM decode step per batch size with each linear kernel, measured side by side in one process.
 
-Compares ``nn.Linear``'s kernel with :class:`cosyserve.nn.linear.FewRowsLinear`'s weight-first one
-(fp32), and optionally other LLM dtypes, on a full-size random-weight model, interleaving the runs so
-that a noisy machine affects both alike. Use it to check ``FEW_ROWS`` on a new kind of CPU:
+Compares the fp32 LLM's projections as plain ``nn.Linear`` (MKL) with the packed oneDNN weights it
+runs with on the CPU (:class:`cosyserve.nn.linear.PackedLinear`), and optionally other LLM dtypes,
+on a full-size random-weight model, interleaving the runs so that a noisy machine affects all alike.
+Use it to check the kernel choice on a new kind of CPU:
 
     COSYSERVE_ASSETS_DIR=../shared/assets python3 scripts/decode_kernels.py \\
         ../shared/golden/fullsize-configs/v2-0.5b --frontend-from ../shared/golden/models/v2-tiny
@@ -11,15 +12,17 @@ that a noisy machine affects both alike. Use it to check ``FEW_ROWS`` on a new k
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-import cosyserve.nn.linear as linear_kernels
 from cosyserve.bench import random_weight_dir
 from cosyserve.engine.pipeline import load_model
 from cosyserve.nn.kv_cache import KVCache
+from cosyserve.nn.linear import unpack_linears
 
 
 def step_ms(llm: torch.nn.Module, cache: KVCache, steps: int) -> float:
@@ -55,25 +58,24 @@ def main() -> None:
     args = parser.parse_args()
     directory = random_weight_dir(args.model, args.frontend_from, args.blank_en)
     batches = [int(b) for b in args.batches.split(",")]
-    few_rows = linear_kernels.FEW_ROWS
-    # name -> (LLM dtype, FEW_ROWS to run with; None: the module's own)
-    variants = {"fp32 nn.Linear": ("fp32", 0), f"fp32 FewRowsLinear (<= {few_rows} rows)": ("fp32", None)}
-    variants.update({f"llm={d}": (d, None) for d in args.dtypes.split(",") if d})
-    models = {dtype: load_model(directory, random_weights=True, text_frontend="none", dtype=f"llm={dtype}")
-              for dtype, _ in variants.values()}  # fmt: skip
+    # name -> the LLM (the same random weights: every variant is made from one fp32 model's state dict)
+    reference = load_model(directory, random_weights=True, text_frontend="none").core
+    plain = copy.deepcopy(reference.llm)
+    unpack_linears(plain)
+    llms = {"fp32 plain nn.Linear (MKL)": plain, "fp32 packed oneDNN (default)": reference.llm}
+    for dtype in filter(None, args.dtypes.split(",")):
+        variant = dataclasses.replace(reference, llm=copy.deepcopy(reference.llm)).set_precision(llm=dtype)
+        llms[f"llm={dtype}"] = variant.llm
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
-        caches = {(dtype, b): batch_cache(m.core.llm, b) for dtype, m in models.items() for b in batches}
+        caches = {(name, b): batch_cache(llm, b) for name, llm in llms.items() for b in batches}
         for _ in range(args.rounds):
-            for name, (dtype, rows) in variants.items():
-                linear_kernels.FEW_ROWS = few_rows if rows is None else rows
+            for name, llm in llms.items():
                 for b in batches:
-                    ms = step_ms(models[dtype].core.llm, caches[dtype, b], args.steps)
-                    times.setdefault((name, b), []).append(ms)
-    linear_kernels.FEW_ROWS = few_rows
+                    times.setdefault((name, b), []).append(step_ms(llm, caches[name, b], args.steps))
     print(f"decode step, ms (best of {args.rounds} rounds of {args.steps} steps)")
     print(f"{'':44}" + "".join(f"batch {b:<4}" for b in batches))
-    for name in variants:
+    for name in llms:
         print(f"{name:44}" + "".join(f"{min(times[name, b]):<10.1f}" for b in batches))
 
 

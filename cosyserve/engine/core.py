@@ -199,6 +199,7 @@ class EngineCore:
     # -- the loop ----------------------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            self.loop.bind_thread()
             self._run()
         except Exception:  # a bug in the loop itself: fail every request rather than leave them hanging
             logger.exception("engine loop failed; failing every request and refusing new ones")

@@ -33,6 +33,10 @@ class GenerationLoop:
         self.scheduler.remove(sequence)
         self.runner.release(self.scheduler.take_dropped())
 
+    def bind_thread(self) -> None:
+        """Called by the thread that will step this loop, before its first step."""
+        self.runner.bind_thread()
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work

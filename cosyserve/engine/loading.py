@@ -175,11 +175,11 @@ def load_parts(
         raise ModelLoadError(
             f"{model_dir}: {family.yaml} does not describe a usable {family_name} model ({reason})"
         ) from exc
-    core.set_precision(**parse_dtypes(options.dtype))
     devices = placement.devices()
     core.llm.to(devices["llm"])
     core.flow.to(devices["flow"])
     core.hift.to(devices["vocoder"])
+    core.set_precision(**parse_dtypes(options.dtype), llm_device=placement.llm)
     threads = options.frontend_threads
     frontend = Frontend(
         version=core.version,

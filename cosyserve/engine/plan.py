@@ -68,4 +68,5 @@ class StepOutput:
     background_s: float = 0.0  # time of the rest (offline requests' prefill and audio)
     prefill_s: float = 0.0  # of which prefix feeds
     prefill_positions: int = 0
+    decode_s: float = 0.0  # the batched decode step (forward and picks)
     batch_size: int = 0  # rows in the decode step (0: none ran)

@@ -85,9 +85,16 @@ class ModelRunner:
         self.llm_device = llm_device
         self.audio = audio
         self.synthesizer = synthesizer
+        self.threads = torch.get_num_threads()  # the process's setting when the model was loaded
         self.batch = DecodeBatch()
         self._llm: dict[Segment, _LLMState] = {}
         self._jobs: dict[Segment, UnitJob[np.ndarray | None]] = {}
+
+    def bind_thread(self) -> None:
+        """Make the calling thread (the one that will execute the plans) compute with the runner's
+        threads: torch's intra-op setting does not carry over to a new thread's OpenMP team, and the
+        engine thread's decode steps ran 16 % slower without it (2-core EPYC, CosyVoice2 fp32)."""
+        torch.set_num_threads(self.threads)
 
     def new_synthesizer(self, condition: PromptCondition, draws: Draws, speed: float, stream: bool) -> Synthesizer:
         """A segment's token-to-audio state on this runner's audio stage."""
@@ -129,7 +136,8 @@ class ModelRunner:
             if plan.decode:
                 started = time.perf_counter()
                 self._decode(plan.decode, out)
-                self._account(out, time.perf_counter() - started, False)
+                out.decode_s = time.perf_counter() - started
+                self._account(out, out.decode_s, False)
             for work in plan.audio:
                 started = time.perf_counter()
                 self._guarded(out, work.segment, lambda w=work: self._audio(w, out))

@@ -310,6 +310,7 @@ class Scheduler:
         if out.batch_size:
             self.llm_steps += 1
         self._time("prefill", out.prefill_s)
+        self._time("decode", out.decode_s)
         if out.prefill_positions and out.prefill_s > 0:
             rate = out.prefill_s / out.prefill_positions
             self.prefill_s_per_position = 0.7 * self.prefill_s_per_position + 0.3 * rate

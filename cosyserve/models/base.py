@@ -12,7 +12,7 @@ from torch import nn
 
 from cosyserve.models.checkpoint import load_into, read_state_dict, read_vocoder_state
 from cosyserve.models.config_checks import BLANK_EN, FamilyConfig, StageNumbers, build_hift, feat_extractor_args
-from cosyserve.nn.linear import use_few_rows_linear
+from cosyserve.nn.linear import FusedProjections, pack_linears, unpack_linears
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SILENT_RUN = 5  # silent ids in a row that the flow still sees (v3, spec §9.5)
@@ -50,27 +50,33 @@ class FamilyModel(StageNumbers):
     hift: nn.Module
     silent_tokens: frozenset[int] = field(default_factory=frozenset)  # v3: ids whose long runs the flow skips
 
-    def set_precision(self, llm: str = "fp32", flow: str = "fp32") -> FamilyModel:
-        """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`).
+    def set_precision(self, llm: str = "fp32", flow: str = "fp32", llm_device: str = "cpu") -> FamilyModel:
+        """Run the LLM and the flow's estimator in another precision (see :mod:`cosyserve.precision`),
+        with the LLM's projections of one input fused and, on the CPU, its weights packed for oneDNN
+        (:mod:`cosyserve.nn.linear`). Call after the networks are on their devices; calling it again
+        starts from the plain layers (but for an int8 LLM, whose fp32 weights are gone).
 
         The flow keeps its ODE state in fp32 and only evaluates the estimator in ``flow``; the vocoder
-        is left in fp32 (v3's f0 predictor in fp64). An fp32 LLM's linear layers take the weight-first
-        kernel for a decode step's few rows (:mod:`cosyserve.nn.linear`)."""
+        is left in fp32 (v3's f0 predictor in fp64)."""
+        unpack_linears(self.llm)
+        for module in self.llm.modules():
+            if isinstance(module, FusedProjections) and not module.fused:
+                module.fuse()
+        # The rel-pos projection's weight is read directly by the attention: it stays a plain nn.Linear.
+        plain = ("linear_pos",)
         if llm == "int8":
-            use_few_rows_linear(self.llm, enabled=False)  # quantize_dynamic converts plain nn.Linear only
-            # Dynamic quantization: int8 weights, fp32 activations, for the LLM's linear layers (but the
-            # rel-pos projection, whose weight the attention reads directly).
-            qconfig = torch.ao.quantization.default_dynamic_qconfig
+            # Dynamic quantization: int8 weights (one scale per output row), activations quantized per call.
+            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
             spec = {
                 name: qconfig
                 for name, module in self.llm.named_modules()
-                if isinstance(module, nn.Linear) and not name.endswith("linear_pos")
+                if type(module) is nn.Linear and not name.endswith(plain)
             }
-            self.llm = torch.ao.quantization.quantize_dynamic(self.llm, spec, dtype=torch.qint8)
+            torch.ao.quantization.quantize_dynamic(self.llm, spec, dtype=torch.qint8, inplace=True)
         elif llm != "fp32":
             self.llm.to(_TORCH_DTYPES[llm])
-        else:
-            use_few_rows_linear(self.llm)  # the decode step's products, faster on the CPU
+        if llm in ("fp32", "bf16") and torch.device(llm_device).type == "cpu":
+            pack_linears(self.llm, skip=plain)
         if flow != "fp32":
             self.flow.decoder.estimator.to(_TORCH_DTYPES[flow])
         return self

@@ -9,13 +9,14 @@ heads, scaled-dot-product attention). Only the final-normed hidden states are pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosyserve.nn.kv_cache import KVCache
+from cosyserve.nn.linear import FusedProjections
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-class Qwen2Attention(nn.Module):
+class Qwen2Attention(FusedProjections):
+    FUSIONS: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -93,9 +96,10 @@ class Qwen2Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
     ) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, t, hd)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, t, hd)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.split("qkv_proj", x) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, t, hd)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, t, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
         if cache is not None:
@@ -113,7 +117,9 @@ class Qwen2Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
-class Qwen2MLP(nn.Module):
+class Qwen2MLP(FusedProjections):
+    FUSIONS: ClassVar[dict[str, tuple[str, ...]]] = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -121,7 +127,8 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.split("gate_up_proj", x) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):

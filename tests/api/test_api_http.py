@@ -55,6 +55,9 @@ class StubLoop:
     def scheduler(self):  # the stats the core reads
         return self
 
+    def bind_thread(self):
+        pass
+
     @property
     def has_work(self):
         return bool(self.sequences)

@@ -26,6 +26,7 @@ from cosyserve.engine.loading import EngineOptions, StagePlacement, load_parts
 from cosyserve.engine.pipeline import TTSModel
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.engine.streaming import Draws
+from cosyserve.nn.linear import PackedLinear
 
 STAND_IN = torch.device("meta")
 OTHER_STAND_IN = torch.device("hpu")  # a second device, for stages placed apart
@@ -49,13 +50,19 @@ class StandInDevice(TorchFunctionMode):
         # By storage, not tensor object: views share it, and so do the parameters a module copy or a
         # dtype change rebuilds around a computed tensor (deepcopy, .double()).
         self.where: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.opaque: dict[int, torch.device] = {}  # weights in oneDNN's packed layout have no storage
         groups = [(STAND_IN, modules), *(placed or {}).items()]
         for device, group in groups:
             for module in group:
                 for tensor in (*module.parameters(), *module.buffers()):
                     self.where[tensor.untyped_storage()] = device
+                for layer in module.modules():
+                    if isinstance(layer, PackedLinear):
+                        self.opaque[id(layer.packed)] = device
 
     def _device_of(self, tensor: torch.Tensor) -> torch.device:
+        if tensor.layout != torch.strided:
+            return self.opaque.get(id(tensor), _CPU)
         return self.where.get(tensor.untyped_storage(), _CPU)
 
     def _is_on(self, tensor: torch.Tensor) -> bool:
@@ -108,7 +115,8 @@ class StandInDevice(TorchFunctionMode):
         for result in results:
             if isinstance(result, torch.Tensor):
                 storage = result.untyped_storage()
-                if self._device_of(result) != target and any(storage is t.untyped_storage() for t in inputs):
+                shares = any(t.layout == torch.strided and storage is t.untyped_storage() for t in inputs)
+                if self._device_of(result) != target and shares:
                     result = result.clone()  # a move makes a new tensor; never retag the input's storage
                 if target != _CPU:
                     self.where[result.untyped_storage()] = target

@@ -310,6 +310,9 @@ class _BrokenLoop:
 
     has_work = False
 
+    def bind_thread(self):
+        pass
+
     @property
     def runnable(self):
         raise RuntimeError("scheduler bug")
