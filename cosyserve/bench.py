@@ -41,7 +41,7 @@ from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import BLANK_EN
 from cosyserve.nn.kv_cache import KVCache
 from cosyserve.nn.linear import PackedLinear
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, DEFAULT_STREAM_LAST_CHUNK, STREAM_LAST_CHUNK_MODES
 
 # The official benchmark's text and prompt transcript (the reference repo's example).
 DEFAULT_TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐，笑容如花儿般绽放。"
@@ -71,14 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream-last-chunk",
         choices=STREAM_LAST_CHUNK_MODES,
-        default="reference",
-        help="streamed v2/v3 last chunk: reference (full context) or causal (its own frames only)",
+        default=DEFAULT_STREAM_LAST_CHUNK,
+        help="streamed v2/v3 last chunk: causal (its own frames only) or reference (full context)",
     )
     parser.add_argument(
         "--stream-cache-mb",
         type=int,
         default=DEFAULT_STREAM_CACHE_MB,
-        help="per streamed request, MB of the flow's cached keys / values (default %(default)s)",
+        help="MB of the flow's cached keys / values of all streamed requests; 0: automatic (default %(default)s)",
     )
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
     parser.add_argument("--stream-only", action="store_true", help="skip the non-streaming runs")

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cosyserve.engine.voice_library import check_voice_store
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES, parse_dtypes
+from cosyserve.precision import (
+    DEFAULT_STREAM_CACHE_MB,
+    DEFAULT_STREAM_LAST_CHUNK,
+    STREAM_LAST_CHUNK_MODES,
+    check_streaming,
+    parse_dtypes,
+)
 
 if TYPE_CHECKING:
     from cosyserve.engine.loading import EngineOptions
@@ -79,10 +85,10 @@ class Settings:
     # CUDA device index; None picks cuda:0 when CUDA is there (else the CPU), -1 forces the CPU.
     gpu: int | None = None
     threads: int = 0  # torch intra-op and onnxruntime threads of the engine; 0: every core of the machine
-    dtype: str = "fp32"  # precision per stage: fp32 | bf16 | "llm=int8,flow=bf16" (cosyserve.precision)
+    dtype: str = "fp32"  # precision per stage: fp32 | bf16 | fast | "llm=int8,flow=bf16" (cosyserve.precision)
     flow_steps: int = 0  # Euler steps of the flow; 0: the model's own (10)
-    stream_last_chunk: str = "reference"  # streamed v2/v3 last chunk: reference (full context) | causal
-    stream_cache_mb: int = DEFAULT_STREAM_CACHE_MB  # per streamed request, the flow's cached keys / values
+    stream_last_chunk: str = DEFAULT_STREAM_LAST_CHUNK  # streamed v2/v3 last chunk: causal | reference (full context)
+    stream_cache_mb: int = DEFAULT_STREAM_CACHE_MB  # the streamed requests' flow caches together; 0: automatic
     max_text_length: int = 5000  # characters, per text field
     max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
@@ -141,11 +147,10 @@ class Settings:
             raise SettingsError(str(exc)) from exc
         if self.flow_steps < 0:
             raise SettingsError(f"flow_steps must be 0 (the model's) or a positive count, not {self.flow_steps}")
-        if self.stream_last_chunk not in STREAM_LAST_CHUNK_MODES:
-            modes = ", ".join(STREAM_LAST_CHUNK_MODES)
-            raise SettingsError(f"stream_last_chunk {self.stream_last_chunk!r} is not one of {modes}")
-        if self.stream_cache_mb < 0:
-            raise SettingsError(f"stream_cache_mb must be 0 or more, not {self.stream_cache_mb}")
+        try:
+            check_streaming(self.stream_last_chunk, self.stream_cache_mb)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
         if self.threads < 0:
             raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:
@@ -319,16 +324,18 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     opt("gpu", "CUDA device index, -1 for the CPU (default: cuda:0 when available, else the CPU)", int, d.gpu, type=int)
     opt(
         "dtype",
-        "precision: fp32, bf16 (LLM and flow), or per stage like llm=int8,flow=bf16 (default %(default)s)",
+        "precision: fp32, bf16 (LLM and flow), fast (per stage the fastest this CPU runs within measured bounds: "
+        "int8 LLM, bf16 flow where the CPU has bf16 instructions), or per stage like llm=int8,flow=bf16 "
+        "(default %(default)s)",
         str.lower,
         d.dtype,
     )
     opt("flow_steps", "Euler steps of the flow; 0: the model's 10 (default %(default)s)", int, d.flow_steps, type=int)
     opt(
         "stream_last_chunk",
-        "attention of a streamed v2/v3 request's last chunk: reference (full context, as the official code: "
-        "a full re-run of the flow) or causal (chunk-causal like the others: only its own frames; its audio "
-        "differs slightly from the reference's) (default %(default)s)",
+        "attention of a streamed v2/v3 request's last chunk: causal (chunk-causal like the others: only its "
+        "own frames; its audio differs slightly from the reference's) or reference (full context, as the "
+        "official code: a full re-run of the flow) (default %(default)s)",
         str.lower,
         d.stream_last_chunk,
         type=str.lower,
@@ -336,9 +343,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt(
         "stream_cache_mb",
-        "per streamed v2/v3 request, MB of the flow's cached keys / values (~4.6 MB per mel frame, 9 s of "
-        "audio ~ 2 GB for CosyVoice2 in fp32); a longer request re-runs the flow for its later chunks "
-        "(default %(default)s)",
+        "MB of the flow's cached keys / values of all streamed v2/v3 requests together (~4.6 MB per mel "
+        "frame, 9 s of audio ~ 2 GB for CosyVoice2 in fp32); a request beyond it re-runs the flow for its "
+        "later chunks; 0: half the memory available when the model loads (default %(default)s)",
         int,
         d.stream_cache_mb,
         type=int,

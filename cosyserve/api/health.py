@@ -20,6 +20,7 @@ def _model_status(slot: ModelSlot) -> dict[str, Any]:
             "family": engine.info.family,
             "sample_rate": engine.info.sample_rate,
             "modes": sorted(engine.modes),
+            "precision": dict(engine.info.precision),
             "engine": engine.stats(),
         }
     return body
@@ -56,6 +57,7 @@ async def health(request: Request) -> JSONResponse:
             "sample_rate": engine.info.sample_rate,
             "channels": 1,
             "modes": sorted(engine.modes),
+            "precision": dict(engine.info.precision),
             "engine": engine.stats(),
         }
     return JSONResponse(body)

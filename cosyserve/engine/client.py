@@ -14,7 +14,7 @@ import contextlib
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ class ModelInfo:
     model_dir: str
     token_rate: int  # speech tokens per second
     prompt_limits: PromptLimits = field(default_factory=PromptLimits)  # what a prompt recording must be
+    precision: Mapping[str, str] = field(default_factory=dict)  # per stage (llm, flow, vocoder): fp32, bf16, int8
 
     @property
     def name(self) -> str:
@@ -194,7 +195,9 @@ class AsyncEngine(EngineClient):
     @property
     def info(self) -> ModelInfo:
         m = self.model
-        return ModelInfo(m.family, m.sample_rate, str(m.model_dir), getattr(m, "token_rate", 25), m.prompt_limits)
+        return ModelInfo(
+            m.family, m.sample_rate, str(m.model_dir), getattr(m, "token_rate", 25), m.prompt_limits, m.precision
+        )
 
     @property
     def modes(self) -> frozenset[str]:

@@ -26,10 +26,12 @@ from cosyserve.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, STREAM_LAST_CHUNK_MODES, parse_dtypes
+from cosyserve.nn.chunk_state import StreamCachePool
+from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, DEFAULT_STREAM_LAST_CHUNK, check_streaming, parse_dtypes
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
+from .memory import available_memory_bytes
 from .streaming import StreamingOptions
 from .voice_library import open_voice_library
 from .voice_library.base import VoiceBackend
@@ -38,6 +40,8 @@ from .voices import DEFAULT_MAX_VOICES, VoiceStore, read_spk2info
 logger = logging.getLogger("cosyserve.engine")
 
 STAGES = ("llm", "flow", "vocoder")
+# Key / value buffers of finished streams kept for the next ones (their pages stay resident), at most.
+KEEP_MAX = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,8 @@ class EngineOptions:
     random_weights: bool = False  # build the networks from the yaml without reading weights (benchmarks)
     dtype: str = "fp32"  # precision per stage: "bf16" or "llm=int8,flow=bf16" (cosyserve.precision)
     flow_steps: int | None = None  # Euler steps of the flow (None: the model's, 10)
-    stream_last_chunk: str = "reference"  # streamed v2/v3 last chunk: reference (full context) | causal
-    stream_cache_mb: int = DEFAULT_STREAM_CACHE_MB  # per streamed request, the flow's cached keys / values
+    stream_last_chunk: str = DEFAULT_STREAM_LAST_CHUNK  # streamed v2/v3 last chunk: causal | reference
+    stream_cache_mb: int = DEFAULT_STREAM_CACHE_MB  # the streamed requests' flow caches together; 0: automatic
     placement: StagePlacement | None = None  # None: every stage on load_model's ``device``
 
     def check(self) -> None:
@@ -119,17 +123,17 @@ class EngineOptions:
             raise ModelLoadError(str(exc)) from exc
         if self.flow_steps is not None and self.flow_steps < 1:
             raise ModelLoadError(f"flow_steps must be at least 1, not {self.flow_steps}")
-        if self.stream_last_chunk not in STREAM_LAST_CHUNK_MODES:
-            modes = ", ".join(STREAM_LAST_CHUNK_MODES)
-            raise ModelLoadError(f"stream_last_chunk {self.stream_last_chunk!r} is not one of {modes}")
-        if self.stream_cache_mb < 0:
-            raise ModelLoadError(f"stream_cache_mb must be 0 or more, not {self.stream_cache_mb}")
+        try:
+            check_streaming(self.stream_last_chunk, self.stream_cache_mb)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
         if self.frontend_threads < 1:
             raise ModelLoadError(f"frontend_threads must be at least 1, not {self.frontend_threads}")
 
-    @property
     def streaming(self) -> StreamingOptions:
-        return StreamingOptions(self.stream_last_chunk, self.stream_cache_mb << 20)
+        """The streaming options, the cache limit resolved (0: half the memory available now)."""
+        limit = self.stream_cache_mb << 20 or available_memory_bytes() // 2
+        return StreamingOptions(self.stream_last_chunk, StreamCachePool(limit, keep_bytes=min(limit // 2, KEEP_MAX)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,6 +146,7 @@ class LoadedParts:
     voices: VoiceStore
     options: EngineOptions
     placement: StagePlacement
+    precision: dict[str, str]  # per stage, as --dtype resolved (``fast``: for this CPU)
 
 
 def load_parts(
@@ -179,7 +184,15 @@ def load_parts(
     core.llm.to(devices["llm"])
     core.flow.to(devices["flow"])
     core.hift.to(devices["vocoder"])
-    core.set_precision(**parse_dtypes(options.dtype), llm_device=placement.llm)
+    precision = parse_dtypes(options.dtype)
+    core.set_precision(**precision, llm_device=placement.llm)
+    precision = {**precision, "vocoder": "fp32"}
+    logger.info(
+        "%s precision: %s (--dtype %s)",
+        model_dir.name,
+        ", ".join(f"{k}={v}" for k, v in precision.items()),
+        options.dtype,
+    )
     threads = options.frontend_threads
     frontend = Frontend(
         version=core.version,
@@ -198,4 +211,4 @@ def load_parts(
     library = library or open_voice_library(options.voice_store, options.data_dir, options.max_voices)
     builtin = read_spk2info(model_dir / "spk2info.pt", family_name, core.token_frame_rate)
     voices = VoiceStore(builtin, library, family=family_name, token_rate=core.token_frame_rate, model=model_dir.name)
-    return LoadedParts(core, family, frontend, voices, options, placement)
+    return LoadedParts(core, family, frontend, voices, options, placement, precision)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 
 logger = logging.getLogger("cosyserve.engine")
@@ -30,6 +31,21 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can give without swapping (Linux's MemAvailable; else free physical pages)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30  # unknown: a modest guess
 
 
 class HeapTrimmer:

@@ -46,13 +46,14 @@ class TTSModel:
         self.voices = parts.voices
         self.options = parts.options
         self.placement = parts.placement
+        self.precision = parts.precision
         self.family_info = parts.family
         flow = self.core.flow
         shapes = InputShapes(mel_channels=flow.output_size, embedding_dim=flow.spk_embed_affine_layer.in_features)
         self.inputs = InputBuilder(self.frontend, self.voices, parts.family, shapes, self.options.prompt_limits)
         self._synthesizer: type[Synthesizer] = getattr(streaming, parts.family.synthesizer)
         devices = parts.placement.devices()
-        self.audio_stage = AudioStage.of(self.core, devices["flow"], devices["vocoder"], self.options.streaming)
+        self.audio_stage = AudioStage.of(self.core, devices["flow"], devices["vocoder"], self.options.streaming())
         self.llm_device = devices["llm"]
 
     # -- description -----------------------------------------------------------------------------

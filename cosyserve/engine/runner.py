@@ -121,6 +121,7 @@ class ModelRunner:
                 job = self._jobs.pop(segment, None)
                 if job is not None:
                     job.cancel()
+                segment.synthesizer.close()
 
     # -- one step ------------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepOutput:

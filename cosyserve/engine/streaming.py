@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from cosyserve.models.base import MAX_SILENT_RUN, FamilyModel, SilenceFilter
 from cosyserve.models.contracts import Flow, StreamingFlow, StreamingVocoder, Vocoder
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
+from cosyserve.nn.chunk_state import StreamCachePool
+from cosyserve.precision import DEFAULT_STREAM_LAST_CHUNK
 from cosyserve.work_units import job_clock, unit_boundary
 
 
@@ -84,8 +85,8 @@ def stretch_mel(mel: torch.Tensor, speed: float) -> torch.Tensor:
 class StreamingOptions:
     """How streamed v2/v3 requests trade audio for cost (see :mod:`cosyserve.precision`)."""
 
-    last_chunk: str = "reference"  # reference: the last chunk re-runs the flow in full context; causal: not
-    cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20  # per request, the flow's cached keys / values
+    last_chunk: str = DEFAULT_STREAM_LAST_CHUNK  # reference: the last chunk re-runs the flow in full context
+    cache: StreamCachePool | None = None  # the model's: what the requests' flow caches may hold together
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,6 +227,9 @@ class Synthesizer:
         """The last chunk, after the last token (None when no token ever came)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """The segment is over or abandoned: give back what it holds of the model's (its flow cache)."""
+
 
 class V1Synthesizer(Synthesizer):
     """CosyVoice 1.0: fixed token hop with overlap, mel and waveform cross-fades (spec §14.2)."""
@@ -309,7 +313,7 @@ class V2Synthesizer(Synthesizer):
         # The first hop also covers the prompt's padding up to a whole flow chunk.
         self.prompt_pad = math.ceil(prompt_len / self.hop) * self.hop - prompt_len
         # Streaming: the flow's per-request incremental state (linear cost over the chunks).
-        self.flow_state = self.flow.stream_state(stage.streaming.cache_bytes) if stream else None
+        self.flow_state = self.flow.stream_state(stage.streaming.cache) if stream else None
         # The reference's last chunk attends to the whole utterance (a full re-run of the flow);
         # "causal" keeps the chunk-causal attention, so it costs only its own frames.
         self.full_context_last_chunk = stage.streaming.last_chunk == "reference"
@@ -358,9 +362,12 @@ class V2Synthesizer(Synthesizer):
         # Chunk-causal only after streamed chunks (else a single full-context call costs as much).
         streaming = self.stream and self.offset > 0 and not self.full_context_last_chunk
         speech = self.token2wav(self.kept, self.offset, streaming=streaming, finalize=True)
-        if self.flow_state is not None:
-            self.flow_state.cache.reset()  # the keys / values of every frame and step: the bulk of the state
+        self.close()  # the keys / values of every frame and step: the bulk of the state
         return _chunk(speech)
+
+    def close(self) -> None:
+        if self.flow_state is not None:
+            self.flow_state.close()
 
 
 class V3Synthesizer(V2Synthesizer):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cosyserve.models.bistream import BistreamInput, Item
+from cosyserve.nn.chunk_state import StreamCachePool
 from cosyserve.nn.flow_matching import FlowStream
 from cosyserve.nn.hift import SourceDraws
 from cosyserve.nn.hift_causal import HiFTStream
@@ -84,7 +85,7 @@ class StreamingFlow(Flow, Protocol):
     token_mel_ratio: int
     pre_lookahead_len: int
 
-    def stream_state(self, max_cache_bytes: int) -> FlowStream: ...
+    def stream_state(self, pool: StreamCachePool | None = None) -> FlowStream: ...
 
     def tokens_to_mel_stream(
         self, state: FlowStream, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, **kw: bool

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosyserve.nn.chunk_state import StreamCachePool
 from cosyserve.nn.flow_matching import ConditionalCFM, FlowStream
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,9 +178,10 @@ class CausalFlow(TokenFlow):
             raise RuntimeError(f"flow encoder produced {c.mu.size(2)} frames, expected {frames}")
         return c, noise[:, :, :frames].to(c.mu)
 
-    def stream_state(self, max_cache_bytes: int = DEFAULT_STREAM_CACHE_MB << 20) -> FlowStream:
-        """A fresh per-request state for :meth:`tokens_to_mel_stream`, its cache bounded by ``max_cache_bytes``."""
-        return FlowStream(max_cache_bytes)
+    def stream_state(self, pool: StreamCachePool | None = None) -> FlowStream:
+        """A fresh per-request state for :meth:`tokens_to_mel_stream`, its cache within ``pool``'s limit
+        (None: a pool of its own, unbounded)."""
+        return FlowStream(pool if pool is not None else StreamCachePool(limit_bytes=1 << 62))
 
     @torch.inference_mode()
     def tokens_to_mel_stream(

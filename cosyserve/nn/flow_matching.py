@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from cosyserve.nn.chunk_state import ChunkState, state_nbytes
+from cosyserve.nn.chunk_state import POOL_KEY, ChunkState, StreamCachePool, close_state, state_nbytes
 
 # The official v2/v3 samplers draw this buffer once at construction: 15000 frames = 300 s of mel
 # at 50 frames/s, from a generator seeded with 0.
@@ -161,13 +161,14 @@ class EstimatorCache:
     Owned by the request (never by the shared model); :meth:`ConditionalCFM.solve_chunk` extends it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool: StreamCachePool | None = None) -> None:
         self.frames = 0  # frames already computed
+        self.pool = pool  # where the key / value buffers come from and go back to
         self._steps: list[ChunkState] = []
 
     def steps(self, n: int) -> list[ChunkState]:
         if not self._steps:
-            self._steps = [{} for _ in range(n)]
+            self._steps = [{POOL_KEY: self.pool} if self.pool is not None else {} for _ in range(n)]
         elif len(self._steps) != n:
             raise ValueError(f"the cache holds {len(self._steps)} Euler steps, {n} asked")
         return self._steps
@@ -177,6 +178,8 @@ class EstimatorCache:
         return sum(state_nbytes(step) for step in self._steps)
 
     def reset(self) -> None:
+        for step in self._steps:
+            close_state(step)
         self.frames = 0
         self._steps = []
 
@@ -188,20 +191,27 @@ class FlowStream:
     """
 
     # The cache holds keys / values per block, Euler step and CFG row: about 4.6 MB per mel frame for
-    # the full-size v2 estimator, 3.6 MB for v3's DiT. A request whose cache would outgrow its budget
-    # drops it and re-runs the flow from the start for each later chunk (the same result, the old cost).
+    # the full-size v2 estimator, 3.6 MB for v3's DiT. A request whose cache would pass what the pool
+    # grants drops it and re-runs the flow from the start for each later chunk (same result, old cost).
 
-    def __init__(self, max_cache_bytes: int) -> None:
-        self.cache = EstimatorCache()
+    def __init__(self, pool: StreamCachePool) -> None:
+        self.pool = pool
+        self.cache = EstimatorCache(pool)
         self.mel: Tensor | None = None  # (1, C, cache.frames), prompt frames included
         self.encoder: object | None = None  # the flow encoder's own streaming state, if it keeps one
-        self.max_cache_bytes = max_cache_bytes
+        self.reserved = 0  # bytes of the pool's limit this request holds
         self.over_budget = False
 
     def reset(self) -> None:
-        self.cache.reset()
+        self.close()
         self.mel = None
         self.encoder = None
+
+    def close(self) -> None:
+        """The request's flow is done: its keys / values (the bulk of the state) go back to the pool."""
+        self.cache.reset()
+        self.pool.release(self.reserved)
+        self.reserved = 0
 
     def advance(self, cfm: ConditionalCFM, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
         """The streaming mel (1, C, T) of all T frames of mu, computing only those not computed before.
@@ -210,8 +220,8 @@ class FlowStream:
         otherwise, or when the request shrank, everything is recomputed from the first frame.
         """
         start = self.cache.frames
-        if start and self.cache.nbytes() / start * mu.size(2) > self.max_cache_bytes:
-            self.over_budget = True
+        if start and not self.over_budget and not self._hold(int(self.cache.nbytes() / start * mu.size(2))):
+            self.over_budget = True  # what this call would hold passes what the pool grants
         if self.over_budget:
             self.reset()
             mask = torch.ones_like(mu[:, :1])
@@ -222,4 +232,15 @@ class FlowStream:
         if start < mu.size(2):
             new = cfm.solve_chunk(mu[:, :, start:], spks, cond[:, :, start:], noise[:, :, start:], self.cache)
             self.mel = new if self.mel is None else torch.cat([self.mel, new], dim=2)
+            if not self._hold(self.cache.nbytes()):  # the first call: its size is known only now
+                self.over_budget = True
         return self.mel[:, :, : mu.size(2)]
+
+    def _hold(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` of the pool's limit in all (more than held so far: reserve the rest)."""
+        if nbytes <= self.reserved:
+            return True
+        if not self.pool.reserve(nbytes - self.reserved):
+            return False
+        self.reserved = nbytes
+        return True

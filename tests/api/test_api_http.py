@@ -99,6 +99,7 @@ class StubModel:
         self.sample_rate = RATE
         self.token_rate = 25
         self.prompt_limits = PromptLimits()
+        self.precision = {"llm": "fp32", "flow": "fp32", "vocoder": "fp32"}
         self.modes = frozenset(modes)
         self.model_dir = "/models/stub-model"
         self.speakers = list(speakers)

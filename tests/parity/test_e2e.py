@@ -25,12 +25,14 @@ from cosyserve.nn.sampling import GreedySampler
 
 @cache
 def _model(model: str) -> TTSModel:
-    # The golden used the normaliser-free text path, HEAD's 24 kHz prompt mel and HEAD's v3 EOS mask.
+    # The golden used the normaliser-free text path, HEAD's 24 kHz prompt mel, HEAD's v3 EOS mask and
+    # HEAD's full-context last chunk of a streamed request.
     return load_model(
         model_dir(model),
         text_frontend="none",
         prompt_mel_rate="reference",
         reference_eos_mask=True,
+        stream_last_chunk="reference",
         device=TEST_DEVICE,
     )
 

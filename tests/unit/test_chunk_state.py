@@ -5,25 +5,51 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyserve.nn.chunk_state import FrameKV, append_kv, per_step, sees_every_frame, state_nbytes
+from cosyserve.nn.chunk_state import FrameKV, StreamCachePool, append_kv, per_step, sees_every_frame, state_nbytes
 from cosyserve.nn.dit import DiT
 from cosyserve.nn.unet import chunk_attention_mask
 
 
-def test_frame_kv_returns_every_frame_so_far_and_grows_rarely():
-    cache = FrameKV()
-    g = torch.Generator().manual_seed(0)
-    chunks = [(torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)) for n in (7, 5, 5, 5, 5, 5)]
+def _append_all(cache: FrameKV, sizes: tuple[int, ...], seed: int = 0) -> set[int]:
+    """Append chunks of ``sizes`` frames, checking every frame so far comes back; the buffers used."""
+    g = torch.Generator().manual_seed(seed)
+    chunks = [(torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)) for n in sizes]
     buffers = set()
     for i, (k, v) in enumerate(chunks):
         all_k, all_v = cache.append(k, v)
         torch.testing.assert_close(all_k, torch.cat([c[0] for c in chunks[: i + 1]], dim=2), rtol=0, atol=0)
         torch.testing.assert_close(all_v, torch.cat([c[1] for c in chunks[: i + 1]], dim=2), rtol=0, atol=0)
-        buffers.add(all_k.untyped_storage().data_ptr())
-    assert cache.frames == 32
-    # Twice the room on each growth: 6 appends need 2 buffers (7 -> 14, 17 -> 34 frames).
-    assert len(buffers) == 2
-    assert cache.nbytes == 2 * (2 * 3 * 32 * 4) * 4  # the frames held, not the room
+        buffers |= {all_k.untyped_storage().data_ptr(), all_v.untyped_storage().data_ptr()}
+    return buffers
+
+
+def test_frame_kv_returns_every_frame_so_far_and_grows_rarely():
+    cache = FrameKV()
+    buffers = _append_all(cache, (40, 10, 20, 30, 20))
+    assert cache.frames == 120
+    # Power-of-two room: 64 frames, then 128 (one growth, the earlier frames copied once): 2 K + 2 V buffers.
+    assert len(buffers) == 4
+    assert cache.nbytes == 2 * (2 * 3 * 120 * 4) * 4  # the frames held, not the room
+
+
+def test_buffers_given_back_to_the_pool_serve_the_next_request_within_its_keep_limit():
+    per64, per128 = (2 * 3 * n * 4 * 4 for n in (64, 128))  # (2, 3, frames, 4) fp32 buffers
+    pool = StreamCachePool(limit_bytes=1 << 30, keep_bytes=1 << 20)
+    first = FrameKV(pool)
+    used = _append_all(first, (40, 80))  # 64, then 128 frames: the 64-frame K and V go back at once
+    first.close()
+    assert first.frames == 0 and pool.kept_bytes == 2 * per64 + 2 * per128
+    second = FrameKV(pool)
+    reused = _append_all(second, (100,), seed=1)
+    assert reused <= used and pool.kept_bytes == 2 * per64  # it writes into the kept 128-frame buffers
+    small = StreamCachePool(limit_bytes=1 << 30, keep_bytes=per128)
+    third = FrameKV(small)
+    _append_all(third, (100,))
+    third.close()
+    assert small.kept_bytes == per128  # the keep limit: one of the two buffers kept
+    assert pool.reserve(1 << 29) and not pool.reserve(1 << 30)  # the limit holds for all requests
+    pool.release(1 << 29)
+    assert pool.in_use == 0
 
 
 def test_per_step_computes_once_per_flow_time():

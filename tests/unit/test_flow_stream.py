@@ -209,11 +209,12 @@ def test_a_cache_over_budget_falls_back_to_the_full_rerun(monkeypatch):
     tokens = torch.tensor([_tokens(200)], dtype=torch.int32)
     state = flow.stream_state()
     flow.tokens_to_mel_stream(state, tokens[:, :28], c.token, c.feat, c.embedding, streaming=True, finalize=False)
-    state.max_cache_bytes = state.cache.nbytes()  # the next call would outgrow it
+    assert state.reserved == state.cache.nbytes() == state.pool.in_use > 0
+    state.pool.limit_bytes = state.pool.in_use  # the next call would outgrow it
     counter = _FrameCounter(flow.decoder.estimator, monkeypatch)
     args = (tokens[:, :128], c.token, c.feat, c.embedding)
     mel = flow.tokens_to_mel_stream(state, *args, streaming=True, finalize=False)
-    assert state.over_budget and state.cache.nbytes() == 0
+    assert state.over_budget and state.cache.nbytes() == 0 and state.pool.in_use == 0
     assert counter.frames[0] == (25 + 125) * 2  # from the first frame again
     np.testing.assert_allclose(
         mel.numpy(), flow.tokens_to_mel(*args, streaming=True, finalize=False).numpy(), atol=ATOL
