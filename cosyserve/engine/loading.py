@@ -185,7 +185,7 @@ def load_parts(
     core.flow.to(devices["flow"])
     core.hift.to(devices["vocoder"])
     precision = parse_dtypes(options.dtype)
-    core.set_precision(**precision, llm_device=placement.llm)
+    core.set_precision(**precision, llm_device=placement.llm, flow_device=placement.flow)
     precision = {**precision, "vocoder": "fp32"}
     logger.info(
         "%s precision: %s (--dtype %s)",
