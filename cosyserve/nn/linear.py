@@ -61,16 +61,9 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        # torch's hook arguments after the prefix: local_metadata, strict, missing, unexpected, error messages
+        missing_keys, error_msgs = args[2], args[4]
         key = prefix + "weight"
         if key not in state_dict:
             missing_keys.append(key)

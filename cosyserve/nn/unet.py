@@ -459,36 +459,3 @@ def _attention_chunk(attn: Attention, x: Tensor, bias: Tensor | None, state: Chu
     k, v = append_kv(state, attn, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return attn.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
-
-
-class CausalConditionalDecoder(ConditionalDecoder):
-    """The v2 estimator: ``ConditionalDecoder`` with ``causal=True`` (chunk size 50 frames by default)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        channels: Sequence[int] = (256, 256),
-        dropout: float = 0.0,
-        attention_head_dim: int = 64,
-        n_blocks: int = 1,
-        num_mid_blocks: int = 2,
-        num_heads: int = 4,
-        act_fn: str = "gelu",
-        static_chunk_size: int = 50,
-        num_decoding_left_chunks: int = -1,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            channels,
-            dropout,
-            attention_head_dim,
-            n_blocks,
-            num_mid_blocks,
-            num_heads,
-            act_fn,
-            causal=True,
-            static_chunk_size=static_chunk_size,
-            num_decoding_left_chunks=num_decoding_left_chunks,
-        )
