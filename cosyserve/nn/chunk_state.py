@@ -49,23 +49,27 @@ class StreamCachePool:
         with self._lock:
             self.in_use = max(0, self.in_use - nbytes)
 
-    def take(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """An uninitialised buffer of ``shape`` with ``like``'s dtype and device (a given-back one if any)."""
-        key = (shape, like.dtype, like.device)
+    def take(self, like: Tensor, rows: int, heads: int, frames: int, dim: int) -> Tensor:
+        """An uninitialised (rows, heads, capacity, dim) buffer with ``like``'s dtype and device and room
+        for at least ``frames`` frames: the smallest given-back one that fits, else a new one of ``frames``."""
+        key = (rows, heads, dim, like.dtype, like.device)
         with self._lock:
-            free = self._free.get(key)
-            if free:
-                buffer = free.pop()
+            free = self._free.get(key, [])
+            fitting = [b for b in free if b.size(2) >= frames]
+            if fitting:
+                buffer = min(fitting, key=lambda b: b.size(2))
+                free.remove(buffer)
                 self._free_bytes -= buffer.numel() * buffer.element_size()
                 return buffer
-        return like.new_empty(shape)
+        return like.new_empty(rows, heads, frames, dim)
 
     def give(self, buffer: Tensor) -> None:
         """A buffer no request uses any more: kept for reuse while the pool keeps less than ``keep_bytes``."""
         nbytes = buffer.numel() * buffer.element_size()
+        rows, heads, _, dim = buffer.shape
         with self._lock:
             if self._free_bytes + nbytes <= self.keep_bytes:
-                self._free[(tuple(buffer.shape), buffer.dtype, buffer.device)].append(buffer)
+                self._free[(rows, heads, dim, buffer.dtype, buffer.device)].append(buffer)
                 self._free_bytes += nbytes
 
     @property
@@ -76,9 +80,10 @@ class StreamCachePool:
 class FrameKV:
     """One attention layer's keys and values of the frames so far, (B, H, S, D), grown along S.
 
-    Capacities are powers of two (so buffers are interchangeable between requests); a full buffer is
-    replaced by one twice as large, the earlier frames copied once, the old one given back to the
-    pool. The attention reads strided views of the buffers (no copy).
+    Capacities are powers of two; a full buffer is replaced by one twice as large (the earlier frames
+    copied once; the old one freed, so a request never holds two sizes at once), and a request
+    starts from the largest room a finished one gave back to the pool, so it rarely grows at all.
+    The attention reads strided views of the buffers (no copy).
     """
 
     def __init__(self, pool: StreamCachePool | None = None) -> None:
@@ -100,11 +105,13 @@ class FrameKV:
         return self._k[:, :, :total], self._v[:, :, :total]
 
     def _grown(self, old: Tensor | None, like: Tensor, capacity: int) -> Tensor:
-        shape = (like.size(0), like.size(1), capacity, like.size(3))
-        buffer = self.pool.take(like, shape) if self.pool is not None else like.new_empty(shape)
+        rows, heads, _, dim = like.shape
+        if self.pool is not None:
+            buffer = self.pool.take(like, rows, heads, capacity, dim)
+        else:
+            buffer = like.new_empty(rows, heads, capacity, dim)
         if old is not None:
             buffer[:, :, : self.frames] = old[:, :, : self.frames]
-            self._give(old)
         return buffer
 
     def _give(self, buffer: Tensor | None) -> None:

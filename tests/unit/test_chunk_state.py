@@ -33,15 +33,16 @@ def test_frame_kv_returns_every_frame_so_far_and_grows_rarely():
 
 
 def test_buffers_given_back_to_the_pool_serve_the_next_request_within_its_keep_limit():
-    per64, per128 = (2 * 3 * n * 4 * 4 for n in (64, 128))  # (2, 3, frames, 4) fp32 buffers
+    per128 = 2 * 3 * 128 * 4 * 4  # a (2, 3, 128, 4) fp32 buffer
     pool = StreamCachePool(limit_bytes=1 << 30, keep_bytes=1 << 20)
     first = FrameKV(pool)
-    used = _append_all(first, (40, 80))  # 64, then 128 frames: the 64-frame K and V go back at once
+    used = _append_all(first, (40, 80))  # 64, then 128 frames: the 64-frame K and V are freed, not kept
+    assert pool.kept_bytes == 0
     first.close()
-    assert first.frames == 0 and pool.kept_bytes == 2 * per64 + 2 * per128
+    assert first.frames == 0 and pool.kept_bytes == 2 * per128
     second = FrameKV(pool)
-    reused = _append_all(second, (100,), seed=1)
-    assert reused <= used and pool.kept_bytes == 2 * per64  # it writes into the kept 128-frame buffers
+    reused = _append_all(second, (30, 30, 30), seed=1)  # starts in the kept 128-frame room: never grows
+    assert reused <= used and len(reused) == 2 and pool.kept_bytes == 0
     small = StreamCachePool(limit_bytes=1 << 30, keep_bytes=per128)
     third = FrameKV(small)
     _append_all(third, (100,))
