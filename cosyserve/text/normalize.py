@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
@@ -19,6 +18,7 @@ import regex
 from cosyserve.errors import ModelLoadError
 from cosyserve.text.numbers import chinese_prepass, english_prepass
 from cosyserve.text.tokenizers import TextTokenizer
+from cosyserve.text.wetext_backend import WeTextBackend
 
 log = logging.getLogger(__name__)
 
@@ -211,41 +211,6 @@ def cut_to_bound(text: str, length: Callable[[str], int], max_n: int = SEGMENT_M
     return pieces
 
 
-class _WeText:
-    """One ``wetext.Normalizer`` per process, built on first use (its FSTs ship in the wheel)."""
-
-    _lock = threading.Lock()
-    _normalizer: Any = None
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import wetext  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    @classmethod
-    def normalize(cls, text: str, lang: str) -> str:
-        # The reference leaves lang at wetext's "auto"; naming the branch's language gives the same
-        # result except for an all-digit text in the en branch, which "auto" reads as Chinese.
-        if cls._normalizer is None:
-            with cls._lock:
-                if cls._normalizer is None:
-                    from wetext import Normalizer
-
-                    cls._normalizer = Normalizer(remove_erhua=False)
-        try:
-            return cls._normalizer.normalize(text, lang=lang)
-        except Exception as exc:
-            # An FST without a path for some input must not fail the request: keep the text as is. Ordinary
-            # user text can do this, so one line (the traceback only at debug level).
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.warning("wetext failed on a %d-character text (%s); using it unnormalised", len(text), reason)
-            log.debug("wetext traceback", exc_info=True)
-            return text
-
-
 class TextNormalizer:
     """The reference ``text_normalize`` with a choice of back-end.
 
@@ -257,8 +222,8 @@ class TextNormalizer:
         if backend not in BACKENDS:
             raise ValueError(f"unknown text normaliser back-end '{backend}' (expected one of {', '.join(BACKENDS)})")
         if backend == "auto":
-            backend = "wetext" if _WeText.available() else "none"
-        elif backend == "wetext" and not _WeText.available():
+            backend = "wetext" if WeTextBackend.available() else "none"
+        elif backend == "wetext" and not WeTextBackend.available():
             raise ModelLoadError("text normaliser back-end 'wetext' requested but the wetext package is not installed")
         self.tokenizer = tokenizer
         self.backend = backend
@@ -307,7 +272,7 @@ class TextNormalizer:
 
     def _normalize_zh(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(chinese_prepass(text), "zh")
+            text = WeTextBackend.normalize(chinese_prepass(text), "zh")
         text = text.replace("\n", "")
         text = replace_blank(text)
         text = replace_corner_mark(text)
@@ -318,5 +283,5 @@ class TextNormalizer:
 
     def _normalize_en(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(english_prepass(text), "en")
+            text = WeTextBackend.normalize(english_prepass(text), "en")
         return spell_out_number(text)
