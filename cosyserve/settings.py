@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cosyserve.audio.rates import OUTPUT_RATES
 from cosyserve.engine.voice_library import check_voice_store
 from cosyserve.precision import (
     DEFAULT_STREAM_CACHE_MB,
@@ -33,8 +34,6 @@ TEXT_FRONTENDS = ("auto", "wetext", "none")
 # Default body of the official routes: wav (a header, then the official server's samples) or pcm
 # (raw int16, byte-identical to the official server, for clients written against it).
 OFFICIAL_FORMATS = ("wav", "pcm")
-# Output sample rates a client may ask for (telephony to studio); every route resamples to them.
-OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 
 
 class SettingsError(ValueError):

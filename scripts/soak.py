@@ -6,8 +6,10 @@ loopback only, with ``--pid`` for its memory). Every client loops over one synth
 (``--route official``: GET /inference_sft with query parameters; ``--route openai``: POST
 /v1/audio/speech) until the time is up, reading the whole body. The report gives the number of
 requests, the errors by status, latency percentiles, the audio produced, and the server's resident
-memory at the start, the one-minute mark, the middle, the end and its peak, with the growth from the
-one-minute mark (after warm-up allocations) to the end. Standard library only.
+memory at the start, the warm mark (``--warm_mark``, one minute by default), the middle, the end and its
+peak, with the growth from the warm mark (after warm-up allocations) to the end. ``--memory_probe FILE``
+starts the server under ``scripts/memory_probe.py`` (tracemalloc and glibc heap statistics per phase).
+Standard library only.
 
     python3 scripts/soak.py --model_dir ../shared/golden/models/v2-tiny --clients 8 --duration 60
     python3 scripts/soak.py --url http://127.0.0.1:50000 --pid 12345 --clients 32 --duration 300 --json out.json
@@ -73,10 +75,13 @@ def get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, byt
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     port = free_port()
+    launcher = ["-m", "cosyserve.cli"]
+    if args.memory_probe:
+        probe = Path(__file__).resolve().with_name("memory_probe.py")
+        launcher = [str(probe), "--out", args.memory_probe, "--every", str(args.probe_every), "--"]
     command = [
         sys.executable,
-        "-m",
-        "cosyserve.cli",
+        *launcher,
         "serve",
         "--model_dir",
         args.model_dir,
@@ -235,7 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop_server(server)
 
     lat = stats.latencies
-    one_minute = rss_at(samples, 60.0) if elapsed > 90 else rss_at(samples, elapsed / 4)
+    warm_s = args.warm_mark if elapsed > 1.5 * args.warm_mark else elapsed / 4
+    warm = rss_at(samples, warm_s)
     end = samples[-1][1] if samples else None
     errors = {k: v for k, v in sorted(stats.statuses.items()) if k != "200"}
     return {
@@ -257,14 +263,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "body_mb": round(stats.body_bytes / 2**20, 2),
         "server_rss_mb": {
             "start": samples[0][1] if samples else None,
-            "warm_mark": one_minute,
-            "warm_mark_s": 60.0 if elapsed > 90 else round(elapsed / 4, 1),
+            "warm_mark": warm,
+            "warm_mark_s": round(warm_s, 1),
             "middle": rss_at(samples, elapsed / 2),
             "end": end,
             "peak": max((v for _, v in samples), default=None),
-            "growth_warm_to_end_pct": round(100 * (end - one_minute) / one_minute, 2)
-            if end is not None and one_minute
-            else None,
+            "growth_warm_to_end_pct": round(100 * (end - warm) / warm, 2) if end is not None and warm else None,
+            # One sample a minute (and the last): where the memory went over time.
+            "per_minute": {f"{int(t // 60)}m": v for t, v in samples if t % 60 < RSS_SAMPLE_S} | {"end": end},
         },
     }
 
@@ -283,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", action="append", help="a text to speak (repeatable; default: three mixed texts)")
     parser.add_argument("--max_concurrency", type=int, default=4, help="for a started server (default 4)")
     parser.add_argument("--start_timeout", type=float, default=300, help="seconds to wait for a started server")
+    parser.add_argument(
+        "--warm_mark", type=float, default=60, help="seconds of warm-up the memory growth is measured from (default 60)"
+    )
+    parser.add_argument("--memory_probe", help="a started server records its memory per phase in this JSON lines file")
+    parser.add_argument("--probe_every", type=float, default=60, help="seconds between memory probes (default 60)")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:

@@ -29,10 +29,12 @@ _ONLY_PUNCTUATION = regex.compile(r"^[\p{P}\p{S}]*$")
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
 _LEADING_TAGS = re.compile(r"^(?:<\|[^|<>]{1,32}\|>)+")
 
-_ZH_STOPS = frozenset("。？！；：、.?!;")
-_EN_STOPS = frozenset(".?!;:")
-_COMMAS = frozenset("，,")
-_CLOSING_QUOTES = frozenset('"”')
+# The marks split_paragraph cuts after (the reference's), by language; the commas it cuts at on request; the
+# closing quotes that stay with the sentence they close. The streaming segmenter cuts at the same marks.
+ZH_STOPS = frozenset("。？！；：、.?!;")
+EN_STOPS = frozenset(".?!;:")
+COMMAS = frozenset("，,")
+CLOSING_QUOTES = frozenset('"”')
 
 TOKEN_MAX_N = 80
 TOKEN_MIN_N = 60
@@ -142,9 +144,9 @@ def split_paragraph(
     def length(piece: str) -> int:
         return len(piece) if lang == "zh" else tokens(piece)
 
-    stops = _ZH_STOPS if lang == "zh" else _EN_STOPS
+    stops = ZH_STOPS if lang == "zh" else EN_STOPS
     if comma_split:
-        stops = stops | _COMMAS
+        stops = stops | COMMAS
     if text[-1] not in stops:
         text += "。" if lang == "zh" else "."
 
@@ -156,7 +158,7 @@ def split_paragraph(
         # A stop right after another one yields an empty piece: the second mark is dropped.
         if i > start:
             pieces.append(text[start:i] + ch)
-        if i + 1 < len(text) and text[i + 1] in _CLOSING_QUOTES and pieces:
+        if i + 1 < len(text) and text[i + 1] in CLOSING_QUOTES and pieces:
             pieces[-1] += text[i + 1]
             start = i + 2
         else:

@@ -324,7 +324,7 @@ def test_disconnect_stops_generation(entry):
         sock.close()
         sequence = recording.sequences[0]
         at_close = sequence.chunks_out
-        core = app.state.cosyserve.engine.core
+        core = app.state.cosyserve.models.require().core
         wait_for(lambda: sequence not in core.loop.sequences and not core.running_ids(), 30, "generation to stop")
         assert sequence.next_segment < len(sequence.inputs) or sequence.chunks_out < 3 * at_close + 3, (
             "generation ran to the end despite the disconnect"

@@ -105,7 +105,7 @@ def test_metrics_after_requests(client: TestClient) -> None:
 
 
 def test_engine_stats_gauges(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = client.app.state.cosyserve.engine
+    model = client.app.state.cosyserve.models.require()
     stats = {"queue_depth": 3, "running": 2, "batch_size": 4, "llm_tokens_per_s": 812.5, "other": "ignored"}
     monkeypatch.setattr(model, "stats", lambda: stats, raising=False)
     samples = _samples(client)
@@ -122,7 +122,7 @@ def test_engine_stats_gauges(client: TestClient, monkeypatch: pytest.MonkeyPatch
 
 
 def test_each_app_has_its_own_registry(client: TestClient) -> None:
-    other = TestClient(create_app(client.app.state.cosyserve.engine, Settings(data_dir="")))
+    other = TestClient(create_app(client.app.state.cosyserve.models.require(), Settings(data_dir="")))
     assert other.get("/speakers").status_code == 200
     theirs = _samples(other)
     assert _value(theirs, "cosyserve_requests_total", route="/speakers", status="200") == 1

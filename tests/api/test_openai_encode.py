@@ -223,7 +223,7 @@ def test_output_rate_defaults_and_errors():
 
 @pytest.mark.skipif(HAVE_AV, reason="PyAV is installed here")
 def test_aac_without_pyav_is_a_clear_400():
-    from cosyserve.api.app import status_for
+    from cosyserve.api.errors import status_for
 
     with pytest.raises(FormatUnavailable) as err:
         output_rate("aac", None, 24000)

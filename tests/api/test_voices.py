@@ -284,7 +284,7 @@ def test_voice_creation_waits_for_a_slot_and_is_refused_when_the_queue_is_full(t
     the same running slots and queue as synthesis, so a full engine answers 503 with Retry-After."""
     model = load_model(model_dir("v2-tiny"), data_dir=tmp_path, text_frontend="none")
     app = create_app(model, Settings(data_dir=str(tmp_path), max_concurrency=1, max_queue=0))
-    engine = app.state.cosyserve.engine
+    engine = app.state.cosyserve.models.require()
     release = threading.Event()
     original = model.prepare
 

@@ -1,5 +1,5 @@
-"""What every voice library back-end shares: the voice metadata, the errors and the decoded-voice
-cache. A back-end stores rows; :class:`VoiceBackend` says which operations it owes.
+"""What every voice library back-end shares: the voice metadata and the decoded-voice cache (the errors
+are :mod:`cosyserve.errors`'). A back-end stores rows; :class:`VoiceBackend` says which operations it owes.
 
 Guarantees every back-end keeps: each write is one transaction (a process killed mid-write leaves the
 voice absent, never half there); a write that returned is durable; ids are unique regardless of case
@@ -18,30 +18,12 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from cosyserve.errors import CosyServeError, InvalidRequest, UnknownSpeaker
+from cosyserve.errors import UnknownSpeaker, VoiceExists, VoiceLibraryError, VoiceLimitReached
 from cosyserve.frontend.voice_prompt import VoicePrompt
 
 DEFAULT_MAX_VOICES = 1000
 # Decoded voices kept in memory (a 30 s prompt is ~0.5 MB of tensors).
 CACHE_SIZE = 64
-
-
-class VoiceExists(InvalidRequest):
-    """A voice (or built-in speaker) already has this id: HTTP 409."""
-
-    code = "voice_exists"
-
-
-class VoiceLimitReached(InvalidRequest):
-    """The library holds the configured maximum number of voices: HTTP 409."""
-
-    code = "voice_limit_reached"
-
-
-class VoiceLibraryError(CosyServeError):
-    """The library database cannot be read or written (disk full, permissions, damaged entry): HTTP 500."""
-
-    code = "voice_library_error"
 
 
 def voice_key(voice_id: str) -> str:

@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from cosyserve.errors import ModelLoadError, UnknownSpeaker
+from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 
-from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, VoiceLibraryError, voice_key
+from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
 
 if TYPE_CHECKING:
     import psycopg

@@ -10,9 +10,9 @@ import json
 import sqlite3
 from pathlib import Path
 
-from cosyserve.errors import ModelLoadError, UnknownSpeaker
+from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 
-from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, VoiceLibraryError, voice_key
+from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
 
 DB_NAME = "voices.sqlite3"
 SCHEMA_VERSION = 1
