@@ -72,8 +72,10 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from cosyserve.api import create_app
+    from cosyserve.engine.memory import limit_malloc_arenas
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas(settings.malloc_arenas)  # before the loaders and the engine start their threads
     sock = bind_socket(settings.host, settings.port)
     failures: list[tuple[str, BaseException]] = []
 

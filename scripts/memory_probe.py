@@ -2,10 +2,11 @@
 """Run a cosyserve command with its memory recorded per phase: what grows, and in which allocator.
 
 Every ``--every`` seconds one JSON line goes to ``--out``: the resident memory, glibc's heap statistics
-(``mallinfo2``: bytes in use, free in the heap, in mmap'd blocks, the number of arenas' bytes), the
-Python heap traced by ``tracemalloc``, and the ten source lines whose traced memory grew most since the
-first sample (after warm-up). Python growth shows in tracemalloc; a flat tracemalloc with growing
-``in_use`` is native (torch, onnxruntime); growing ``free`` is the allocator keeping freed memory.
+(``mallinfo2``, all arenas: the heap's size, the bytes in use and free in it, the bytes in mmap'd
+blocks), and unless ``--no_trace`` the Python heap traced by ``tracemalloc`` with the ten tracebacks whose
+traced memory grew most since the first sample (after warm-up). Python growth shows in tracemalloc; a
+flat tracemalloc with growing ``in_use`` is native (torch, onnxruntime); growing ``free`` is the allocator
+keeping freed memory.
 
     python3 scripts/memory_probe.py --out mem.jsonl -- serve --model_dir ../shared/golden/models/v2-tiny
     python3 scripts/soak.py --url http://127.0.0.1:50000 --pid PID --clients 32 --duration 600
@@ -60,16 +61,12 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _sample(first: tracemalloc.Snapshot | None, started: float) -> tuple[dict[str, Any], tracemalloc.Snapshot]:
+def _sample(first: tracemalloc.Snapshot | None, started: float) -> tuple[dict[str, Any], tracemalloc.Snapshot | None]:
+    record: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1), "rss": _rss_bytes(), "malloc": _mallinfo2()}
+    if not tracemalloc.is_tracing():
+        return record, None
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-    traced, peak = tracemalloc.get_traced_memory()
-    record: dict[str, Any] = {
-        "t_s": round(time.monotonic() - started, 1),
-        "rss": _rss_bytes(),
-        "malloc": _mallinfo2(),
-        "python_traced": traced,
-        "python_peak": peak,
-    }
+    record["python_traced"], record["python_peak"] = tracemalloc.get_traced_memory()
     if first is not None:
         growth = snapshot.compare_to(first, "traceback")[:TOP_LINES]
         record["python_growth"] = [
@@ -97,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON lines file, appended to")
     parser.add_argument("--every", type=float, default=60.0, help="seconds between samples (default 60)")
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds before the first sample (default 60)")
+    parser.add_argument("--no_trace", action="store_true", help="allocator statistics only (no tracemalloc)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the cosyserve command's arguments")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    tracemalloc.start(TRACE_FRAMES)
+    if not args.no_trace:
+        tracemalloc.start(TRACE_FRAMES)
     started = time.monotonic()
     threading.Thread(target=_probe, args=(Path(args.out), args.every, args.warmup, started), daemon=True).start()
     from cosyserve.cli import main as cosyserve_main

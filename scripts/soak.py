@@ -78,7 +78,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     launcher = ["-m", "cosyserve.cli"]
     if args.memory_probe:
         probe = Path(__file__).resolve().with_name("memory_probe.py")
-        launcher = [str(probe), "--out", args.memory_probe, "--every", str(args.probe_every), "--"]
+        launcher = [str(probe), "--out", args.memory_probe, "--every", str(args.probe_every)]
+        launcher += [*(["--no_trace"] if args.no_trace else []), "--"]
     command = [
         sys.executable,
         *launcher,
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak": max((v for _, v in samples), default=None),
             "growth_warm_to_end_pct": round(100 * (end - warm) / warm, 2) if end is not None and warm else None,
             # One sample a minute (and the last): where the memory went over time.
-            "per_minute": {f"{int(t // 60)}m": v for t, v in samples if t % 60 < RSS_SAMPLE_S} | {"end": end},
+            "per_minute": {f"{m}m": rss_at(samples, 60.0 * m) for m in range(int(elapsed // 60) + 1)} | {"end": end},
         },
     }
 
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--memory_probe", help="a started server records its memory per phase in this JSON lines file")
     parser.add_argument("--probe_every", type=float, default=60, help="seconds between memory probes (default 60)")
+    parser.add_argument("--no_trace", action="store_true", help="the memory probe without tracemalloc")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:

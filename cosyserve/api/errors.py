@@ -5,6 +5,7 @@ that names the request id and is logged."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,18 @@ logger = logging.getLogger("cosyserve.api")
 REQUEST_ID_HEADER = "X-Request-ID"
 # Routes of the OpenAI-style API: client errors there are 400 (not 422), as OpenAI clients expect.
 OPENAI_PREFIX = "/v1/"
+
+
+ERROR_SHAPE = 'OpenAI error shape: {"error": {"message", "type", "param", "code"}}.'
+
+
+def error_responses(*statuses: int, described: Mapping[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route's errors, all in the error shape: ``statuses``, and the
+    ``described`` ones with what they mean on the route."""
+    found = {status: ERROR_SHAPE for status in statuses} | {
+        s: f"{t} ({ERROR_SHAPE})" for s, t in (described or {}).items()
+    }
+    return {status: {"description": found[status]} for status in sorted(found)}
 
 
 def status_for(exc: CosyServeError) -> int:
@@ -60,7 +73,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         code = getattr(exc, "code", None) or codes.get(exc.status_code, "http_error")
-        headers = exc.headers
+        headers = dict(exc.headers) if exc.headers else None
         if exc.status_code == 405:  # Starlette names the first matching route's methods only
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return error_response(str(exc.detail), code, exc.status_code, headers=headers)

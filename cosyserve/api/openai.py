@@ -31,7 +31,7 @@ from starlette.types import Send
 
 from cosyserve.api.audio_response import AudioResponse, start_generation
 from cosyserve.api.deps import server_state
-from cosyserve.api.errors import error_body
+from cosyserve.api.errors import error_body, error_responses
 from cosyserve.api.parsing import check_audio, read_body
 from cosyserve.api.voices import resolve_voice, voice_list
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
@@ -200,7 +200,6 @@ _EXTENSIONS = {"opus": "opus", "mp3": "mp3", "aac": "aac", "flac": "flac", "wav"
 
 router = APIRouter(tags=["OpenAI API"])
 
-_ERROR = {"description": "OpenAI error shape: {error: {message, type, param, code}}."}
 _SPEECH_DOC = {
     "requestBody": {
         "required": True,
@@ -222,11 +221,8 @@ _SPEECH_DOC = {
             }
             | {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        400: _ERROR,
-        404: {"description": "Unknown model or voice (the message lists the known voices)."},
-        413: _ERROR,
-        503: _ERROR,
-    },
+    }
+    | error_responses(400, 413, 503, described={404: "Unknown model or voice (the message lists the known voices)"}),
     openapi_extra=_SPEECH_DOC,
 )
 async def create_speech(request: Request) -> Response:
@@ -288,7 +284,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get(
     "/v1/models/{name:path}",
     summary="One model of GET /v1/models.",
-    responses={404: {**_ERROR, "description": "Not a model this server serves (OpenAI error shape)."}},
+    responses=error_responses(described={404: "Not a model this server serves"}),
 )
 async def get_model(name: str, request: Request) -> JSONResponse:
     models = server_state(request).models
@@ -303,7 +299,7 @@ async def get_model(name: str, request: Request) -> JSONResponse:
     "/v1/audio/voices",
     summary='Voices for /v1/audio/speech: {"voices": [{"id", "name", "kind"}]} (kind: speaker, clone, alias); '
     "those of the default model, or of ?model=.",
-    responses={404: {**_ERROR, "description": "?model= names no served model (model_not_found lists them)."}},
+    responses=error_responses(described={404: "?model= names no served model (model_not_found lists them)"}),
 )
 async def list_voices(request: Request, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
     state = server_state(request)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from cosyserve.api.deps import server_state
-from cosyserve.api.errors import request_id
+from cosyserve.api.errors import error_responses, request_id
 from cosyserve.api.parsing import Fields, audio_field, read_fields, text_field
 from cosyserve.engine.voices import MAX_ID_LENGTH, VoiceCatalog, VoiceInfo, validate_voice_id
 from cosyserve.errors import InvalidRequest, UnknownSpeaker
@@ -38,7 +38,6 @@ VoiceMap = tuple[tuple[str, str], ...]
 
 router = APIRouter(tags=["voice library"])
 
-_ERROR = {"description": 'OpenAI error shape: {"error": {"message", "type", "param", "code"}}.'}
 _CREATE_DOC = {
     "requestBody": {
         "required": True,
@@ -147,14 +146,16 @@ def _optional_text(fields: Fields, name: str, max_length: int) -> str | None:
     "/v1/audio/voices",
     status_code=201,
     summary="Store a voice from a recording (multipart audio_sample, name, ref_text); use its id as voice / spk_id.",
-    responses={
-        201: {"description": "The stored voice's metadata; Location names it."},
-        400: _ERROR,
-        404: {"description": "model names no served model (model_not_found lists them)."},
-        409: {"description": "The name is taken (voice_exists) or the library is full (voice_limit_reached)."},
-        413: _ERROR,
-        503: _ERROR,
-    },
+    responses={201: {"description": "The stored voice's metadata; Location names it."}}
+    | error_responses(
+        400,
+        413,
+        503,
+        described={
+            404: "model names no served model (model_not_found lists them)",
+            409: "The name is taken (voice_exists) or the library is full (voice_limit_reached)",
+        },
+    ),
     openapi_extra=_CREATE_DOC,
 )
 async def create_voice(request: Request) -> JSONResponse:
@@ -186,7 +187,7 @@ async def create_voice(request: Request) -> JSONResponse:
     "/v1/audio/voices/{voice_id:path}",
     summary="A voice's metadata: stored voices (any model family; usable says whether the model, the default "
     "one or ?model=, can use it) and built-in speakers.",
-    responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
+    responses=error_responses(400, 404, 503),
 )
 async def get_voice(voice_id: str, request: Request, model: str | None = None) -> dict[str, Any]:
     store = (await server_state(request).models.get(model)).voices
@@ -197,7 +198,7 @@ async def get_voice(voice_id: str, request: Request, model: str | None = None) -
 @router.delete(
     "/v1/audio/voices/{voice_id:path}",
     summary="Delete a stored voice (of any model family); built-in speakers are read-only.",
-    responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
+    responses=error_responses(400, 404, 503),
 )
 async def delete_voice(voice_id: str, request: Request, model: str | None = None) -> dict[str, Any]:
     store = (await server_state(request).models.get(model)).voices

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from cosyserve.audio.io import AudioInput
 from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import GenerationFailed, UnsupportedMode
 
-from .core import EngineCore, StepModel, Work
+from .core import EngineCore, Overrides, StepModel, Work
 from .request import SynthesisRequest
 from .text_feed import TextFeed
 from .voice_library.base import VoiceInfo
@@ -289,7 +289,7 @@ class AsyncEngine(EngineClient):
     ) -> AudioStream:
         request_id = request_id or uuid.uuid4().hex
         sink = _QueueSink(asyncio.get_running_loop())
-        work = Work(request_id, sink, request=request, overrides=overrides, text_feed=text)
+        work = Work(request_id, sink, request=request, overrides=cast(Overrides, overrides), text_feed=text)
         self.core.submit(work)
         try:
             await sink.ready  # the frontend ran; its validation error is raised here

@@ -1,10 +1,15 @@
-"""Giving freed heap memory back to the system between requests.
+"""Giving freed heap memory back to the system between requests, and bounding what glibc keeps.
 
 Each request allocates and frees many tensors of its own shapes (text length, chunk sizes). glibc
 keeps freed blocks in its heaps (and raises its mmap threshold as large blocks are freed, so later
 large tensors land in the heap too), so a long-running server's resident memory creeps up with the
 variety of requests it has seen, although nothing is leaked. ``malloc_trim`` returns the free pages;
 the engine calls it as requests finish, at most once per interval, and whenever it becomes idle.
+
+glibc also gives each thread that allocates its own arena (up to eight per core); freed memory then
+sits in many arenas, each keeping its own free pages, and a long-running server's resident memory
+grows with the threads it has seen (the engine's, the frontend pool's, the event loop's worker threads).
+:func:`limit_malloc_arenas` caps their number for the whole process (the server: ``--malloc_arenas``).
 """
 
 from __future__ import annotations
@@ -14,13 +19,30 @@ import ctypes.util
 import logging
 import os
 import time
+from collections.abc import Callable
 
 logger = logging.getLogger("cosyserve.engine")
 
 TRIM_INTERVAL_S = 1.0  # at most one trim per second while busy (a trim of a large heap takes a few ms)
+_M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:
+def limit_malloc_arenas(count: int) -> bool:
+    """Let glibc create at most ``count`` malloc arenas from now on (call it before threads start);
+    whether it took (False without glibc, or for ``count`` 0: glibc's default)."""
+    name = ctypes.util.find_library("c")
+    if count < 1 or not name:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, count))
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if not name:
         return None

@@ -19,6 +19,7 @@ import requests
 from api_helpers import LiveServer, decode_pcm, decode_wav, wait_for, wav_bytes
 from fastapi.testclient import TestClient
 from golden import entries, golden_root, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.api import create_app
 from cosyserve.audio.encode import to_int16
@@ -197,7 +198,7 @@ def test_curl_style_multipart(entry, client_for):
 
 
 def _models() -> list[str]:
-    return sorted(manifest()["models"]) or [pytest.param(None, marks=pytest.mark.skip(reason="no golden models"))]
+    return sorted(manifest()["models"]) or [pytest.param(None, marks=missing_mark("no golden models"))]
 
 
 def assert_error(resp, status: int, code: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from golden import golden_root, manifest, model_dir
 from prometheus_client.parser import text_string_to_metric_families
+from resources import needs
 
 from cosyserve.api import create_app
 from cosyserve.api.metrics import mode_of
@@ -21,7 +22,7 @@ MODEL = "v2-tiny"
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-pytestmark = pytest.mark.skipif(MODEL not in manifest()["models"], reason=f"no golden {MODEL} in {golden_root()}")
+pytestmark = needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")
 
 
 def _samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

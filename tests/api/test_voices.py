@@ -18,6 +18,7 @@ import requests
 from api_helpers import decode_wav, wait_for
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.api import create_app
 from cosyserve.engine.pipeline import TTSModel, load_model
@@ -30,7 +31,7 @@ INSTRUCT = "请用温柔的语气说这句话。"
 
 def _models() -> list[Any]:
     names = list(manifest()["models"])
-    return names or [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+    return names or [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
 
 
 def _audio(key: str, default: str) -> bytes:

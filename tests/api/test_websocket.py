@@ -26,6 +26,7 @@ import soundfile as sf
 import websockets
 from api_helpers import LiveServer, decode_pcm, decode_wav, wait_for
 from golden import golden_root
+from resources import missing
 from websockets.sync.client import connect
 
 from cosyserve.api import create_app
@@ -46,7 +47,7 @@ TIMEOUT = 60  # seconds any one exchange may take on a loaded machine
 def _model_path(version: str) -> str:
     path = golden_root() / "models" / version
     if not path.is_dir():
-        pytest.skip(f"golden model {version} not available")
+        missing(f"golden model {version} not available")
     return str(path)
 
 

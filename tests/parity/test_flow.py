@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from golden import assert_close, entries, load_case, model_dir, model_version
+from resources import missing
 
 from cosyserve.config import Node, load_yaml
 from cosyserve.models.checkpoint import load_into, read_state_dict
@@ -126,7 +127,7 @@ def _first_model(version: str) -> str | None:
 def _needs(version: str) -> str:
     model = _first_model(version)
     if model is None:
-        pytest.skip(f"no golden {version} flow model")
+        missing(f"no golden {version} flow model")
     return model
 
 

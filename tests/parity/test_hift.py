@@ -7,6 +7,7 @@ from functools import cache
 import pytest
 import torch
 from golden import assert_close, entries, load_case, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.config import load_yaml
 from cosyserve.models.base import load_weights
@@ -56,7 +57,7 @@ def _cases(causal: bool) -> list:
         for p in entries("hift")
         if p.values[0] is None or (not _is_fixed_noise(p.values[0]) and _is_causal(p.values[0]) == causal)
     ]
-    return params or [pytest.param(None, marks=pytest.mark.skip(reason="no such hift cases"))]
+    return params or [pytest.param(None, marks=missing_mark("no golden hift cases"))]
 
 
 @pytest.mark.parametrize("entry", _cases(causal=False))

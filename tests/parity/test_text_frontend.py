@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from golden import entries, load_json, model_dir
 from helpers import required_assets
+from resources import import_or_missing, missing
 
 from cosyserve.config import load_yaml
 from cosyserve.hub import AssetError, asset_path
@@ -32,7 +33,7 @@ def _tokenizer(model: str) -> TextTokenizer:
         for name in required_assets(config):
             asset_path(name, download=False)
     except AssetError as exc:
-        pytest.skip(f"tokenizer asset absent: {exc}")
+        missing(f"tokenizer asset absent: {exc}")
     return load_tokenizer(config, root)
 
 
@@ -103,7 +104,7 @@ def _wetext_cases() -> list[Any]:
 
 @pytest.mark.parametrize(("entry", "text", "golden"), _wetext_cases())
 def test_text_frontend_wetext(entry: dict[str, Any], text: str, golden: dict[str, Any]) -> None:
-    pytest.importorskip("wetext", reason="the wetext package is not installed")
+    import_or_missing("wetext")
     tok = _tokenizer(entry["model"])
     norm = TextNormalizer(tok, backend="wetext")
     assert norm.backend == "wetext"

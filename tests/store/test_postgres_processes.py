@@ -23,6 +23,7 @@ import pytest
 import requests
 import torch
 from golden import REPO, golden_root, manifest, model_dir
+from resources import missing
 
 from cosyserve.engine.voice_library.postgres import PostgresVoiceLibrary
 
@@ -271,7 +272,7 @@ def _serve(model: str, url: str, log: Path, max_voices: int) -> tuple[subprocess
 def _models() -> list[str]:
     names = list(manifest()["models"])
     if not names:
-        pytest.skip(f"no golden models in {golden_root()}")
+        missing(f"no golden models in {golden_root()}")
     return names
 
 

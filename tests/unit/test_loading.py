@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from golden import golden_root, manifest, model_dir, model_version
+from resources import missing_mark
 
 from cosyserve.engine.pipeline import load_model
 from cosyserve.errors import ModelLoadError
@@ -34,7 +35,7 @@ def _one_per_version() -> list:
     for name in manifest()["models"]:
         first.setdefault(model_version(name), name)
     if not first:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+        return [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
     return list(first.values())
 
 

@@ -41,3 +41,38 @@ def test_trimming_is_rate_limited_while_busy():
     assert heap.trims == 1
     heap.request_finished(idle=True)  # idle: always
     assert heap.trims == 2
+
+
+_ARENA_PROBE = """
+import ctypes, sys, threading
+from cosyserve.engine.memory import limit_malloc_arenas
+took = limit_malloc_arenas(int(sys.argv[1]))
+barrier = threading.Barrier(6)
+def work():
+    blocks = [bytearray(100_000) for _ in range(20)]  # above pymalloc's limit: glibc malloc, in this thread's arena
+    barrier.wait()  # all six alive at once: none can take over an arena another left
+    del blocks
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+sys.stderr.flush()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+print(took)
+"""
+
+
+def _arenas(limit: int) -> tuple[bool, int]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(limit)], capture_output=True, text=True, check=True)
+    return done.stdout.strip() == "True", done.stderr.count("Arena ")
+
+
+def test_malloc_arenas_are_bounded_for_the_threads_started_after():
+    if HeapTrimmer().available is False:
+        pytest.skip("the C library is not glibc")
+    took, bounded = _arenas(1)
+    assert took and bounded == 1
+    took, unbounded = _arenas(0)  # glibc's default: an arena per thread here
+    assert not took and unbounded > 1

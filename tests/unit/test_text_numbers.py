@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 
 import pytest
+from resources import import_or_missing
 
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.numbers import english_cardinal
 from cosyserve.text.wetext_backend import WeTextBackend
 
-pytest.importorskip("wetext")
+import_or_missing("wetext")
 
 ENGLISH = [
     ("$1,299", "one thousand two hundred and ninety nine dollars", "official"),

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import pytest
+from resources import import_or_missing
 
 from cosyserve.text.wetext_backend import WeTextBackend
 
-pytest.importorskip("wetext", reason="the wetext package is not installed")
+import_or_missing("wetext")
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,7 @@ from fastapi import WebSocket
 
 from cosyserve.api.auth import ApiKeys, scope_has_valid_key
 from cosyserve.api.deps import ServerState
-from cosyserve.api.ws.session import (
-    SessionEnd,
-    SessionSetup,
-    SpeechSession,
-    check_bistream,
-    close_code_for,
-    make_planner,
-)
+from cosyserve.api.ws.session import SessionEnd, SessionSetup, SpeechSession, close_code_for
 from cosyserve.audio.encode import OutputFormat
 from cosyserve.engine.request import GenerationOptions
 from cosyserve.errors import CosyServeError, InputTimeout, InvalidApiKey, InvalidMessage, InvalidRequest
@@ -99,7 +92,6 @@ class ElevenLabsSession(SpeechSession):
         if isinstance(speed, bool) or not isinstance(speed, (int, float)):
             raise InvalidMessage("voice_settings.speed must be a number", param="voice_settings.speed")
         options = GenerationOptions(stream=True, speed=speed, seed=int(seed) if seed is not None else None)
-        plan, label = make_planner(engine, self.state, self.voice_id, options, None)
         config = first.get("generation_config") or {}
         chunks = (config.get("chunk_length_schedule") if isinstance(config, dict) else None) or [CLAUSE_CHARS]
         low, high = _SCHEDULE_RANGE
@@ -115,9 +107,7 @@ class ElevenLabsSession(SpeechSession):
         bistream = (self._query("bistream") or "false").strip().lower()
         if bistream not in ("true", "false", "1", "0"):
             raise InvalidRequest(f"bistream must be true or false, not {bistream!r}", param="bistream")
-        if bistream in ("true", "1"):
-            check_bistream(engine, plan)
-        return SessionSetup(engine, plan, output, f"stream-input {label}", segmenter, bistream in ("true", "1"))
+        return self.configure(engine, self.voice_id, options, None, output, segmenter, bistream in ("true", "1"))
 
     def _check_key(self, first: dict[str, Any]) -> None:
         if scope_has_valid_key(self.ws.scope):

@@ -12,15 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cosyserve.api.auth import scope_has_valid_key
 from cosyserve.api.metrics import mode_of
 from cosyserve.api.openai import speech_output
-from cosyserve.api.ws.session import (
-    Segment,
-    SessionEnd,
-    SessionSetup,
-    SpeechSession,
-    check_bistream,
-    close_code_for,
-    make_planner,
-)
+from cosyserve.api.ws.session import Segment, SessionEnd, SessionSetup, SpeechSession, close_code_for
 from cosyserve.engine.request import GenerationOptions
 from cosyserve.errors import CosyServeError, InvalidApiKey, InvalidMessage, InvalidRequest
 from cosyserve.text.segmenter import TextSegmenter
@@ -94,10 +86,7 @@ class NativeSession(SpeechSession):
             raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {config.seed}", param="seed")
         options = GenerationOptions(stream=config.stream, speed=config.speed, seed=config.seed)
         instructions = config.instructions if config.instructions and config.instructions.strip() else None
-        plan, label = make_planner(engine, self.state, config.voice, options, instructions)
-        if config.bistream:
-            check_bistream(engine, plan)
-        return SessionSetup(engine, plan, output, f"speech-stream {label}", TextSegmenter(), config.bistream)
+        return self.configure(engine, config.voice, options, instructions, output, TextSegmenter(), config.bistream)
 
     async def receive_messages(self) -> None:
         if not scope_has_valid_key(self.ws.scope):

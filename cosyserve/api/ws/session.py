@@ -245,8 +245,7 @@ class SpeechSession:
             await slots.acquire()
             if epoch != self.epoch:  # cancelled while waiting (before the cancellation reached this task)
                 return
-            utterance = item if isinstance(item, Utterance) else None
-            text = item.text if utterance is not None else item
+            utterance, text = (item, item.text) if isinstance(item, Utterance) else (None, item)
             segment = Segment(self.next_index, text, submitted_at=time.perf_counter(), utterance=utterance)
             self.next_index += 1
             self.pending_chars -= utterance.queued_chars if utterance is not None else len(text)
@@ -415,6 +414,37 @@ class SpeechSession:
         with anyio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
             await self.ws.close(self.close_code, reason.encode()[:120].decode(errors="ignore"))
 
+    def configure(
+        self,
+        engine: EngineClient,
+        voice: str | dict[str, str],
+        options: GenerationOptions,
+        instructions: str | None,
+        output: OutputFormat,
+        segmenter: TextSegmenter,
+        bistream: bool,
+    ) -> SessionSetup:
+        """The session's setup for ``voice``: the request for each segment's text. The voice and mode
+        (and, with ``bistream``, that the model takes streamed text in this mode) are checked now, before
+        any text arrives."""
+        spk_id = resolve_voice(engine.voices, self.settings.voice_map, voice)
+        stored = engine.voices.usable_info(spk_id, param="voice")
+        family = engine.info.family
+
+        def plan(text: str) -> SynthesisRequest:
+            return plan_speech(engine.modes, family, stored, text, options, spk_id=spk_id, instructions=instructions)
+
+        mode = plan("-").mode
+        if bistream and mode not in engine.bistream_modes:
+            served = ", ".join(sorted(engine.bistream_modes))
+            raise InvalidRequest(
+                f"bistream needs a CosyVoice2 or Fun-CosyVoice3 model and one of the modes it serves with streamed "
+                f"text ({served or 'none on this model'}); this session is {mode} on {family}",
+                param="bistream",
+            )
+        label = f"{self.route_name} ({mode}, {spk_id})"
+        return SessionSetup(engine, plan, output, label, segmenter, bistream)
+
     def start(self, setup: SessionSetup) -> None:
         """The opening message was understood: start generating."""
         self.setup = setup
@@ -454,38 +484,6 @@ class SpeechSession:
         if metrics is not None:
             mode = mode_of(self.setup.label) if self.setup else ""
             metrics.requests.labels(route_template(self.ws.scope), "WEBSOCKET", mode, str(self.close_code)).inc()
-
-
-def make_planner(
-    engine: EngineClient,
-    state: ServerState,
-    voice: str | dict[str, str],
-    options: GenerationOptions,
-    instructions: str | None,
-) -> tuple[Callable[[str], SynthesisRequest], str]:
-    """The request for each segment's text in ``voice``, and the session's label; the voice and mode
-    are checked now, before any text arrives."""
-    spk_id = resolve_voice(engine.voices, state.settings.voice_map, voice)
-    stored = engine.voices.usable_info(spk_id, param="voice")
-    family = engine.info.family
-
-    def plan(text: str) -> SynthesisRequest:
-        return plan_speech(engine.modes, family, stored, text, options, spk_id=spk_id, instructions=instructions)
-
-    mode = plan("-").mode
-    return plan, f"({mode}, {spk_id})"
-
-
-def check_bistream(engine: EngineClient, plan: Callable[[str], SynthesisRequest]) -> None:
-    """Refuse a bistream session the model cannot serve, before any text arrives."""
-    mode = plan("-").mode
-    if mode not in engine.bistream_modes:
-        served = ", ".join(sorted(engine.bistream_modes))
-        raise InvalidRequest(
-            f"bistream needs a CosyVoice2 or Fun-CosyVoice3 model and one of the modes it serves with streamed "
-            f"text ({served or 'none on this model'}); this session is {mode} on {engine.info.family}",
-            param="bistream",
-        )
 
 
 def close_code_for(error: CosyServeError) -> int:
