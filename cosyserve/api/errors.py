@@ -26,13 +26,17 @@ OPENAI_PREFIX = "/v1/"
 ERROR_SHAPE = 'OpenAI error shape: {"error": {"message", "type", "param", "code"}}.'
 
 
-def error_responses(*statuses: int, described: Mapping[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` of a route's errors, all in the error shape: ``statuses``, and the
-    ``described`` ones with what they mean on the route."""
-    found = {status: ERROR_SHAPE for status in statuses} | {
-        s: f"{t} ({ERROR_SHAPE})" for s, t in (described or {}).items()
-    }
-    return {status: {"description": found[status]} for status in sorted(found)}
+def error_responses(
+    *statuses: int,
+    described: Mapping[int, str] | None = None,
+    success: Mapping[int | str, dict[str, Any]] | None = None,
+) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route: its ``success`` ones, then its errors, all in the error shape:
+    ``statuses``, and the ``described`` ones with what they mean on the route."""
+    found = {status: ERROR_SHAPE for status in statuses}
+    found |= {status: f"{meaning} ({ERROR_SHAPE})" for status, meaning in (described or {}).items()}
+    errors: dict[int | str, dict[str, Any]] = {status: {"description": found[status]} for status in sorted(found)}
+    return {**(success or {}), **errors}
 
 
 def status_for(exc: CosyServeError) -> int:

@@ -200,6 +200,10 @@ _EXTENSIONS = {"opus": "opus", "mp3": "mp3", "aac": "aac", "flac": "flac", "wav"
 
 router = APIRouter(tags=["OpenAI API"])
 
+_BODIES = {
+    t: {"schema": {"type": "string", "format": "binary"}}
+    for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")
+} | {"text/event-stream": {"schema": {"type": "string"}}}
 _SPEECH_DOC = {
     "requestBody": {
         "required": True,
@@ -212,17 +216,13 @@ _SPEECH_DOC = {
     "/v1/audio/speech",
     summary="Text to speech, OpenAI-compatible (works with the openai SDK's client.audio.speech.create).",
     response_class=Response,
-    responses={
-        200: {
-            "description": "The audio (stream_format=audio) or an event stream (sse).",
-            "content": {
-                t: {"schema": {"type": "string", "format": "binary"}}
-                for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")
-            }
-            | {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-    }
-    | error_responses(400, 413, 503, described={404: "Unknown model or voice (the message lists the known voices)"}),
+    responses=error_responses(
+        400,
+        413,
+        503,
+        described={404: "Unknown model or voice (the message lists the known voices)"},
+        success={200: {"description": "The audio (stream_format=audio) or an event stream (sse).", "content": _BODIES}},
+    ),
     openapi_extra=_SPEECH_DOC,
 )
 async def create_speech(request: Request) -> Response:

@@ -146,8 +146,7 @@ def _optional_text(fields: Fields, name: str, max_length: int) -> str | None:
     "/v1/audio/voices",
     status_code=201,
     summary="Store a voice from a recording (multipart audio_sample, name, ref_text); use its id as voice / spk_id.",
-    responses={201: {"description": "The stored voice's metadata; Location names it."}}
-    | error_responses(
+    responses=error_responses(
         400,
         413,
         503,
@@ -155,6 +154,7 @@ def _optional_text(fields: Fields, name: str, max_length: int) -> str | None:
             404: "model names no served model (model_not_found lists them)",
             409: "The name is taken (voice_exists) or the library is full (voice_limit_reached)",
         },
+        success={201: {"description": "The stored voice's metadata; Location names it."}},
     ),
     openapi_extra=_CREATE_DOC,
 )
