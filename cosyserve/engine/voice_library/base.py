@@ -87,6 +87,21 @@ class VoiceBackend(ABC):
     _PARAM = "?"
     _COLUMNS = "id, family, token_rate, model, ref_text, created_at, duration, fields, uid"
 
+    @staticmethod
+    def _row(info: VoiceInfo) -> tuple:
+        """The values of a new voice's row, in the columns' order: uid, key, id, family, token_rate, model,
+        ref_text, created_at, duration, fields (JSON)."""
+        metadata = (info.family, info.token_rate, info.model, info.ref_text, info.created_at, info.duration)
+        return (info.uid, voice_key(info.id), info.id, *metadata, json.dumps(list(info.fields)))
+
+    _ROW_COLUMNS = "uid, key, id, family, token_rate, model, ref_text, created_at, duration, fields"
+
+    @property
+    def _insert_row_sql(self) -> str:
+        """The INSERT of a :meth:`_row` into the voices table."""
+        values = ", ".join([self._PARAM] * len(self._ROW_COLUMNS.split(",")))
+        return f"INSERT INTO {self._TABLE} ({self._ROW_COLUMNS}) VALUES ({values})"
+
     @abstractmethod
     def _query(self, sql: str, args: tuple = ()) -> builtins.list[tuple]:
         """The rows of one read-only query (VoiceLibraryError when the database cannot be read)."""

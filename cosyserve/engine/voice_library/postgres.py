@@ -21,7 +21,6 @@ the user needs CREATE rights there the first time (the database owner has them).
 from __future__ import annotations
 
 import builtins  # the back-ends have a method named list: their annotations name the type through this
-import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -272,21 +271,8 @@ class PostgresVoiceLibrary(VoiceBackend):
             # every voice committed before this one.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_LOCK,))
             inserted = conn.execute(
-                "INSERT INTO cosyserve_voices (uid, key, id, family, token_rate, model, ref_text, created_at, "
-                "duration, fields) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (key) DO NOTHING RETURNING uid",
-                (
-                    info.uid,
-                    key,
-                    info.id,
-                    info.family,
-                    info.token_rate,
-                    info.model,
-                    info.ref_text,
-                    info.created_at,
-                    info.duration,
-                    json.dumps(list(info.fields)),
-                ),
+                self._insert_row_sql + " ON CONFLICT (key) DO NOTHING RETURNING uid",
+                self._row(info),
             ).fetchone()
             if inserted is None:
                 row = conn.execute(f"SELECT {_COLUMNS} FROM cosyserve_voices WHERE key = %s", (key,)).fetchone()

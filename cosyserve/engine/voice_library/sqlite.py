@@ -7,7 +7,6 @@ leaves every voice committed before it intact, and the half-written one absent.
 from __future__ import annotations
 
 import builtins  # the back-ends have a method named list: their annotations name the type through this
-import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,22 +136,7 @@ class SQLiteVoiceLibrary(VoiceBackend):
             if count >= self.max_voices:
                 raise self._full(count)
             db.execute("INSERT INTO voice_tensors (uid, data) VALUES (?, ?)", (info.uid, blob))
-            db.execute(
-                "INSERT INTO voices (key, id, uid, family, token_rate, model, ref_text, created_at, duration, "
-                "fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    voice_key(info.id),
-                    info.id,
-                    info.uid,
-                    info.family,
-                    info.token_rate,
-                    info.model,
-                    info.ref_text,
-                    info.created_at,
-                    info.duration,
-                    json.dumps(list(info.fields)),
-                ),
-            )
+            db.execute(self._insert_row_sql, self._row(info))
 
     def _delete(self, voice_id: str) -> VoiceInfo:
         with self._transaction(f"voice '{voice_id}' could not be deleted") as db:
