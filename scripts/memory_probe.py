@@ -61,14 +61,16 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _sample(first: tracemalloc.Snapshot | None, started: float) -> tuple[dict[str, Any], tracemalloc.Snapshot | None]:
+def _sample(
+    first: tracemalloc.Snapshot | None, started: float, group: str
+) -> tuple[dict[str, Any], tracemalloc.Snapshot | None]:
     record: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1), "rss": _rss_bytes(), "malloc": _mallinfo2()}
     if not tracemalloc.is_tracing():
         return record, None
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
     record["python_traced"], record["python_peak"] = tracemalloc.get_traced_memory()
     if first is not None:
-        growth = snapshot.compare_to(first, "traceback")[:TOP_LINES]
+        growth = snapshot.compare_to(first, group)[:TOP_LINES]
         record["python_growth"] = [
             {"bytes": stat.size_diff, "count": stat.count_diff, "where": [str(f) for f in stat.traceback][-4:]}
             for stat in growth
@@ -77,12 +79,12 @@ def _sample(first: tracemalloc.Snapshot | None, started: float) -> tuple[dict[st
     return record, snapshot
 
 
-def _probe(out: Path, every: float, warmup: float, started: float) -> None:
+def _probe(out: Path, every: float, warmup: float, started: float, group: str) -> None:
     first = None
     time.sleep(warmup)
     with out.open("a", encoding="utf-8") as sink:
         while True:
-            record, snapshot = _sample(first, started)
+            record, snapshot = _sample(first, started, group)
             first = first or snapshot
             sink.write(json.dumps(record) + "\n")
             sink.flush()
@@ -95,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=60.0, help="seconds between samples (default 60)")
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds before the first sample (default 60)")
     parser.add_argument("--no_trace", action="store_true", help="allocator statistics only (no tracemalloc)")
+    parser.add_argument(
+        "--group", choices=("traceback", "lineno", "filename"), default="traceback", help="how growth is summed up"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the cosyserve command's arguments")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not args.no_trace:
         tracemalloc.start(TRACE_FRAMES)
     started = time.monotonic()
-    threading.Thread(target=_probe, args=(Path(args.out), args.every, args.warmup, started), daemon=True).start()
+    probe_args = (Path(args.out), args.every, args.warmup, started, args.group)
+    threading.Thread(target=_probe, args=probe_args, daemon=True).start()
     from cosyserve.cli import main as cosyserve_main
 
     return cosyserve_main(command)

@@ -79,7 +79,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     if args.memory_probe:
         probe = Path(__file__).resolve().with_name("memory_probe.py")
         launcher = [str(probe), "--out", args.memory_probe, "--every", str(args.probe_every)]
-        launcher += [*(["--no_trace"] if args.no_trace else []), "--"]
+        launcher += [*(["--no_trace"] if args.no_trace else ["--group", args.probe_group]), "--"]
     command = [
         sys.executable,
         *launcher,
@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory_probe", help="a started server records its memory per phase in this JSON lines file")
     parser.add_argument("--probe_every", type=float, default=60, help="seconds between memory probes (default 60)")
     parser.add_argument("--no_trace", action="store_true", help="the memory probe without tracemalloc")
+    parser.add_argument("--probe_group", default="filename", help="how the probe sums up Python growth")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:

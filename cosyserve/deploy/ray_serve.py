@@ -141,11 +141,12 @@ def app_builder(settings: Settings) -> Callable[[], Any]:
     def build_app() -> Any:
         from cosyserve.api import create_app
         from cosyserve.engine.loading import resolve_device
-        from cosyserve.engine.memory import limit_malloc_arenas
+        from cosyserve.engine.memory import bound_kernel_caches, limit_malloc_arenas
         from cosyserve.engine.pipeline import model_loaders
 
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         limit_malloc_arenas(settings.malloc_arenas)
+        bound_kernel_caches()
         sources = {spec.name or spec.source: spec.source for spec in settings.models}
         models = model_loaders(sources, settings.engine_options(), resolve_device(settings.gpu))
         if not settings.lazy_load:
