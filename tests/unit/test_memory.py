@@ -86,8 +86,9 @@ if sys.argv[1] != "default":
 import torch
 torch.set_num_threads(1)
 info = ctypes.CDLL(None).mallinfo2
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS]
 info.restype = MallInfo2
 conv = torch.nn.Conv1d(80, 256, 3, padding=1)
 with torch.inference_mode():
