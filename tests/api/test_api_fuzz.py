@@ -17,6 +17,9 @@ import pytest
 from golden import manifest, model_dir
 from resources import import_or_missing, missing
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 schemathesis = import_or_missing("schemathesis", "the test extra installs schemathesis")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402

@@ -25,6 +25,9 @@ from cosyserve.api import create_app
 from cosyserve.audio.encode import to_int16
 from cosyserve.settings import Settings
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 SEED = 1234
 TEXT_FIELDS = ("tts_text", "spk_id", "prompt_text", "instruct_text")
 AUDIO_FIELDS = ("source_wav", "prompt_wav")

@@ -20,6 +20,9 @@ import pytest
 from golden import golden_root, manifest, model_dir
 from resources import missing_mark
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SERVER = REPO / "runtime" / "python" / "fastapi" / "server.py"
 CLIENT = REPO / "runtime" / "python" / "fastapi" / "client.py"

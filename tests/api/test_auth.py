@@ -35,7 +35,7 @@ OPEN_PATHS = ("/health", "/metrics", "/", "/web", "/web/{name:path}")
 # A concrete value for each path parameter of the registered routes.
 PATH_VALUES = {"voice_id": "中文女", "name": "index.html"}
 
-pytestmark = needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")
+pytestmark = [pytest.mark.slow, needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ MODEL = "v2-tiny"
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-pytestmark = needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")
+pytestmark = [pytest.mark.slow, needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")]
 
 
 def _samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -29,7 +29,10 @@ FAMILIES = {"v1": "cosyvoice1", "v2": "cosyvoice2", "v3": "cosyvoice3"}
 SPEAKER = "中文女"
 TEXT = "今天天气真好。"
 
-pytestmark = needs(set(MODELS.values()) <= set(manifest()["models"]), f"tiny v1/v2/v3 models not in {golden_root()}")
+pytestmark = [
+    pytest.mark.slow,
+    needs(set(MODELS.values()) <= set(manifest()["models"]), f"tiny v1/v2/v3 models not in {golden_root()}"),
+]
 
 
 def _settings(**overrides: Any) -> Settings:

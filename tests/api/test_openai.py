@@ -28,6 +28,9 @@ from cosyserve.audio.encode import FlacEncoder, to_int16
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.settings import Settings
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 SEED = 7
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 MAX_UPLOAD = 4 * 1024 * 1024

@@ -24,6 +24,9 @@ from cosyserve.api import create_app
 from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.settings import Settings
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 SEED = 7
 TEXT = "今天天气真好。"
 INSTRUCT = "请用温柔的语气说这句话。"

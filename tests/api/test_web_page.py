@@ -39,6 +39,7 @@ TIMEOUT_MS = 120_000
 
 sync_api = import_or_missing("playwright.sync_api", "playwright is not installed (pip install -e .[test])")
 pytestmark = [
+    pytest.mark.slow,
     needs(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
     needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}"),
 ]

@@ -37,6 +37,9 @@ from cosyserve.errors import InvalidRequest
 from cosyserve.settings import Settings
 from cosyserve.text.segmenter import TextSegmenter
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 SEED = 11
 VERSIONS = ("v1-tiny", "v2-tiny", "v3-tiny")
 RATES = {"v1-tiny": 22050, "v2-tiny": 16000, "v3-tiny": 24000}  # per family a different output rate

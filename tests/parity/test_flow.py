@@ -18,6 +18,9 @@ from cosyserve.models.cosyvoice2 import config as v2_config
 from cosyserve.models.cosyvoice2.flow import CausalMaskedDiffWithXvec
 from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES, ConditionalCFM, fixed_noise
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 CASES = entries("flow", ("v1", "v2"))
 MU_ATOL = 1e-4
 MEL_ATOL = 2e-4

@@ -16,6 +16,9 @@ from cosyserve.models.config_checks import build_hift, hift_config
 from cosyserve.nn.hift import HiFTGenerator, SourceDraws
 from cosyserve.nn.hift_causal import CausalHiFTGenerator
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 F0_ATOL = 1e-3  # Hz
 DECODE_ATOL = 1e-4
 SOURCE_ATOL = 1e-3

@@ -27,6 +27,9 @@ from resources import missing
 
 from cosyserve.engine.voice_library.postgres import PostgresVoiceLibrary
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 WORKER = textwrap.dedent(
     """
     import json, sys, time

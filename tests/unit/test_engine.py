@@ -24,6 +24,9 @@ from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.engine.scheduler import Scheduler
 from cosyserve.errors import AudioError, InvalidRequest, TextError, UnknownSpeaker, UnsupportedMode
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 SHORT = "今天天气真好，我们一起去散步吧。"
 # One sentence (no split) long enough that every family's LLM emits several streaming hops.
 LONG = (

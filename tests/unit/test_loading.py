@@ -21,6 +21,9 @@ from cosyserve.engine.pipeline import load_model
 from cosyserve.errors import ModelLoadError
 from cosyserve.hub import FAMILY_YAMLS, detect_family
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

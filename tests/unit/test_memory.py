@@ -112,6 +112,7 @@ def _conv_growth_mb(entries: str) -> float:
     return float(done.stdout.strip())
 
 
+@pytest.mark.slow  # two processes that import torch
 def test_bounded_kernel_caches_stop_growing_with_new_shapes():
     torch = pytest.importorskip("torch")
     if not torch.backends.mkldnn.is_available() or HeapTrimmer().available is False:

@@ -19,6 +19,9 @@ from cosyserve.engine.pipeline import load_model
 from cosyserve.errors import ModelLoadError
 from cosyserve.hub import AssetError, asset_path
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
