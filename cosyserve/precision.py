@@ -84,4 +84,3 @@ def parse_dtypes(spec: str, flags: frozenset[str] | None = None) -> dict[str, st
             raise ValueError(f"{stage} dtype {dtype!r} is not one of {', '.join(STAGE_DTYPES[stage])}")
         out[stage] = dtype
     return out
-
