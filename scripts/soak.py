@@ -7,7 +7,9 @@ loopback only, with ``--pid`` for its memory). Every client loops over one synth
 /v1/audio/speech) until the time is up, reading the whole body. The report gives the number of
 requests, the errors by status, latency percentiles, the audio produced, and the server's resident
 memory at the start, the warm mark (``--warm_mark``, one minute by default), the middle, the end and its
-peak, with the growth from the warm mark (after warm-up allocations) to the end. ``--memory_probe FILE``
+peak, with the growth from the warm mark (after warm-up allocations) to the end, as two samples and as the
+medians of the minute after the warm mark and of the last minute (steadier: RSS read at one instant
+jumps with the requests in flight then). ``--memory_probe FILE``
 starts the server under ``scripts/memory_probe.py`` (tracemalloc and glibc heap statistics per phase).
 Standard library only.
 
@@ -191,6 +193,13 @@ def sample_rss(pid: int | None, stop: threading.Event, samples: list[tuple[float
         stop.wait(RSS_SAMPLE_S)
 
 
+def median_rss(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """The median of the samples within [start, end): RSS read once a second jumps with the requests in
+    flight at that instant, a minute's median does not."""
+    window = [v for s, v in samples if start <= s < end]
+    return round(statistics.median(window), 1) if window else None
+
+
 def rss_at(samples: list[tuple[float, float]], t: float) -> float | None:
     before = [v for s, v in samples if s <= t]
     return before[-1] if before else (samples[0][1] if samples else None)
@@ -243,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lat = stats.latencies
     warm_s = args.warm_mark if elapsed > 1.5 * args.warm_mark else elapsed / 4
     warm = rss_at(samples, warm_s)
+    warm_median, end_median = median_rss(samples, warm_s, warm_s + 60), median_rss(samples, elapsed - 60, elapsed + 1)
     end = samples[-1][1] if samples else None
     errors = {k: v for k, v in sorted(stats.statuses.items()) if k != "200"}
     return {
@@ -270,6 +280,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "end": end,
             "peak": max((v for _, v in samples), default=None),
             "growth_warm_to_end_pct": round(100 * (end - warm) / warm, 2) if end is not None and warm else None,
+            # The same from the minute after the warm mark to the last minute, each by its median.
+            "warm_minute_median": warm_median,
+            "last_minute_median": end_median,
+            "growth_median_pct": round(100 * (end_median - warm_median) / warm_median, 2)
+            if warm_median and end_median
+            else None,
             # One sample a minute (and the last): where the memory went over time.
             "per_minute": {f"{m}m": rss_at(samples, 60.0 * m) for m in range(int(elapsed // 60) + 1)} | {"end": end},
         },
