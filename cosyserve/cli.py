@@ -72,8 +72,11 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from cosyserve.api import create_app
+    from cosyserve.engine.memory import bound_kernel_caches, limit_malloc_arenas
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas(settings.malloc_arenas)  # before the loaders and the engine start their threads
+    bound_kernel_caches()  # before the models run their first convolution
     sock = bind_socket(settings.host, settings.port)
     failures: list[tuple[str, BaseException]] = []
 

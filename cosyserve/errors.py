@@ -1,12 +1,18 @@
-"""Exceptions shared by every layer. The HTTP layer maps each to a status code and JSON body."""
+"""Every error the server answers with, shared by every layer: its ``code`` (the JSON error code) and its
+``status`` (the HTTP status the API answers it with; a WebSocket session closes with 1008 for a client
+error, 1013 for one worth retrying). Raise the most specific class; the HTTP layer reads both from it.
+"""
 
 from __future__ import annotations
 
 
 class CosyServeError(Exception):
-    """Base class. ``param`` names the offending input where there is one."""
+    """Base class: not the client's fault (HTTP 500). ``param`` names the offending input where there is
+    one; ``retry_after`` (seconds) says the request may succeed later (HTTP 503 with ``Retry-After``)."""
 
     code = "error"
+    status = 500
+    retry_after: int | None = None
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -14,16 +20,10 @@ class CosyServeError(Exception):
         self.param = param
 
 
-class ModelLoadError(CosyServeError):
-    """A model directory or hub id cannot be resolved or loaded (bad file, unknown family...)."""
-
-    code = "model_load_error"
-
-
 class InvalidRequest(CosyServeError):
-    """Something a caller sent is wrong: HTTP 400/422."""
+    """Something a caller sent is wrong (HTTP 422 on the official routes, 400 on the OpenAI-style ones)."""
 
-    code = "invalid_request"
+    code, status = "invalid_request", 422
 
 
 class AudioError(InvalidRequest):
@@ -38,35 +38,134 @@ class TextError(InvalidRequest):
     code = "invalid_text"
 
 
-class UnknownSpeaker(InvalidRequest):
-    """A speaker / voice id that the model does not know: HTTP 404."""
+class MissingField(InvalidRequest):
+    """A required form field or upload is absent or empty."""
 
-    code = "unknown_speaker"
+    code = "missing_field"
+
+
+class MalformedBody(InvalidRequest):
+    """The request body is not a parseable form or JSON document."""
+
+    code, status = "malformed_body", 400
+
+
+class PayloadTooLarge(InvalidRequest):
+    """An upload over the configured size."""
+
+    code, status = "payload_too_large", 413
+
+
+class UnknownSpeaker(InvalidRequest):
+    """A speaker / voice id that the model does not know."""
+
+    code, status = "unknown_speaker", 404
+
+
+class ModelNotFound(InvalidRequest):
+    """A request names a model this server does not serve."""
+
+    code, status = "model_not_found", 404
 
 
 class UnsupportedMode(InvalidRequest):
     """The loaded model cannot serve this mode (e.g. instruct2 on a 1.0 model)."""
 
-    code = "unsupported_mode"
+    code, status = "unsupported_mode", 400
 
 
-class PayloadTooLarge(InvalidRequest):
-    """An upload over the configured size: HTTP 413."""
+class FormatUnavailable(UnsupportedMode):
+    """A known output format this server cannot produce (its optional package is missing)."""
 
-    code = "payload_too_large"
+    code = "format_unavailable"
 
 
-class ServerBusy(CosyServeError):
-    """Every generation slot is taken and the queue is full: HTTP 503 with Retry-After."""
+class IncompatibleVoice(InvalidRequest):
+    """A stored voice made by a model of another family or speech-token rate."""
+
+    code, status = "incompatible_voice", 400
+
+
+class ReadOnlyVoice(InvalidRequest):
+    """A built-in speaker cannot be deleted."""
+
+    code = "read_only_voice"
+
+
+class VoiceExists(InvalidRequest):
+    """A voice (or built-in speaker) already has this id."""
+
+    code, status = "voice_exists", 409
+
+
+class VoiceLimitReached(InvalidRequest):
+    """The library holds the configured maximum number of voices."""
+
+    code, status = "voice_limit_reached", 409
+
+
+class VoiceLibraryError(CosyServeError):
+    """The library database cannot be read or written (disk full, permissions, damaged entry)."""
+
+    code = "voice_library_error"
+
+
+class ModelLoadError(CosyServeError):
+    """A model directory or hub id cannot be resolved or loaded (bad file, unknown family...)."""
+
+    code = "model_load_error"
+
+
+class Unavailable(CosyServeError):
+    """The server cannot take the request now but may soon: HTTP 503 with ``Retry-After``."""
+
+    code, status = "unavailable", 503
+
+    def __init__(self, message: str, retry_after: int | None = 2, param: str | None = None) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after
+
+
+class ServerBusy(Unavailable):
+    """Every generation slot is taken and the queue is full."""
 
     code = "server_busy"
 
-    def __init__(self, message: str, retry_after: int = 2) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+
+class ModelNotReady(Unavailable):
+    """The model a request needs is still loading (``retry_after`` set) or failed to load (None)."""
+
+    code = "model_not_ready"
 
 
 class GenerationFailed(CosyServeError):
     """Generation broke after audio had started (the stream is cut so the client sees it)."""
 
     code = "generation_failed"
+
+
+# -- what the WebSocket protocols answer besides the above
+
+
+class InvalidMessage(InvalidRequest):
+    """A client frame that is not what the protocol allows."""
+
+    code = "invalid_message"
+
+
+class InvalidApiKey(InvalidRequest):
+    """A WebSocket session without a valid API key (HTTP requests get the 401 of the auth middleware)."""
+
+    code = "invalid_api_key"
+
+
+class InputTimeout(InvalidRequest):
+    """A session that received no text for its inactivity timeout."""
+
+    code = "input_timeout_exceeded"
+
+
+class InternalError(CosyServeError):
+    """A session broke on the server's side (it is logged with its traceback)."""
+
+    code = "internal_error"

@@ -28,26 +28,27 @@ class Asset:
     url: str
 
 
-# Files the official models need but do not ship (see docs: never committed to this repo).
-ASSETS: dict[str, Asset] = {
-    a.name: a
-    for a in (
-        Asset(
-            "multilingual.tiktoken",
-            "b34b360dbb493e781e479794586d661700670d65564001f23024971d1f2fa126",
-            816730,
-            "https://raw.githubusercontent.com/openai/whisper/c0d2f624c09dc18e709e37c2ad90c039a4eb72a2/"
-            "whisper/assets/multilingual.tiktoken",
-        ),
-        Asset(
-            "multilingual_zh_ja_yue_char_del.tiktoken",
-            "747979631e813193436aabcff7c1c235d37de8097b71c563ec8b63b7a515c718",
-            907395,
-            "https://raw.githubusercontent.com/FunAudioLLM/CosyVoice/ace7c47f41bbd303aa6bf1ea80e6f9fbd595cd40/"
-            "cosyvoice/tokenizer/assets/multilingual_zh_ja_yue_char_del.tiktoken",
-        ),
-    )
-}
+# Files the official models need but do not ship (see docs: never committed to this repo), by name.
+_WHISPER = "https://raw.githubusercontent.com/openai/whisper/c0d2f624c09dc18e709e37c2ad90c039a4eb72a2/whisper/assets/"
+_COSYVOICE = (
+    "https://raw.githubusercontent.com/FunAudioLLM/CosyVoice/ace7c47f41bbd303aa6bf1ea80e6f9fbd595cd40/"
+    "cosyvoice/tokenizer/assets/"
+)
+_ASSET_LIST = (
+    Asset(
+        name="multilingual.tiktoken",
+        sha256="b34b360dbb493e781e479794586d661700670d65564001f23024971d1f2fa126",
+        size=816730,
+        url=_WHISPER + "multilingual.tiktoken",
+    ),
+    Asset(
+        name="multilingual_zh_ja_yue_char_del.tiktoken",
+        sha256="747979631e813193436aabcff7c1c235d37de8097b71c563ec8b63b7a515c718",
+        size=907395,
+        url=_COSYVOICE + "multilingual_zh_ja_yue_char_del.tiktoken",
+    ),
+)
+ASSETS: dict[str, Asset] = {asset.name: asset for asset in _ASSET_LIST}
 
 
 def cache_dir() -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cosyserve.audio.rates import OUTPUT_RATES
 from cosyserve.engine.voice_library import check_voice_store
 from cosyserve.precision import (
     DEFAULT_STREAM_CACHE_MB,
@@ -33,8 +34,6 @@ TEXT_FRONTENDS = ("auto", "wetext", "none")
 # Default body of the official routes: wav (a header, then the official server's samples) or pcm
 # (raw int16, byte-identical to the official server, for clients written against it).
 OFFICIAL_FORMATS = ("wav", "pcm")
-# Output sample rates a client may ask for (telephony to studio); every route resamples to them.
-OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 
 
 class SettingsError(ValueError):
@@ -104,6 +103,7 @@ class Settings:
     voice_store: str = ""
     max_concurrency: int = 8  # requests generating at once (the decode batch); more wait in a FIFO queue
     max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
+    malloc_arenas: int = 2  # glibc malloc arenas of the server process; 0: glibc's default (8 per core)
     # The LLM weights file in the model directory; Fun-CosyVoice3 also ships the RL-tuned llm.rl.pt.
     llm_weights: str = "llm.pt"
     text_frontend: str = "auto"  # text normaliser: auto (wetext when installed) | wetext | none
@@ -155,6 +155,10 @@ class Settings:
             raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:
             raise SettingsError(f"gpu {self.gpu} is not a device index (use -1 for the CPU)")
+        if self.malloc_arenas < 0:
+            raise SettingsError(
+                f"malloc_arenas must be 0 (glibc's default) or a positive count, not {self.malloc_arenas}"
+            )
         if self.max_concurrency < 1 or self.max_queue < 0:
             raise SettingsError("max_concurrency must be at least 1 and max_queue at least 0")
         if self.max_text_length < 1:
@@ -425,6 +429,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     )
     opt("max_queue", "requests that may wait for a slot before 503 (default %(default)s)", int, d.max_queue, type=int)
     opt(
+        "malloc_arenas",
+        "glibc malloc arenas of the server (fewer: flat memory under load); 0: glibc's default (default %(default)s)",
+        int,
+        d.malloc_arenas,
+        type=int,
+    )
+    opt(
         "llm_weights",
         "LLM weights file in the model directory, e.g. llm.rl.pt for Fun-CosyVoice3's RL-tuned LLM "
         "(default %(default)s)",
@@ -493,6 +504,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         voice_store=args.voice_store,
         max_concurrency=int(args.max_concurrency),
         max_queue=int(args.max_queue),
+        malloc_arenas=int(args.malloc_arenas),
         llm_weights=args.llm_weights,
         text_frontend=args.text_frontend,
         official_format=args.official_format,

@@ -6,8 +6,12 @@ loopback only, with ``--pid`` for its memory). Every client loops over one synth
 (``--route official``: GET /inference_sft with query parameters; ``--route openai``: POST
 /v1/audio/speech) until the time is up, reading the whole body. The report gives the number of
 requests, the errors by status, latency percentiles, the audio produced, and the server's resident
-memory at the start, the one-minute mark, the middle, the end and its peak, with the growth from the
-one-minute mark (after warm-up allocations) to the end. Standard library only.
+memory at the start, the warm mark (``--warm_mark``, one minute by default), the middle, the end and its
+peak, with the growth from the warm mark (after warm-up allocations) to the end, as two samples and as the
+medians of the minute after the warm mark and of the last minute (steadier: RSS read at one instant
+jumps with the requests in flight then). ``--memory_probe FILE``
+starts the server under ``scripts/memory_probe.py`` (tracemalloc and glibc heap statistics per phase).
+Standard library only.
 
     python3 scripts/soak.py --model_dir ../shared/golden/models/v2-tiny --clients 8 --duration 60
     python3 scripts/soak.py --url http://127.0.0.1:50000 --pid 12345 --clients 32 --duration 300 --json out.json
@@ -73,10 +77,14 @@ def get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, byt
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     port = free_port()
+    launcher = ["-m", "cosyserve.cli"]
+    if args.memory_probe:
+        probe = Path(__file__).resolve().with_name("memory_probe.py")
+        launcher = [str(probe), "--out", args.memory_probe, "--every", str(args.probe_every)]
+        launcher += [*(["--no_trace"] if args.no_trace else ["--group", args.probe_group]), "--"]
     command = [
         sys.executable,
-        "-m",
-        "cosyserve.cli",
+        *launcher,
         "serve",
         "--model_dir",
         args.model_dir,
@@ -185,6 +193,13 @@ def sample_rss(pid: int | None, stop: threading.Event, samples: list[tuple[float
         stop.wait(RSS_SAMPLE_S)
 
 
+def median_rss(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """The median of the samples within [start, end): RSS read once a second jumps with the requests in
+    flight at that instant, a minute's median does not."""
+    window = [v for s, v in samples if start <= s < end]
+    return round(statistics.median(window), 1) if window else None
+
+
 def rss_at(samples: list[tuple[float, float]], t: float) -> float | None:
     before = [v for s, v in samples if s <= t]
     return before[-1] if before else (samples[0][1] if samples else None)
@@ -235,7 +250,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop_server(server)
 
     lat = stats.latencies
-    one_minute = rss_at(samples, 60.0) if elapsed > 90 else rss_at(samples, elapsed / 4)
+    warm_s = args.warm_mark if elapsed > 1.5 * args.warm_mark else elapsed / 4
+    warm = rss_at(samples, warm_s)
+    warm_median, end_median = median_rss(samples, warm_s, warm_s + 60), median_rss(samples, elapsed - 60, elapsed + 1)
     end = samples[-1][1] if samples else None
     errors = {k: v for k, v in sorted(stats.statuses.items()) if k != "200"}
     return {
@@ -257,14 +274,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "body_mb": round(stats.body_bytes / 2**20, 2),
         "server_rss_mb": {
             "start": samples[0][1] if samples else None,
-            "warm_mark": one_minute,
-            "warm_mark_s": 60.0 if elapsed > 90 else round(elapsed / 4, 1),
+            "warm_mark": warm,
+            "warm_mark_s": round(warm_s, 1),
             "middle": rss_at(samples, elapsed / 2),
             "end": end,
             "peak": max((v for _, v in samples), default=None),
-            "growth_warm_to_end_pct": round(100 * (end - one_minute) / one_minute, 2)
-            if end is not None and one_minute
+            "growth_warm_to_end_pct": round(100 * (end - warm) / warm, 2) if end is not None and warm else None,
+            # The same from the minute after the warm mark to the last minute, each by its median.
+            "warm_minute_median": warm_median,
+            "last_minute_median": end_median,
+            "growth_median_pct": round(100 * (end_median - warm_median) / warm_median, 2)
+            if warm_median and end_median
             else None,
+            # One sample a minute (and the last): where the memory went over time.
+            "per_minute": {f"{m}m": rss_at(samples, 60.0 * m) for m in range(int(elapsed // 60) + 1)} | {"end": end},
         },
     }
 
@@ -283,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", action="append", help="a text to speak (repeatable; default: three mixed texts)")
     parser.add_argument("--max_concurrency", type=int, default=4, help="for a started server (default 4)")
     parser.add_argument("--start_timeout", type=float, default=300, help="seconds to wait for a started server")
+    parser.add_argument(
+        "--warm_mark", type=float, default=60, help="seconds of warm-up the memory growth is measured from (default 60)"
+    )
+    parser.add_argument("--memory_probe", help="a started server records its memory per phase in this JSON lines file")
+    parser.add_argument("--probe_every", type=float, default=60, help="seconds between memory probes (default 60)")
+    parser.add_argument("--no_trace", action="store_true", help="the memory probe without tracemalloc")
+    parser.add_argument("--probe_group", default="filename", help="how the probe sums up Python growth")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from golden import REPO
+from resources import MISSING, in_ci
 
 # Parity needs the reference's float32 FFT rounding: in near-empty spectral bands (the 8-12 kHz of a
 # prompt upsampled from 16 kHz under v3's fmax=null mel, the lowest Kaldi fbank bins after
@@ -34,3 +35,34 @@ def _torch_threads():
 
     # The tiny golden models run fastest single-threaded (and test processes may run side by side).
     torch.set_num_threads(1)
+
+
+# Slow test files that carry no slow mark of their own (the engine's, being rewritten as this is written):
+# marked here so that `pytest -m "not slow"` stays the fast tier. Move the mark into the file with its next change.
+SLOW_FILES = frozenset({"test_e2e.py", "test_device_placement.py", "test_engine_stages.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
+def _missing_resource(report: pytest.CollectReport | pytest.TestReport) -> bool:
+    return report.skipped and MISSING in str(report.longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and _missing_resource(report):  # CI has every resource: one missing is a broken setup
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> object:
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and _missing_resource(report):
+        report.outcome = "failed"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from resources import missing_mark
 
 REPO = Path(__file__).resolve().parents[1]
 # Where the engine tests put the models: cpu here; scripts/gpu_check.sh runs them on cuda.
@@ -47,7 +48,7 @@ def entries(stage: str, versions: tuple[str, ...] | None = None, having: str | N
         and (having is None or having in e.get("tensors", {}))
     ]
     if not found:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden '{stage}' cases in {golden_root()}"))]
+        return [pytest.param(None, marks=missing_mark(f"no golden '{stage}' cases in {golden_root()}"))]
     return [pytest.param(e, id=e["id"]) for e in found]
 
 

@@ -7,62 +7,58 @@ disconnect aborts the request in the engine; an error mid-stream cuts that respo
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import cast
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from cosyserve import __version__
-from cosyserve.api import health, metrics, official, openai, streaming_ws, voices, web
+from cosyserve.api import health, metrics, official, openai, voices, web, ws
 from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
-from cosyserve.api.deps import (
-    EXPOSED_HEADERS,
-    CrossOriginWriteGuard,
-    ModelSlot,
-    RequestIdMiddleware,
-    ServerState,
-    install_error_handlers,
-)
-from cosyserve.engine.client import AsyncEngine, EngineClient
+from cosyserve.api.deps import ServerState
+from cosyserve.api.errors import install_error_handlers
+from cosyserve.api.middleware import EXPOSED_HEADERS, CrossOriginWriteGuard, RequestIdMiddleware
+from cosyserve.engine.client import AsyncEngine, EngineClient, ServedModel
+from cosyserve.engine.registry import ModelRegistry, ModelSlot
 from cosyserve.settings import Settings
 
 logger = logging.getLogger("cosyserve.api")
 
+# What create_app serves: an engine client, a loaded model, or a zero-argument callable loading either.
+Servable = EngineClient | ServedModel | Callable[[], object]
 
-def engine_client(model: Any, settings: Settings) -> EngineClient:
+
+def engine_client(model: object, settings: Settings) -> EngineClient:
     """``model`` as an engine client: a client as is, a loaded model behind an in-process engine core."""
     if isinstance(model, EngineClient):
         return model
-    return AsyncEngine(model, max_running=settings.max_concurrency, max_queue=settings.max_queue)
+    return AsyncEngine(cast(ServedModel, model), max_running=settings.max_concurrency, max_queue=settings.max_queue)
 
 
-def _is_loader(obj: Any) -> bool:
+def _is_loader(obj: object) -> bool:
     return callable(obj) and not isinstance(obj, EngineClient) and not hasattr(obj, "sample_rate")
 
 
-def _slots(models: Any, settings: Settings) -> list[ModelSlot]:
+def _slots(models: Servable | Mapping[str, Servable], settings: Settings) -> list[ModelSlot]:
     """One slot per model given: a single one takes the first ``--model_dir`` entry's name, a mapping
     names its models (matched to the entries by name or source)."""
     specs = settings.models
-    if not isinstance(models, Mapping):
-        models = {specs[0].name or specs[0].source: models}
+    given_models = models if isinstance(models, Mapping) else {specs[0].name or specs[0].source: models}
     slots = []
-    for key, given in models.items():
+    for key, given in given_models.items():
         spec = next((s for s in specs if key in (s.name, s.source)), None)
-        named = spec is None or key != spec.source
-        slot = ModelSlot(key, spec.source if spec else key, given if _is_loader(given) else None, named=named)
-        if slot.loader is None:
-            slot.engine = engine_client(given, settings)
-        slot.owned = not isinstance(given, EngineClient)  # a given client belongs to its maker
-        slots.append(slot)
+        source, named = (spec.source, key != spec.source) if spec else (key, True)
+        if _is_loader(given):
+            slots.append(ModelSlot(key, source, cast(Callable[[], object], given), named=named))
+        else:  # a given client belongs to its maker; a model given ready is wrapped (and closed) here
+            engine = engine_client(given, settings)
+            slots.append(ModelSlot(key, source, named=named, engine=engine, owned=engine is not given))
     return slots
 
 
-def create_app(models: Any, settings: Settings | None = None) -> FastAPI:
+def create_app(models: Servable | Mapping[str, Servable], settings: Settings | None = None) -> FastAPI:
     """The HTTP app around an engine client, a loaded ``TTSModel``, or a zero-argument callable that
     loads either; or a mapping of model names to any of these (several models, the first the default
     unless ``settings.default_model`` names another).
@@ -71,46 +67,27 @@ def create_app(models: Any, settings: Settings | None = None) -> FastAPI:
     first request); until a model is loaded ``/health`` answers 503 and its routes 503 with ``Retry-After``.
     """
     settings = settings or Settings()
-    state = ServerState(settings)
-    state.slots = _slots(models, settings)
-    app_metrics = metrics.Metrics(lambda: state.engine, lambda: state.in_flight.value)
+    registry = ModelRegistry(
+        _slots(models, settings),
+        lambda model: engine_client(model, settings),
+        default_model=settings.default_model,
+        lazy_load=settings.lazy_load,
+    )
+    state = ServerState(settings, registry)
+    app_metrics = metrics.Metrics(lambda: registry.default.engine, lambda: state.in_flight.value)
 
-    def load(slot: ModelSlot) -> None:
-        started = time.perf_counter()
-        try:
-            model = slot.loader()
-        except Exception as exc:
-            slot.load_error = str(exc) or type(exc).__name__
-            logger.error("model %s: loading failed: %s", slot.name, slot.load_error)
-            logger.debug("model loading traceback", exc_info=exc)
-            return
-        slot.engine = engine = engine_client(model, settings)
-        if slot is state.default:
-            app_metrics.model_load.set(time.perf_counter() - started)
-        logger.info(
-            "model %s ready in %.1f s: %s, %d Hz, modes %s",
-            slot.name,
-            time.perf_counter() - started,
-            engine.info.family,
-            engine.info.sample_rate,
-            ", ".join(sorted(engine.modes)),
-        )
+    def loaded(slot: ModelSlot) -> None:
+        if slot is registry.default and slot.load_seconds is not None:
+            app_metrics.model_load.set(slot.load_seconds)
 
-    def load_all() -> None:  # one after the other: peak memory is one model's load at a time
-        for slot in state.slots:
-            if slot.claim_load():
-                load(slot)
-
-    state.start_load = lambda slot: threading.Thread(target=load, args=(slot,), daemon=True).start()
+    registry.on_loaded = loaded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not settings.lazy_load and any(slot.loader is not None and not slot.loading for slot in state.slots):
-            threading.Thread(target=load_all, name="cosyserve-model-loader", daemon=True).start()
+        if not settings.lazy_load:
+            registry.start_loading()
         yield
-        for slot in state.slots:
-            if slot.engine is not None and slot.owned:
-                await slot.engine.close()
+        await registry.close()
 
     app = FastAPI(
         title="cosyserve",
@@ -128,7 +105,7 @@ def create_app(models: Any, settings: Settings | None = None) -> FastAPI:
     app.include_router(voices.router)
     app.include_router(metrics.router)
     app.include_router(web.router)
-    app.include_router(streaming_ws.router)
+    app.include_router(ws.router)
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.api_keys, (*settings.auth_exempt, *web.PUBLIC_PATHS)))
     app.add_middleware(metrics.MetricsMiddleware, metrics=app_metrics)
     app.add_middleware(RequestIdMiddleware)

@@ -12,9 +12,10 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from cosyserve.api.deps import InFlight, error_response, request_id, server_state
+from cosyserve.api.deps import InFlight, server_state
+from cosyserve.api.errors import error_response, request_id
 from cosyserve.api.metrics import AUDIO_SCOPE_KEY
-from cosyserve.audio.encode import make_encoder, output_rate
+from cosyserve.audio.encode import OutputFormat
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.engine.client import AudioStream, EngineClient
 from cosyserve.engine.request import SynthesisRequest
@@ -31,18 +32,17 @@ PCM_SAMPLE_FORMATS = ("wav", "pcm")
 class AudioResponse(Response):
     """Sends a generation's audio, watching for the client going away.
 
-    ``buffered``: wait for the whole audio so the container header carries exact sizes (and a
-    generation failure can still be a JSON 500); otherwise bytes go out as chunks arrive.
-    ``output_rate``: the rate sent (default ``sample_rate``, the model's); chunks are resampled.
+    ``output``: the format and rate sent (chunks come at ``model_rate`` and are resampled). ``buffered``:
+    wait for the whole audio so the container header carries exact sizes (and a generation failure can
+    still be a JSON 500); otherwise bytes go out as chunks arrive.
     """
 
     def __init__(
         self,
         generation: AudioStream,
-        fmt: str,
-        sample_rate: int,
+        output: OutputFormat,
+        model_rate: int,
         buffered: bool,
-        output_rate: int | None = None,
         in_flight: InFlight | None = None,
         label: str = "",
     ) -> None:
@@ -50,14 +50,14 @@ class AudioResponse(Response):
         self.in_flight = in_flight
         self.label = label
         self.started_at = time.perf_counter()
-        self.fmt = fmt
-        self.sample_rate = output_rate or sample_rate
+        self.fmt = output.fmt
+        self.sample_rate = output.rate
         self.buffered = buffered
         self.sent = False  # the whole response is out
-        self.resampler = OutputResampler(sample_rate, self.sample_rate)
-        self.encoder = make_encoder(fmt, self.sample_rate)
-        headers = {"X-Sample-Rate": str(self.sample_rate), "X-Channels": "1", "Cache-Control": "no-store"}
-        if fmt in PCM_SAMPLE_FORMATS:  # only where the body holds the samples as they are
+        self.resampler = OutputResampler(model_rate, output.rate)
+        self.encoder = output.encoder()
+        headers = {"X-Sample-Rate": str(output.rate), "X-Channels": "1", "Cache-Control": "no-store"}
+        if output.fmt in PCM_SAMPLE_FORMATS:  # only where the body holds the samples as they are
             headers["X-Sample-Format"] = "s16le"
         super().__init__(media_type=self.body_media_type(), headers=headers)
 
@@ -159,29 +159,22 @@ async def _no_receive() -> Message:
 
 async def start_generation(
     request: Request,
+    engine: EngineClient,
     label: str,
     synthesis: SynthesisRequest,
-    fmt: str,
-    sample_rate: int | None = None,
+    output: OutputFormat,
     *,
     buffered: bool | None = None,
     response_class: type[AudioResponse] = AudioResponse,
-    engine: EngineClient | None = None,
 ) -> AudioResponse:
-    """Submit ``synthesis`` to the engine and wrap its audio in a response; the engine's validation
-    errors (and ServerBusy) propagate as HTTP errors before any byte is sent.
-
-    ``sample_rate``: the rate to send (None: the model's, or the nearest the format takes);
-    ``buffered`` (None: formats with the length in their header, unless streaming); ``engine``: the
-    model's (None: the default model's).
+    """Submit ``synthesis`` to ``engine`` and wrap its audio in a response sent as ``output`` (checked
+    by the route, before any work); the engine's validation errors (and ServerBusy) propagate as HTTP
+    errors before any byte is sent. ``buffered`` (None: formats with the length in their header, unless
+    streaming).
     """
     state = server_state(request)
-    engine = engine or state.require_engine()
-    fmt = fmt.lower()
-    model_rate = engine.info.sample_rate
-    rate = output_rate(fmt, sample_rate, model_rate)  # a bad format / rate fails before any work
     if buffered is None:
-        buffered = not synthesis.options.stream and fmt in LENGTH_IN_HEADER
+        buffered = not synthesis.options.stream and output.fmt in LENGTH_IN_HEADER
     stream = await engine.synthesize(synthesis, request_id(request))
     state.in_flight.enter()
-    return response_class(stream, fmt, model_rate, buffered, rate, in_flight=state.in_flight, label=label)
+    return response_class(stream, output, engine.info.sample_rate, buffered, in_flight=state.in_flight, label=label)

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from cosyserve.api.deps import ModelSlot, server_state
+from cosyserve.api.deps import server_state
+from cosyserve.engine.registry import ModelSlot
 
 router = APIRouter(tags=["status"])
 
@@ -33,20 +34,17 @@ def _model_status(slot: ModelSlot) -> dict[str, Any]:
 )
 async def health(request: Request) -> JSONResponse:
     state = server_state(request)
-    models = [_model_status(slot) for slot in state.slots]
-    statuses = {slot.status for slot in state.slots}
+    slots = state.models.slots
+    models = [_model_status(slot) for slot in slots]
+    statuses = {slot.status for slot in slots}
     # With --lazy_load a model is loaded by its first request: not being loaded yet is healthy.
-    ready = statuses <= ({"ok", "not_loaded"} if state.settings.lazy_load else {"ok"})
-    engine = state.engine
+    ready = statuses <= ({"ok", "not_loaded"} if state.models.lazy_load else {"ok"})
+    engine = state.models.default.engine
     if not ready:
         status = "error" if "error" in statuses else "loading"
-        failed = next((slot for slot in state.slots if slot.load_error is not None), None)
+        failed = next((slot for slot in slots if slot.load_error is not None), None)
         error = (
-            None
-            if failed is None
-            else failed.load_error
-            if len(state.slots) == 1
-            else f"{failed.name}: {failed.load_error}"
+            None if failed is None else failed.load_error if len(slots) == 1 else f"{failed.name}: {failed.load_error}"
         )
         return JSONResponse({"status": status, "error": error, "models": models}, status_code=503)
     body: dict[str, Any] = {"status": "ok", "in_flight": state.in_flight.value, "models": models}
@@ -69,4 +67,4 @@ async def health(request: Request) -> JSONResponse:
     responses={404: {"description": "?model= names no served model (model_not_found lists them)."}},
 )
 async def speakers(request: Request, model: str | None = None) -> dict[str, list[str]]:
-    return {"speakers": list((await server_state(request).engine_for(model)).list_speakers())}
+    return {"speakers": (await server_state(request).models.get(model)).list_speakers()}

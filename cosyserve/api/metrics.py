@@ -9,7 +9,7 @@
 - ``cosyserve_real_time_factor{mode}``: generation wall time / audio duration (below 1: faster than real time).
 - ``cosyserve_model_load_seconds``: how long loading the model took (when the server loaded it).
 - ``cosyserve_in_flight_requests``: generations running or waiting for a slot.
-- Engine gauges, when the model object has a ``stats() -> dict`` method, read at each scrape from
+- Engine gauges, from the default engine's ``stats()`` once its model is loaded, read at each scrape from
   its keys ``queue_depth`` (requests waiting for the engine), ``running`` (requests being generated),
   ``batch_size`` (sequences in the current LLM decoding batch) and ``llm_tokens_per_s`` (recent LLM
   decoding throughput): ``cosyserve_engine_queue_depth``, ``cosyserve_engine_running_requests``,
@@ -25,7 +25,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -34,6 +33,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cosyserve.engine.client import EngineClient
 
 logger = logging.getLogger("cosyserve.api")
 
@@ -84,19 +85,19 @@ def route_template(scope: Scope) -> str:
 
 
 class _EngineCollector(Collector):
-    """The engine's own gauges, read from ``model.stats()`` at scrape time."""
+    """The engine's own gauges, read from its ``stats()`` at scrape time."""
 
-    def __init__(self, model: Callable[[], Any]) -> None:
-        self._model = model
+    def __init__(self, engine: Callable[[], EngineClient | None]) -> None:
+        self._engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = getattr(self._model(), "stats", None)
-        if not callable(stats):
+        engine = self._engine()
+        if engine is None:
             return
         try:
-            values = stats() or {}
+            values = engine.stats()
         except Exception:  # a scrape must not fail because the engine is shutting down
-            logger.exception("model.stats() failed")
+            logger.exception("engine stats() failed")
             return
         for key, (name, help_text) in ENGINE_STATS.items():
             if isinstance(values.get(key), (int, float)):
@@ -104,42 +105,34 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    """The app's metrics and registry; ``model`` and ``in_flight`` are read at scrape time."""
+    """The app's metrics and registry; ``engine`` (the default model's, once loaded) and ``in_flight``
+    are read at scrape time."""
 
-    def __init__(self, model: Callable[[], Any], in_flight: Callable[[], int]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+    def __init__(self, engine: Callable[[], EngineClient | None], in_flight: Callable[[], int]) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        by_route = ("route", "mode")
         self.requests = Counter(
             "cosyserve_requests", "HTTP requests.", ("route", "method", "mode", "status"), registry=r
         )
-        self.duration = Histogram(
-            "cosyserve_request_duration_seconds",
-            "Total latency: request in to last byte out.",
-            ("route", "mode"),
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.first_chunk = Histogram(
-            "cosyserve_first_chunk_seconds",
-            "Request in to the first audio chunk ready to send.",
-            ("route", "mode"),
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.audio_seconds = Counter(
-            "cosyserve_audio_seconds", "Seconds of audio generated.", ("route", "mode"), registry=r
-        )
-        self.rtf = Histogram(
-            "cosyserve_real_time_factor",
-            "Generation wall time divided by the audio's duration.",
-            ("mode",),
-            buckets=_RTF_BUCKETS,
-            registry=r,
+        self.duration = self._histogram("request_duration_seconds", "Total latency: request in to last byte out.")
+        self.first_chunk = self._histogram("first_chunk_seconds", "Request in to the first audio chunk ready to send.")
+        self.audio_seconds = Counter("cosyserve_audio_seconds", "Seconds of audio generated.", by_route, registry=r)
+        self.rtf = self._histogram(
+            "real_time_factor", "Generation wall time divided by the audio's duration.", ("mode",), _RTF_BUCKETS
         )
         self.model_load = Gauge("cosyserve_model_load_seconds", "Time taken to load the model.", registry=r)
         in_flight_gauge = Gauge("cosyserve_in_flight_requests", "Generations running or waiting.", registry=r)
         in_flight_gauge.set_function(lambda: float(in_flight()))
-        r.register(_EngineCollector(model))
+        r.register(_EngineCollector(engine))
+
+    def _histogram(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = ("route", "mode"),
+        buckets: tuple[float, ...] = _LATENCY_BUCKETS,
+    ) -> Histogram:
+        return Histogram(f"cosyserve_{name}", help_text, labels, buckets=buckets, registry=self.registry)
 
     def observe(self, scope: Scope, method: str, status: int, started: float) -> None:
         route = route_template(scope)

@@ -29,7 +29,7 @@ from cosyserve.api.parsing import (
     read_fields,
     text_field,
 )
-from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES
+from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.errors import InvalidRequest
 
@@ -137,20 +137,26 @@ def _voice_option(fields: Fields, endpoint: Endpoint) -> tuple[str | None, tuple
 
 async def synthesize(request: Request, endpoint: Endpoint) -> Response:
     state = server_state(request)
-    if len(state.slots) == 1 or "model" in request.query_params:
+    queried = option(dict(request.query_params), "model")
+    early = None
+    if len(state.models.slots) == 1 or queried is not None:
         # A mode the model cannot serve is refused before the uploads are read (a form's model is not known yet).
-        check_mode(await state.engine_for(request.query_params.get("model")), endpoint.mode)
+        early = await state.models.get(queried)
+        check_mode(early, endpoint.mode)
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
-        engine = await state.engine_for(option(fields, "model"))
-        check_mode(engine, endpoint.mode)
+        model = option(fields, "model")
+        engine = early if early is not None and model == queried else None
+        if engine is None:  # the form names the model (or another one than the query string)
+            engine = await state.models.get(model)
+            check_mode(engine, endpoint.mode)
         spk_id, replaced = _voice_option(fields, endpoint)
         values: dict[str, Any] = {
             REQUEST_FIELDS[name]: None if name in replaced else text_field(fields, name, state.settings.max_text_length)
             for name in endpoint.texts
         }
         options, fmt = parse_options(fields, state.settings.official_format)
-        sample_rate = parse_sample_rate(fields)
+        output = OutputFormat.checked(fmt, parse_sample_rate(fields), engine.info.sample_rate)
         limits = engine.info.prompt_limits
         for name in endpoint.audios:
             values[REQUEST_FIELDS[name]] = None if name in replaced else await audio_field(fields, name, limits)
@@ -161,7 +167,7 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
             if isinstance(value, UploadFile):
                 await value.close()
     synthesis = SynthesisRequest(endpoint.mode, options=GenerationOptions(**options), **values)
-    return await start_generation(request, endpoint.path.lstrip("/"), synthesis, fmt, sample_rate, engine=engine)
+    return await start_generation(request, engine, endpoint.path.lstrip("/"), synthesis, output)
 
 
 # What text_field accepts: something besides white space (schema-driven clients must not send "").

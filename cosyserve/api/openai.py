@@ -30,19 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Send
 
 from cosyserve.api.audio_response import AudioResponse, start_generation
-from cosyserve.api.deps import OPENAI_MODELS, MalformedBody, error_body, server_state
-from cosyserve.api.parsing import check_audio, check_mode, read_body
-from cosyserve.api.voices import voice_object
-from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, output_rate
+from cosyserve.api.deps import server_state
+from cosyserve.api.errors import error_body, error_responses
+from cosyserve.api.parsing import check_audio, read_body
+from cosyserve.api.voices import resolve_voice, voice_list
+from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
+from cosyserve.engine.client import EngineClient
 from cosyserve.engine.planning import plan_speech
+from cosyserve.engine.registry import OPENAI_MODELS
 from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions
-from cosyserve.errors import GenerationFailed, InvalidRequest, TextError, UnknownSpeaker
-from cosyserve.settings import Settings
+from cosyserve.errors import GenerationFailed, InvalidRequest, MalformedBody, TextError
 
-# fmt: off
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
-                 "marin", "cedar")
-# fmt: on
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
@@ -91,44 +89,6 @@ def _model_card(name: str, owner: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": owner}
 
 
-# -- voices ---------------------------------------------------------------------------------------
-
-
-def voice_list(engine: Any, settings: Settings) -> list[dict[str, Any]]:
-    """Voices for ``voice``: built-in speakers and the stored voices this model can use (as
-    ``GET /v1/audio/voices/{id}`` shows them), then the configured OpenAI names."""
-    store = engine.voices
-    voices = [voice_object(store.info(voice_id), store) for voice_id in store.ids()]
-    for name, target in settings.voice_map:
-        if target in store and name not in store:
-            voices.append({"id": name, "object": "audio.voice", "name": name, "kind": "alias", "voice": target})
-    return voices
-
-
-def resolve_voice(engine: Any, settings: Settings, voice: str | dict[str, str] | None) -> str:
-    """The store id a request's ``voice`` names (mapped OpenAI names followed); 404 lists the known ones."""
-    if isinstance(voice, dict):
-        voice = voice.get("id")
-    if not isinstance(voice, str) or not voice.strip():
-        raise InvalidRequest(
-            "voice is required (GET /v1/audio/voices lists them), or send ref_audio to clone a voice", param="voice"
-        )
-    store, mapping = engine.voices, dict(settings.voice_map)
-    target = mapping.get(voice, mapping.get(voice.lower()))
-    if target is not None:
-        if target not in store:
-            raise UnknownSpeaker(f"voice '{voice}' maps to '{target}', which this model does not have", param="voice")
-        return target
-    if voice in store:
-        return voice
-    ids = store.ids()
-    if voice.lower() in OPENAI_VOICES and ids:
-        return ids[0]
-    known = [v["id"] for v in voice_list(engine, settings)]
-    listing = ", ".join(known) if known else "none: send ref_audio (and ref_text) or store a voice first"
-    raise UnknownSpeaker(f"unknown voice '{voice}'; known voices: {listing}", param="voice")
-
-
 # -- request parsing ------------------------------------------------------------------------------
 
 
@@ -174,6 +134,13 @@ def decode_ref_audio(value: str) -> bytes:
     return data
 
 
+def speech_output(fmt: str, sample_rate: int | None, pcm_rate: int, model_rate: int) -> OutputFormat:
+    """What ``/v1/audio/speech`` and the native WebSocket send for a ``response_format`` and ``sample_rate``
+    (none: the model's rate, but ``pcm_rate`` for pcm, as OpenAI's pcm is 24 kHz)."""
+    fmt = fmt.strip().lower()
+    return OutputFormat.checked(fmt, sample_rate or (pcm_rate if fmt == "pcm" else None), model_rate)
+
+
 def _options(req: SpeechRequest) -> GenerationOptions:
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {req.seed}", param="seed")
@@ -187,7 +154,7 @@ def _options(req: SpeechRequest) -> GenerationOptions:
 # -- responses ------------------------------------------------------------------------------------
 
 
-def _speech_tokens(engine: Any, text: str, seconds: float) -> tuple[int, int]:
+def _speech_tokens(engine: EngineClient, text: str, seconds: float) -> tuple[int, int]:
     """(text tokens, speech tokens) for SSE usage; speech tokens from the duration at the token rate."""
     return engine.count_text_tokens(text), round(seconds * engine.info.token_rate)
 
@@ -233,7 +200,10 @@ _EXTENSIONS = {"opus": "opus", "mp3": "mp3", "aac": "aac", "flac": "flac", "wav"
 
 router = APIRouter(tags=["OpenAI API"])
 
-_ERROR = {"description": "OpenAI error shape: {error: {message, type, param, code}}."}
+_BODIES = {
+    t: {"schema": {"type": "string", "format": "binary"}}
+    for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")
+} | {"text/event-stream": {"schema": {"type": "string"}}}
 _SPEECH_DOC = {
     "requestBody": {
         "required": True,
@@ -246,31 +216,23 @@ _SPEECH_DOC = {
     "/v1/audio/speech",
     summary="Text to speech, OpenAI-compatible (works with the openai SDK's client.audio.speech.create).",
     response_class=Response,
-    responses={
-        200: {
-            "description": "The audio (stream_format=audio) or an event stream (sse).",
-            "content": {
-                t: {"schema": {"type": "string", "format": "binary"}}
-                for t in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")
-            }
-            | {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        400: _ERROR,
-        404: {"description": "Unknown model or voice (the message lists the known voices)."},
-        413: _ERROR,
-        503: _ERROR,
-    },
+    responses=error_responses(
+        400,
+        413,
+        503,
+        described={404: "Unknown model or voice (the message lists the known voices)"},
+        success={200: {"description": "The audio (stream_format=audio) or an event stream (sse).", "content": _BODIES}},
+    ),
     openapi_extra=_SPEECH_DOC,
 )
 async def create_speech(request: Request) -> Response:
     state = server_state(request)
     settings = state.settings
     req = parse_request(await read_body(request, settings.max_upload_bytes))
-    engine = await state.engine_for(req.model)
+    engine = await state.models.get(req.model)
     text = _text(req.input, settings.max_text_length)
-    fmt = req.response_format.strip().lower()
-    rate = req.sample_rate or (settings.pcm_sample_rate if fmt == "pcm" else None)
-    output_rate(fmt, rate, engine.info.sample_rate)  # format and rate errors before the audio is decoded
+    # Format and rate errors before the audio is decoded.
+    output = speech_output(req.response_format, req.sample_rate, settings.pcm_sample_rate, engine.info.sample_rate)
     options = _options(req)
     prompt = None
     if req.ref_audio:
@@ -279,10 +241,11 @@ async def create_speech(request: Request) -> Response:
     instructions = req.instructions if req.instructions and req.instructions.strip() else None
     spk_id = voice = None
     if prompt is None:
-        spk_id = resolve_voice(engine, settings, req.voice)
+        spk_id = resolve_voice(engine.voices, settings.voice_map, req.voice)
         voice = engine.voices.usable_info(spk_id, param="voice")
     synthesis = plan_speech(
         engine.modes,
+        engine.info.family,
         voice,
         text,
         options,
@@ -291,55 +254,53 @@ async def create_speech(request: Request) -> Response:
         prompt_audio=prompt,
         ref_text=req.ref_text or None,
     )
-    check_mode(engine, synthesis.mode)
     sse = req.stream_format == "sse"
     response = await start_generation(
         request,
+        engine,
         f"v1/audio/speech ({synthesis.mode}{f', {spk_id}' if spk_id else ''})",
         synthesis,
-        fmt,
-        rate,
+        output,
         buffered=False if sse else None,
         response_class=SpeechEvents if sse else AudioResponse,
-        engine=engine,
     )
     response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
     if isinstance(response, SpeechEvents):
         response.usage = lambda seconds: _speech_tokens(engine, text, seconds)
     else:
-        response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[fmt]}"'
+        response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[output.fmt]}"'
     return response
 
 
 @router.get("/v1/models", summary="The models /v1/audio/speech accepts (OpenAI list shape).")
 async def list_models(request: Request) -> dict[str, Any]:
-    state = server_state(request)
-    if not state.settings.lazy_load:
-        state.require_engine()  # 503 while the default model loads
-    own = [_model_card(slot.model_id, "cosyserve") for slot in state.slots]
+    models = server_state(request).models
+    if not models.lazy_load:
+        models.require()  # 503 while the default model loads
+    own = [_model_card(slot.model_id, "cosyserve") for slot in models.slots]
     return {"object": "list", "data": own + [_model_card(n, "openai") for n in OPENAI_MODELS]}
 
 
 @router.get(
     "/v1/models/{name:path}",
     summary="One model of GET /v1/models.",
-    responses={404: {**_ERROR, "description": "Not a model this server serves (OpenAI error shape)."}},
+    responses=error_responses(described={404: "Not a model this server serves"}),
 )
 async def get_model(name: str, request: Request) -> JSONResponse:
-    state = server_state(request)
-    if not state.settings.lazy_load:
-        state.require_engine()
+    models = server_state(request).models
+    if not models.lazy_load:
+        models.require()
     if name.lower() in OPENAI_MODELS:
         return JSONResponse(_model_card(name.lower(), "openai"))
-    return JSONResponse(_model_card(state.find(name).model_id, "cosyserve"))
+    return JSONResponse(_model_card(models.find(name).model_id, "cosyserve"))
 
 
 @router.get(
     "/v1/audio/voices",
     summary='Voices for /v1/audio/speech: {"voices": [{"id", "name", "kind"}]} (kind: speaker, clone, alias); '
     "those of the default model, or of ?model=.",
-    responses={404: {**_ERROR, "description": "?model= names no served model (model_not_found lists them)."}},
+    responses=error_responses(described={404: "?model= names no served model (model_not_found lists them)"}),
 )
 async def list_voices(request: Request, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
     state = server_state(request)
-    return {"voices": voice_list(await state.engine_for(model), state.settings)}
+    return {"voices": voice_list((await state.models.get(model)).voices, state.settings.voice_map)}

@@ -14,16 +14,16 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
-from cosyserve.api.deps import MalformedBody, MissingField
 from cosyserve.audio.encode import ENCODERS
 from cosyserve.audio.prompt import CheckedAudio, PromptLimits, check_prompt_audio
+from cosyserve.engine.client import EngineClient
 from cosyserve.engine.inputs import unsupported_mode
-from cosyserve.errors import AudioError, InvalidRequest, PayloadTooLarge, TextError
+from cosyserve.errors import AudioError, InvalidRequest, MalformedBody, MissingField, PayloadTooLarge, TextError
 
 Fields = dict[str, str | UploadFile]
 
 
-def check_mode(engine: Any, mode: str) -> None:
+def check_mode(engine: EngineClient, mode: str) -> None:
     """Refuse, before reading uploads, a mode the loaded model cannot serve."""
     if mode not in engine.modes:
         raise unsupported_mode(engine.info.family, mode, engine.modes)

@@ -7,6 +7,10 @@ stored in the library under the data directory. Its id is its name. It then work
 and, in place of ``prompt_wav``, ``/inference_cross_lingual``, ``/inference_instruct2``,
 ``/inference_vc`` and ``/inference_zero_shot`` (which needs the transcript). ``GET /v1/audio/voices``
 (in ``openai.py``) lists the voices the loaded model can use.
+
+:func:`resolve_voice` is what every voice-centred route (``/v1/audio/speech``, the WebSocket sessions)
+does with the ``voice`` a client names: a voice id, or an OpenAI voice name mapped through
+``--voice_map``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from cosyserve.api.deps import request_id, server_state
-from cosyserve.api.parsing import audio_field, read_fields, text_field
-from cosyserve.engine.voices import MAX_ID_LENGTH, VoiceInfo, VoiceStore, validate_voice_id
+from cosyserve.api.deps import server_state
+from cosyserve.api.errors import error_responses, request_id
+from cosyserve.api.parsing import Fields, audio_field, read_fields, text_field
+from cosyserve.engine.voices import MAX_ID_LENGTH, VoiceCatalog, VoiceInfo, validate_voice_id
+from cosyserve.errors import InvalidRequest, UnknownSpeaker
+
+# fmt: off
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+                 "marin", "cedar")
+# fmt: on
+# OpenAI voice names (alloy...) -> voice ids: the server's --voice_map.
+VoiceMap = tuple[tuple[str, str], ...]
 
 router = APIRouter(tags=["voice library"])
 
-_ERROR = {"description": 'OpenAI error shape: {"error": {"message", "type", "param", "code"}}.'}
 _CREATE_DOC = {
     "requestBody": {
         "required": True,
@@ -65,7 +77,7 @@ _CREATE_DOC = {
 }
 
 
-def voice_object(info: VoiceInfo, store: VoiceStore) -> dict[str, Any]:
+def voice_object(info: VoiceInfo, store: VoiceCatalog) -> dict[str, Any]:
     """A voice's metadata as the API shows it (no tensors)."""
     return {
         "id": info.id,
@@ -83,12 +95,47 @@ def voice_object(info: VoiceInfo, store: VoiceStore) -> dict[str, Any]:
     }
 
 
-def _checked_id(store: VoiceStore, voice_id: str) -> str:
+def voice_list(store: VoiceCatalog, voice_map: VoiceMap) -> list[dict[str, Any]]:
+    """Voices for ``voice``: built-in speakers and the stored voices this model can use (as
+    ``GET /v1/audio/voices/{id}`` shows them), then the mapped OpenAI names."""
+    voices = [voice_object(store.info(voice_id), store) for voice_id in store.ids()]
+    for name, target in voice_map:
+        if target in store and name not in store:
+            voices.append({"id": name, "object": "audio.voice", "name": name, "kind": "alias", "voice": target})
+    return voices
+
+
+def resolve_voice(store: VoiceCatalog, voice_map: VoiceMap, voice: str | dict[str, str] | None) -> str:
+    """The voice id a request's ``voice`` names (a string or ``{"id": ...}``; mapped OpenAI names
+    followed, an unmapped one: the model's first voice); UnknownSpeaker lists the known ones."""
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    if not isinstance(voice, str) or not voice.strip():
+        raise InvalidRequest(
+            "voice is required (GET /v1/audio/voices lists them), or send ref_audio to clone a voice", param="voice"
+        )
+    mapping = dict(voice_map)
+    target = mapping.get(voice, mapping.get(voice.lower()))
+    if target is not None:
+        if target not in store:
+            raise UnknownSpeaker(f"voice '{voice}' maps to '{target}', which this model does not have", param="voice")
+        return target
+    if voice in store:
+        return voice
+    ids = store.ids()
+    if voice.lower() in OPENAI_VOICES and ids:
+        return ids[0]
+    known = [v["id"] for v in voice_list(store, voice_map)]
+    listing = ", ".join(known) if known else "none: send ref_audio (and ref_text) or store a voice first"
+    raise UnknownSpeaker(f"unknown voice '{voice}'; known voices: {listing}", param="voice")
+
+
+def _checked_id(store: VoiceCatalog, voice_id: str) -> str:
     # Built-in ids come from the model's spk2info.pt and are taken as they are.
     return voice_id if store.builtin(voice_id) else validate_voice_id(voice_id, param="voice_id")
 
 
-def _optional_text(fields: dict[str, Any], name: str, max_length: int) -> str | None:
+def _optional_text(fields: Fields, name: str, max_length: int) -> str | None:
     value = fields.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -99,14 +146,16 @@ def _optional_text(fields: dict[str, Any], name: str, max_length: int) -> str | 
     "/v1/audio/voices",
     status_code=201,
     summary="Store a voice from a recording (multipart audio_sample, name, ref_text); use its id as voice / spk_id.",
-    responses={
-        201: {"description": "The stored voice's metadata; Location names it."},
-        400: _ERROR,
-        404: {"description": "model names no served model (model_not_found lists them)."},
-        409: {"description": "The name is taken (voice_exists) or the library is full (voice_limit_reached)."},
-        413: _ERROR,
-        503: _ERROR,
-    },
+    responses=error_responses(
+        400,
+        413,
+        503,
+        described={
+            404: "model names no served model (model_not_found lists them)",
+            409: "The name is taken (voice_exists) or the library is full (voice_limit_reached)",
+        },
+        success={201: {"description": "The stored voice's metadata; Location names it."}},
+    ),
     openapi_extra=_CREATE_DOC,
 )
 async def create_voice(request: Request) -> JSONResponse:
@@ -114,7 +163,7 @@ async def create_voice(request: Request) -> JSONResponse:
     fields = await read_fields(request, state.settings.max_upload_bytes)
     try:
         model = fields.get("model")
-        engine = await state.engine_for(model if isinstance(model, str) else None)  # the voice is made by it
+        engine = await state.models.get(model if isinstance(model, str) else None)  # the voice is made by it
         name = text_field(fields, "name", state.settings.max_text_length)
         # Invalid, taken or over the cap: answered before the recording is decoded and analysed.
         name = await anyio.to_thread.run_sync(engine.voices.check_new, name)
@@ -126,7 +175,7 @@ async def create_voice(request: Request) -> JSONResponse:
                 await value.close()
 
     # Analysing the recording runs on the engine, queued with the syntheses (503 when the queue is full).
-    info: VoiceInfo = await engine.add_voice(name, ref_text, audio, request_id(request))
+    info = await engine.add_voice(name, ref_text, audio, request_id(request))
     return JSONResponse(
         voice_object(info, engine.voices),
         status_code=201,
@@ -138,22 +187,20 @@ async def create_voice(request: Request) -> JSONResponse:
     "/v1/audio/voices/{voice_id:path}",
     summary="A voice's metadata: stored voices (any model family; usable says whether the model, the default "
     "one or ?model=, can use it) and built-in speakers.",
-    responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
+    responses=error_responses(400, 404, 503),
 )
 async def get_voice(voice_id: str, request: Request, model: str | None = None) -> dict[str, Any]:
-    store = (await server_state(request).engine_for(model)).voices
-    voice_id = _checked_id(store, voice_id)
-    info = await anyio.to_thread.run_sync(store.info, voice_id, "voice_id")
+    store = (await server_state(request).models.get(model)).voices
+    info = await anyio.to_thread.run_sync(store.info, _checked_id(store, voice_id), "voice_id")
     return voice_object(info, store)
 
 
 @router.delete(
     "/v1/audio/voices/{voice_id:path}",
     summary="Delete a stored voice (of any model family); built-in speakers are read-only.",
-    responses={400: _ERROR, 404: _ERROR, 503: _ERROR},
+    responses=error_responses(400, 404, 503),
 )
 async def delete_voice(voice_id: str, request: Request, model: str | None = None) -> dict[str, Any]:
-    store = (await server_state(request).engine_for(model)).voices
-    voice_id = _checked_id(store, voice_id)
-    info = await anyio.to_thread.run_sync(store.remove, voice_id)
+    store = (await server_state(request).models.get(model)).voices
+    info = await anyio.to_thread.run_sync(store.remove, _checked_id(store, voice_id))
     return {"id": info.id, "object": "audio.voice.deleted", "deleted": True}

@@ -16,23 +16,18 @@ import io
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-from cosyserve.errors import InvalidRequest, UnsupportedMode
-from cosyserve.settings import OUTPUT_RATES
+from cosyserve.audio.rates import OUTPUT_RATES
+from cosyserve.errors import FormatUnavailable, InvalidRequest
 
 SAMPLE_WIDTH = 2  # bytes per int16 sample
 UNKNOWN_SIZE = 0xFFFFFFFF  # RIFF / data size of a WAV whose length is not known when the header is sent
 _INT16_MAX = np.float32(32767.0 / 32768.0)
-
-
-class FormatUnavailable(UnsupportedMode):
-    """A known format this server cannot produce (its optional package is missing): HTTP 400."""
-
-    code = "format_unavailable"
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
@@ -423,6 +418,24 @@ def output_rate(fmt: str, requested: int | None, native: int) -> int:
         usable = ", ".join(str(r) for r in OUTPUT_RATES if r in rates)
         raise InvalidRequest(f"{fmt.lower()} cannot be encoded at {requested} Hz; use {usable}", param="sample_rate")
     return requested
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What a response sends, checked once: the format's name and the rate it is encoded at."""
+
+    fmt: str
+    rate: int
+
+    @classmethod
+    def checked(cls, fmt: str, requested: int | None, native: int) -> OutputFormat:
+        """``fmt`` (any case, spaces around it) at ``requested`` or the native rate; InvalidRequest as
+        :func:`output_rate` raises it."""
+        fmt = fmt.strip().lower()
+        return cls(fmt, output_rate(fmt, requested, native))
+
+    def encoder(self, channels: int = 1) -> AudioEncoder:
+        return make_encoder(self.fmt, self.rate, channels)
 
 
 def make_encoder(fmt: str, sample_rate: int, channels: int = 1) -> AudioEncoder:

@@ -6,6 +6,11 @@ runs the deployment until interrupted; ``serve deploy docs/ray-serve.yaml`` depl
 builder :func:`build` with the same settings as ``args``. Ray is imported here only: the plain server
 never needs it (``pip install 'cosyserve[ray]'``).
 
+Two Serve applications: ``cosyserve-engine`` (the engine replicas, each the whole server's app with its
+models, at the internal route ``/_engine``) and ``cosyserve`` (at ``/``: a model-less gateway in front
+of them, :mod:`cosyserve.deploy.gateway`), so that a replica lost before a response starts costs a
+retry on another replica, never a bare 500 from Serve's proxy.
+
 Replicas share nothing but the voice store, so more than one replica needs a shared one
 (``--voice_store postgresql://...``, env ``COSYSERVE_VOICE_STORE``); ``--single_node_sqlite`` lets the
 replicas of ONE machine share the data directory's SQLite file instead (never across machines).
@@ -18,10 +23,11 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cosyserve.deploy.gateway import ENGINE_APP, ENGINE_PREFIX, Gateway, forward_http
 from cosyserve.settings import (
     ENV_PREFIX,
     Settings,
@@ -35,6 +41,10 @@ logger = logging.getLogger("cosyserve.ray")
 
 SERVED_BY_HEADER = "X-Served-By"
 DEPLOYMENT_NAME = "CosyServe"
+GATEWAY_NAME = "CosyServeGateway"
+APP_NAME = "cosyserve"
+# The app of this engine replica, once its builder ran (the gateway's requests go through it).
+_replica_app: Any = None
 SHARED_STORE_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -131,9 +141,12 @@ def app_builder(settings: Settings) -> Callable[[], Any]:
     def build_app() -> Any:
         from cosyserve.api import create_app
         from cosyserve.engine.loading import resolve_device
+        from cosyserve.engine.memory import bound_kernel_caches, limit_malloc_arenas
         from cosyserve.engine.pipeline import model_loaders
 
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        limit_malloc_arenas(settings.malloc_arenas)
+        bound_kernel_caches()
         sources = {spec.name or spec.source: spec.source for spec in settings.models}
         models = model_loaders(sources, settings.engine_options(), resolve_device(settings.gpu))
         if not settings.lazy_load:
@@ -142,9 +155,40 @@ def app_builder(settings: Settings) -> Callable[[], Any]:
             models = {name: load() for name, load in models.items()}
         app = create_app(models if len(models) > 1 else next(iter(models.values())), settings)
         app.add_middleware(ServedByMiddleware)
+        _keep_replica_app(app)
         return app
 
     return build_app
+
+
+def _keep_replica_app(app: Any) -> None:
+    # A module-level function: Serve ships the builder by value (its globals would be a copy), this by name.
+    global _replica_app
+    _replica_app = app
+
+
+class _EngineReplica:
+    """The engine deployment's class: the app's routes (through ``serve.ingress``) and the gateway's call."""
+
+    async def forward_http(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict[str, Any]]:
+        async for message in forward_http(_replica_app, scope, body):
+            yield message
+
+
+def gateway_builder(settings: Settings) -> Callable[[], Any]:
+    """What the gateway replica runs: HTTP through a handle to the engine deployment, WebSockets relayed."""
+
+    def build_gateway() -> Any:
+        from ray import serve
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        engine = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=ENGINE_APP)
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        gateway = Gateway(engine, f"ws://{host}:{settings.port}", settings.max_upload_bytes)
+        return Starlette(routes=[Mount("/", app=gateway)])
+
+    return build_gateway
 
 
 def deployment(settings: Settings, options: RayOptions) -> Any:
@@ -166,7 +210,7 @@ def deployment(settings: Settings, options: RayOptions) -> Any:
     # What replicas read from the environment themselves (asset and cache folders, the voice store);
     # API keys travel in the settings only, never in the runtime env that the dashboard shows.
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX) and "API_KEY" not in k}
-    ingress = serve.ingress(app_builder(settings))(type(DEPLOYMENT_NAME, (), {}))
+    ingress = serve.ingress(app_builder(settings))(type(DEPLOYMENT_NAME, (_EngineReplica,), {}))
     return serve.deployment(
         ingress,
         name=DEPLOYMENT_NAME,
@@ -180,6 +224,16 @@ def deployment(settings: Settings, options: RayOptions) -> Any:
         health_check_period_s=2,
         health_check_timeout_s=30,
         **scaling,
+    ).bind()
+
+
+def gateway(settings: Settings) -> Any:
+    """The bound gateway application (one replica without a model, on no CPU of its own)."""
+    from ray import serve
+
+    ingress = serve.ingress(gateway_builder(settings))(type(GATEWAY_NAME, (), {}))
+    return serve.deployment(
+        ingress, name=GATEWAY_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000
     ).bind()
 
 
@@ -215,11 +269,18 @@ def settings_from_build_args(args: Mapping[str, Any] | None) -> tuple[Settings, 
     return settings_from_args(namespace), _ray_options(ray_args)
 
 
-def build(args: dict[str, Any]) -> Any:
-    """Application builder for ``serve deploy`` / ``serve run cosyserve.deploy.ray_serve:build``: ``args``
-    holds the server flags by name (``model_dir``, a list when repeated; ``data_dir``, ``voice_store``...)
-    and the scaling options above; the environment twins (``COSYSERVE_*``) apply as for ``cosyserve serve``."""
+def build_engine(args: dict[str, Any]) -> Any:
+    """Application builder of the engine replicas (the ``cosyserve-engine`` application, route
+    ``/_engine``) for ``serve deploy``: ``args`` holds the server flags by name (``model_dir``, a list when
+    repeated; ``data_dir``, ``voice_store``...) and the scaling options above; the environment twins
+    (``COSYSERVE_*``) apply as for ``cosyserve serve``."""
     return deployment(*settings_from_build_args(args))
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder of the gateway (the ``cosyserve`` application, route ``/``), with the same
+    ``args`` as :func:`build_engine` (it reads the port, the host and the upload limit)."""
+    return gateway(settings_from_build_args(args)[0])
 
 
 def _ray_options(values: Mapping[str, Any], address: str = "local") -> RayOptions:
@@ -291,7 +352,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(deployment(settings, options), name="cosyserve", route_prefix="/", blocking=False)
+        serve.run(deployment(settings, options), name=ENGINE_APP, route_prefix=ENGINE_PREFIX, blocking=False)
+        serve.run(gateway(settings), name=APP_NAME, route_prefix="/", blocking=False)
         logger.info(
             "cosyserve on Ray Serve: http://%s:%d, %s",
             settings.host,

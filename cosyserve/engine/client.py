@@ -17,16 +17,25 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
+from cosyserve.audio.io import AudioInput
 from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import GenerationFailed, UnsupportedMode
 
-from .core import EngineCore, Work
+from .core import EngineCore, Overrides, StepModel, Work
 from .request import SynthesisRequest
 from .text_feed import TextFeed
+from .voice_library.base import VoiceInfo
+from .voices import VoiceCatalog
+
+if TYPE_CHECKING:
+    import torch
+
+# What a stats() snapshot holds: counts, and the LLM's recent tokens per second.
+EngineStatsDict = dict[str, int | float]
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,53 @@ class AudioStream:
         await self.aclose()
 
 
+class TextTokenizer(Protocol):
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Text ids, shape (1, L)."""
+        ...
+
+
+class ServedModel(StepModel, Protocol):
+    """What :class:`AsyncEngine` needs of a loaded model (``TTSModel`` is one): its description, its
+    voices, its text tokenizer, and what the engine core steps."""
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def token_rate(self) -> int: ...
+
+    @property
+    def model_dir(self) -> Path: ...
+
+    @property
+    def prompt_limits(self) -> PromptLimits: ...
+
+    @property
+    def modes(self) -> frozenset[str]: ...
+
+    @property
+    def bistream_modes(self) -> frozenset[str]: ...
+
+    @property
+    def voices(self) -> VoiceCatalog: ...
+
+    @property
+    def frontend(self) -> TextTokenizer: ...
+
+    @property
+    def precision(self) -> Mapping[str, str]:
+        """The dtype each stage runs in (llm, flow, vocoder)."""
+        ...
+
+    def list_speakers(self) -> list[str]: ...
+
+    def add_speaker(self, spk_id: str, prompt_text: str | None, prompt_audio: AudioInput) -> object: ...
+
+
 class EngineClient(ABC):
     """The engine as the HTTP layer sees it."""
 
@@ -104,8 +160,8 @@ class EngineClient(ABC):
 
     @property
     @abstractmethod
-    def voices(self) -> Any:
-        """The voice store (built-in speakers + the library) this model can use."""
+    def voices(self) -> VoiceCatalog:
+        """The voices (built-in speakers + the library's) this model can use."""
 
     @abstractmethod
     async def synthesize(self, request: SynthesisRequest, request_id: str | None = None) -> AudioStream:
@@ -129,14 +185,17 @@ class EngineClient(ABC):
     async def abort(self, request_id: str) -> None: ...
 
     @abstractmethod
-    async def add_voice(self, name: str, ref_text: str | None, audio: Any, request_id: str | None = None) -> Any:
-        """Compute and store a voice (runs on the engine, queued like a synthesis); its VoiceInfo."""
+    async def add_voice(
+        self, name: str, ref_text: str | None, audio: AudioInput, request_id: str | None = None
+    ) -> VoiceInfo:
+        """Compute and store a voice (runs on the engine, queued like a synthesis); its metadata."""
 
     @abstractmethod
-    def count_text_tokens(self, text: str) -> int: ...
+    def count_text_tokens(self, text: str) -> int:
+        """The text ids ``text`` makes (as the LLM reads it, without normalisation)."""
 
     @abstractmethod
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStatsDict:
         """Queue depth, running requests, batch size, LLM tokens/s."""
 
     async def close(self) -> None:  # noqa: B027 - optional for implementations without resources
@@ -188,28 +247,29 @@ class _QueueSink:
 class AsyncEngine(EngineClient):
     """An :class:`EngineCore` in this process, driven from the event loop."""
 
-    def __init__(self, model: Any, max_running: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model: ServedModel, max_running: int = 8, max_queue: int = 64) -> None:
         self.model = model
         self.core = EngineCore(model, max_running, max_queue, name=f"engine-{model.family}").start()
+        m = model  # what it is does not change once loaded
+        self._info = ModelInfo(
+            m.family, m.sample_rate, str(m.model_dir), m.token_rate, m.prompt_limits, dict(m.precision)
+        )
 
     @property
     def info(self) -> ModelInfo:
-        m = self.model
-        return ModelInfo(
-            m.family, m.sample_rate, str(m.model_dir), getattr(m, "token_rate", 25), m.prompt_limits, m.precision
-        )
+        return self._info
 
     @property
     def modes(self) -> frozenset[str]:
         return self.model.modes
 
     @property
-    def voices(self) -> Any:
+    def voices(self) -> VoiceCatalog:
         return self.model.voices
 
     @property
     def bistream_modes(self) -> frozenset[str]:
-        return getattr(self.model, "bistream_modes", frozenset())
+        return self.model.bistream_modes
 
     def list_speakers(self) -> list[str]:
         return list(self.model.list_speakers())
@@ -229,7 +289,7 @@ class AsyncEngine(EngineClient):
     ) -> AudioStream:
         request_id = request_id or uuid.uuid4().hex
         sink = _QueueSink(asyncio.get_running_loop())
-        work = Work(request_id, sink, request=request, overrides=overrides, text_feed=text)
+        work = Work(request_id, sink, request=request, overrides=cast(Overrides, overrides), text_feed=text)
         self.core.submit(work)
         try:
             await sink.ready  # the frontend ran; its validation error is raised here
@@ -241,23 +301,26 @@ class AsyncEngine(EngineClient):
     async def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
 
-    async def add_voice(self, name: str, ref_text: str | None, audio: Any, request_id: str | None = None) -> Any:
+    async def add_voice(
+        self, name: str, ref_text: str | None, audio: AudioInput, request_id: str | None = None
+    ) -> VoiceInfo:
         sink = _QueueSink(asyncio.get_running_loop())
 
-        def store() -> Any:
+        def store() -> VoiceInfo:
             self.model.add_speaker(name, ref_text, audio)
             return self.model.voices.info(name)
 
         self.core.submit(Work(request_id or uuid.uuid4().hex, sink, task=store))
         await sink.ready
-        _, value = await sink.queue.get()
+        kind, value = await sink.queue.get()  # a task's result comes as its one chunk
+        if kind != "chunk" or not isinstance(value, VoiceInfo):
+            raise GenerationFailed(f"storing the voice '{name}' failed: {value}")
         return value
 
     def count_text_tokens(self, text: str) -> int:
-        frontend = getattr(self.model, "frontend", None)
-        return int(frontend.tokenize(text).shape[-1]) if frontend is not None else 0
+        return int(self.model.frontend.tokenize(text).shape[-1])
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStatsDict:
         return asdict(self.core.stats())
 
     async def close(self) -> None:

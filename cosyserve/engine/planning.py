@@ -11,27 +11,28 @@ instruction; the engine decides the mode from what the voice holds and what the 
 
 from __future__ import annotations
 
-from typing import Any
+from cosyserve.audio.prompt import CheckedAudio
+from cosyserve.errors import InvalidRequest
 
-from cosyserve.errors import InvalidRequest, UnsupportedMode
-
+from .inputs import unsupported_mode
 from .request import GenerationOptions, SynthesisRequest
 from .voice_library.base import VoiceInfo
 
 
 def plan_speech(
     modes: frozenset[str],
+    family: str,
     voice: VoiceInfo | None,
     text: str,
     options: GenerationOptions,
     *,
     spk_id: str | None = None,
     instructions: str | None = None,
-    prompt_audio: Any = None,
+    prompt_audio: CheckedAudio | None = None,
     ref_text: str | None = None,
 ) -> SynthesisRequest:
     """The request for ``text`` in ``voice`` (what the voice ``spk_id`` holds) or ``prompt_audio``;
-    raises before any work when the model cannot serve it."""
+    raises before any work when the model (of ``family``, serving ``modes``) cannot serve it."""
     if prompt_audio is not None:
         if instructions:
             if "instruct2" not in modes:
@@ -49,7 +50,7 @@ def plan_speech(
             )
         else:
             request = SynthesisRequest("cross_lingual", text, prompt_audio=prompt_audio, options=options)
-        return _checked(request, modes)
+        return _checked(request, modes, family)
     if voice is None or spk_id is None:
         raise InvalidRequest("a voice or a prompt recording is required", param="voice")
     if instructions:
@@ -69,10 +70,10 @@ def plan_speech(
         request = SynthesisRequest("zero_shot", text, spk_id=spk_id, options=options)
     else:
         request = SynthesisRequest("cross_lingual", text, spk_id=spk_id, options=options)
-    return _checked(request, modes)
+    return _checked(request, modes, family)
 
 
-def _checked(request: SynthesisRequest, modes: frozenset[str]) -> SynthesisRequest:
+def _checked(request: SynthesisRequest, modes: frozenset[str], family: str) -> SynthesisRequest:
     if request.mode not in modes:
-        raise UnsupportedMode(f"this model cannot serve {request.mode}", param="mode")
+        raise unsupported_mode(family, request.mode, modes)
     return request

@@ -17,21 +17,23 @@ import re
 import time
 import unicodedata
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from cosyserve.errors import InvalidRequest, ModelLoadError, UnknownSpeaker
-from cosyserve.frontend.voice_prompt import VoicePrompt
-
-from .voice_library.base import (
-    DEFAULT_MAX_VOICES,
-    VoiceBackend,
+from cosyserve.errors import (
+    IncompatibleVoice,
+    InvalidRequest,
+    ModelLoadError,
+    ReadOnlyVoice,
+    UnknownSpeaker,
     VoiceExists,
-    VoiceInfo,
     VoiceLibraryError,
     VoiceLimitReached,
-    voice_key,
 )
+from cosyserve.frontend.voice_prompt import VoicePrompt
+
+from .voice_library.base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
 from .voice_library.sqlite import DB_NAME, SQLiteVoiceLibrary
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "IncompatibleVoice",
     "ReadOnlyVoice",
     "VoiceBackend",
+    "VoiceCatalog",
     "VoiceExists",
     "VoiceInfo",
     "VoiceLibrary",
@@ -61,18 +64,6 @@ VoiceLibrary = SQLiteVoiceLibrary
 MAX_ID_LENGTH = 64
 _VOICE_ID = re.compile(rf"^[\w\- .]{{1,{MAX_ID_LENGTH}}}$")
 _LISTED_IN_ERRORS = 20
-
-
-class IncompatibleVoice(InvalidRequest):
-    """A stored voice made by a model of another family or speech-token rate: HTTP 400."""
-
-    code = "incompatible_voice"
-
-
-class ReadOnlyVoice(InvalidRequest):
-    """A built-in speaker cannot be deleted."""
-
-    code = "read_only_voice"
 
 
 def read_spk2info(path: Path, family: str, token_rate: int) -> dict[str, VoicePrompt]:
@@ -107,6 +98,32 @@ def validate_voice_id(voice_id: object, param: str = "spk_id") -> str:
         f"with '.' or a space; got {shown}",
         param=param,
     )
+
+
+class VoiceCatalog(Protocol):
+    """The voices one model can use, as a client of the engine sees them (what :class:`VoiceStore` offers
+    the HTTP layer): look up, list, check a new name, delete. Voices are made through the engine
+    (``EngineClient.add_voice``), which computes them."""
+
+    def ids(self) -> list[str]:
+        """The usable voices' ids: built-in speakers first, then the stored voices of this model's family."""
+        ...
+
+    def __contains__(self, voice_id: object) -> bool:
+        """Whether any voice (of any family) has this id."""
+        ...
+
+    def builtin(self, voice_id: str) -> bool: ...
+
+    def usable(self, info: VoiceInfo) -> bool: ...
+
+    def info(self, voice_id: str, param: str = "spk_id") -> VoiceInfo: ...
+
+    def usable_info(self, voice_id: str, param: str = "spk_id") -> VoiceInfo: ...
+
+    def check_new(self, voice_id: str, param: str = "name") -> str: ...
+
+    def remove(self, voice_id: str, param: str = "voice_id") -> VoiceInfo: ...
 
 
 class VoiceStore:

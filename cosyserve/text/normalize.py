@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
@@ -19,6 +18,7 @@ import regex
 from cosyserve.errors import ModelLoadError
 from cosyserve.text.numbers import chinese_prepass, english_prepass
 from cosyserve.text.tokenizers import TextTokenizer
+from cosyserve.text.wetext_backend import WeTextBackend
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,12 @@ _ONLY_PUNCTUATION = regex.compile(r"^[\p{P}\p{S}]*$")
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
 _LEADING_TAGS = re.compile(r"^(?:<\|[^|<>]{1,32}\|>)+")
 
-_ZH_STOPS = frozenset("。？！；：、.?!;")
-_EN_STOPS = frozenset(".?!;:")
-_COMMAS = frozenset("，,")
-_CLOSING_QUOTES = frozenset('"”')
+# The marks split_paragraph cuts after (the reference's), by language; the commas it cuts at on request; the
+# closing quotes that stay with the sentence they close. The streaming segmenter cuts at the same marks.
+ZH_STOPS = frozenset("。？！；：、.?!;")
+EN_STOPS = frozenset(".?!;:")
+COMMAS = frozenset("，,")
+CLOSING_QUOTES = frozenset('"”')
 
 TOKEN_MAX_N = 80
 TOKEN_MIN_N = 60
@@ -142,9 +144,9 @@ def split_paragraph(
     def length(piece: str) -> int:
         return len(piece) if lang == "zh" else tokens(piece)
 
-    stops = _ZH_STOPS if lang == "zh" else _EN_STOPS
+    stops = ZH_STOPS if lang == "zh" else EN_STOPS
     if comma_split:
-        stops = stops | _COMMAS
+        stops = stops | COMMAS
     if text[-1] not in stops:
         text += "。" if lang == "zh" else "."
 
@@ -156,7 +158,7 @@ def split_paragraph(
         # A stop right after another one yields an empty piece: the second mark is dropped.
         if i > start:
             pieces.append(text[start:i] + ch)
-        if i + 1 < len(text) and text[i + 1] in _CLOSING_QUOTES and pieces:
+        if i + 1 < len(text) and text[i + 1] in CLOSING_QUOTES and pieces:
             pieces[-1] += text[i + 1]
             start = i + 2
         else:
@@ -211,41 +213,6 @@ def cut_to_bound(text: str, length: Callable[[str], int], max_n: int = SEGMENT_M
     return pieces
 
 
-class _WeText:
-    """One ``wetext.Normalizer`` per process, built on first use (its FSTs ship in the wheel)."""
-
-    _lock = threading.Lock()
-    _normalizer: Any = None
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import wetext  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    @classmethod
-    def normalize(cls, text: str, lang: str) -> str:
-        # The reference leaves lang at wetext's "auto"; naming the branch's language gives the same
-        # result except for an all-digit text in the en branch, which "auto" reads as Chinese.
-        if cls._normalizer is None:
-            with cls._lock:
-                if cls._normalizer is None:
-                    from wetext import Normalizer
-
-                    cls._normalizer = Normalizer(remove_erhua=False)
-        try:
-            return cls._normalizer.normalize(text, lang=lang)
-        except Exception as exc:
-            # An FST without a path for some input must not fail the request: keep the text as is. Ordinary
-            # user text can do this, so one line (the traceback only at debug level).
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.warning("wetext failed on a %d-character text (%s); using it unnormalised", len(text), reason)
-            log.debug("wetext traceback", exc_info=True)
-            return text
-
-
 class TextNormalizer:
     """The reference ``text_normalize`` with a choice of back-end.
 
@@ -257,8 +224,8 @@ class TextNormalizer:
         if backend not in BACKENDS:
             raise ValueError(f"unknown text normaliser back-end '{backend}' (expected one of {', '.join(BACKENDS)})")
         if backend == "auto":
-            backend = "wetext" if _WeText.available() else "none"
-        elif backend == "wetext" and not _WeText.available():
+            backend = "wetext" if WeTextBackend.available() else "none"
+        elif backend == "wetext" and not WeTextBackend.available():
             raise ModelLoadError("text normaliser back-end 'wetext' requested but the wetext package is not installed")
         self.tokenizer = tokenizer
         self.backend = backend
@@ -307,7 +274,7 @@ class TextNormalizer:
 
     def _normalize_zh(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(chinese_prepass(text), "zh")
+            text = WeTextBackend.normalize(chinese_prepass(text), "zh")
         text = text.replace("\n", "")
         text = replace_blank(text)
         text = replace_corner_mark(text)
@@ -318,5 +285,5 @@ class TextNormalizer:
 
     def _normalize_en(self, text: str) -> str:
         if self.backend == "wetext":
-            text = _WeText.normalize(english_prepass(text), "en")
+            text = WeTextBackend.normalize(english_prepass(text), "en")
         return spell_out_number(text)

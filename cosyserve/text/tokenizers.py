@@ -110,39 +110,32 @@ COSYVOICE3_SPECIALS = [
 _QWEN_SPECIALS = {"cosyvoice2": COSYVOICE2_SPECIALS, "cosyvoice3": COSYVOICE3_SPECIALS}
 
 
+# Whisper's task tokens, which both tiktoken vocabularies place after their language (and tag) tokens.
+_WHISPER_TASKS = ("translate", "transcribe", "startoflm", "startofprev", "nospeech", "notimestamps")
+
+
+def _timestamps() -> list[str]:
+    return [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+
+
 def whisper_special_tokens(num_languages: int = 100) -> list[str]:
     """Whisper's special tokens in id order (they follow the last BPE rank)."""
-    return [
-        "<|endoftext|>",
-        "<|startoftranscript|>",
-        *(f"<|{lang}|>" for lang in LANGUAGES[:num_languages]),
-        "<|translate|>",
-        "<|transcribe|>",
-        "<|startoflm|>",
-        "<|startofprev|>",
-        "<|nospeech|>",
-        "<|notimestamps|>",
-        *(f"<|{i * 0.02:.2f}|>" for i in range(1501)),
-    ]
+    languages = [f"<|{lang}|>" for lang in LANGUAGES[:num_languages]]
+    return ["<|endoftext|>", "<|startoftranscript|>", *languages, *(f"<|{t}|>" for t in _WHISPER_TASKS), *_timestamps()]
 
 
 def cosyvoice_special_tokens(num_languages: int = 100) -> list[str]:
     """The v1-25Hz tokenizer's special tokens in id order (spec §6.2)."""
+    tags = [f"<|{t}|>" for t in (*_COSYVOICE_EVENT_TAGS, *_COSYVOICE_EMOTION_TAGS)]
     return [
         "<|endoftext|>",
         "<|startoftranscript|>",
         *(f"<|{lang}|>" for lang in LANGUAGES[:num_languages]),
-        *(f"<|{t}|>" for t in _COSYVOICE_EVENT_TAGS),
-        *(f"<|{t}|>" for t in _COSYVOICE_EMOTION_TAGS),
-        "<|translate|>",
-        "<|transcribe|>",
-        "<|startoflm|>",
-        "<|startofprev|>",
-        "<|nospeech|>",
-        "<|notimestamps|>",
+        *tags,
+        *(f"<|{t}|>" for t in _WHISPER_TASKS),
         *(f"<|SPECIAL_TOKEN_{i}|>" for i in range(1, 31)),
         *(f"<|{t}|>" for t in _COSYVOICE_TTS_TAGS),
-        *(f"<|{i * 0.02:.2f}|>" for i in range(1501)),
+        *_timestamps(),
     ]
 
 

@@ -20,6 +20,9 @@ import pytest
 from cosyserve import cli
 from cosyserve.settings import Settings
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "runtime" / "python" / "fastapi" / "client.py"
 SERVER = REPO / "runtime" / "python" / "fastapi" / "server.py"

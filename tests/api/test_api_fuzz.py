@@ -15,8 +15,12 @@ from typing import Any
 
 import pytest
 from golden import manifest, model_dir
+from resources import import_or_missing, missing
 
-schemathesis = pytest.importorskip("schemathesis", reason="the test extra installs schemathesis")
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
+schemathesis = import_or_missing("schemathesis", "the test extra installs schemathesis")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
@@ -42,7 +46,7 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def schema(tmp_path_factory) -> Iterator[Any]:
     if FUZZ_MODEL not in manifest()["models"]:
-        pytest.skip(f"no golden {FUZZ_MODEL} model")
+        missing(f"no golden {FUZZ_MODEL} model")
     data_dir = tmp_path_factory.mktemp("fuzz-voices")
     model = load_model(model_dir(FUZZ_MODEL), data_dir=data_dir)
     # Short texts keep the (rare) valid synthesis requests quick on the tiny model.

@@ -19,10 +19,14 @@ import requests
 from api_helpers import LiveServer, decode_pcm, decode_wav, wait_for, wav_bytes
 from fastapi.testclient import TestClient
 from golden import entries, golden_root, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.api import create_app
 from cosyserve.audio.encode import to_int16
 from cosyserve.settings import Settings
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 SEED = 1234
 TEXT_FIELDS = ("tts_text", "spk_id", "prompt_text", "instruct_text")
@@ -197,7 +201,7 @@ def test_curl_style_multipart(entry, client_for):
 
 
 def _models() -> list[str]:
-    return sorted(manifest()["models"]) or [pytest.param(None, marks=pytest.mark.skip(reason="no golden models"))]
+    return sorted(manifest()["models"]) or [pytest.param(None, marks=missing_mark("no golden models"))]
 
 
 def assert_error(resp, status: int, code: str) -> str:
@@ -324,7 +328,7 @@ def test_disconnect_stops_generation(entry):
         sock.close()
         sequence = recording.sequences[0]
         at_close = sequence.chunks_out
-        core = app.state.cosyserve.engine.core
+        core = app.state.cosyserve.models.require().core
         wait_for(lambda: sequence not in core.loop.sequences and not core.running_ids(), 30, "generation to stop")
         assert sequence.next_segment < len(sequence.inputs) or sequence.chunks_out < 3 * at_close + 3, (
             "generation ran to the end despite the disconnect"

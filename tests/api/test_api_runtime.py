@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 from golden import golden_root, manifest, model_dir
+from resources import missing_mark
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER = REPO / "runtime" / "python" / "fastapi" / "server.py"
@@ -50,7 +54,7 @@ def _one_model_per_version() -> list[Any]:
         n_cases = sum(1 for e in manifest()["entries"] if e["model"] == name and e["stage"] == "e2e")
         best[info["version"]] = max(best.get(info["version"], (-1, "")), (n_cases, name))
     names = sorted(name for _, name in best.values())
-    return names or [pytest.param(None, marks=pytest.mark.skip(reason="no golden models"))]
+    return names or [pytest.param(None, marks=missing_mark("no golden models"))]
 
 
 def free_port() -> int:

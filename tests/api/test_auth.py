@@ -18,6 +18,7 @@ from fastapi import Request, WebSocket
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
 from helpers import load_settings
+from resources import import_or_missing, needs
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocketDisconnect
 
@@ -34,7 +35,7 @@ OPEN_PATHS = ("/health", "/metrics", "/", "/web", "/web/{name:path}")
 # A concrete value for each path parameter of the registered routes.
 PATH_VALUES = {"voice_id": "中文女", "name": "index.html"}
 
-pytestmark = pytest.mark.skipif(MODEL not in manifest()["models"], reason=f"no golden {MODEL} in {golden_root()}")
+pytestmark = [pytest.mark.slow, needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")]
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,7 @@ def test_official_client_script_sends_the_key(live: LiveServer, tmp_path: Path) 
 
 
 def test_openai_sdk_sends_the_key(live: LiveServer) -> None:
-    openai = pytest.importorskip("openai")
+    openai = import_or_missing("openai")
     good = openai.OpenAI(base_url=live.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=120)
     audio = good.audio.speech.create(model="tts-1", voice="中文女", input="你好。", response_format="wav")
     assert audio.content[:4] == b"RIFF"

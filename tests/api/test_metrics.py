@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from golden import golden_root, manifest, model_dir
 from prometheus_client.parser import text_string_to_metric_families
+from resources import needs
 
 from cosyserve.api import create_app
 from cosyserve.api.metrics import mode_of
@@ -21,7 +22,7 @@ MODEL = "v2-tiny"
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-pytestmark = pytest.mark.skipif(MODEL not in manifest()["models"], reason=f"no golden {MODEL} in {golden_root()}")
+pytestmark = [pytest.mark.slow, needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}")]
 
 
 def _samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -105,7 +106,7 @@ def test_metrics_after_requests(client: TestClient) -> None:
 
 
 def test_engine_stats_gauges(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = client.app.state.cosyserve.engine
+    model = client.app.state.cosyserve.models.require()
     stats = {"queue_depth": 3, "running": 2, "batch_size": 4, "llm_tokens_per_s": 812.5, "other": "ignored"}
     monkeypatch.setattr(model, "stats", lambda: stats, raising=False)
     samples = _samples(client)
@@ -122,7 +123,7 @@ def test_engine_stats_gauges(client: TestClient, monkeypatch: pytest.MonkeyPatch
 
 
 def test_each_app_has_its_own_registry(client: TestClient) -> None:
-    other = TestClient(create_app(client.app.state.cosyserve.engine, Settings(data_dir="")))
+    other = TestClient(create_app(client.app.state.cosyserve.models.require(), Settings(data_dir="")))
     assert other.get("/speakers").status_code == 200
     theirs = _samples(other)
     assert _value(theirs, "cosyserve_requests_total", route="/speakers", status="200") == 1

@@ -16,6 +16,7 @@ from api_helpers import wait_for
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
 from helpers import load_settings
+from resources import needs
 
 from cosyserve.api import create_app
 from cosyserve.cli import server_loaders
@@ -28,9 +29,10 @@ FAMILIES = {"v1": "cosyvoice1", "v2": "cosyvoice2", "v3": "cosyvoice3"}
 SPEAKER = "中文女"
 TEXT = "今天天气真好。"
 
-pytestmark = pytest.mark.skipif(
-    not set(MODELS.values()) <= set(manifest()["models"]), reason=f"tiny v1/v2/v3 models not in {golden_root()}"
-)
+pytestmark = [
+    pytest.mark.slow,
+    needs(set(MODELS.values()) <= set(manifest()["models"]), f"tiny v1/v2/v3 models not in {golden_root()}"),
+]
 
 
 def _settings(**overrides: Any) -> Settings:

@@ -20,12 +20,16 @@ import requests
 import soundfile as sf
 from api_helpers import LiveServer
 from golden import entries, golden_root, model_dir, model_version
+from resources import missing_mark
 from test_openai_encode import AAC_SLACK, HAVE_AV, MP3_SLACK, adts_frames, decode_av, mp3_frames, ogg_pages
 
 from cosyserve.api import create_app
 from cosyserve.audio.encode import FlacEncoder, to_int16
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.settings import Settings
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 SEED = 7
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
@@ -53,7 +57,7 @@ def _inputs() -> dict[str, dict[str, Any]]:
 
 
 INPUTS = _inputs()
-VERSIONS = sorted(INPUTS) or [pytest.param(None, marks=pytest.mark.skip(reason="no golden e2e cases"))]
+VERSIONS = sorted(INPUTS) or [pytest.param(None, marks=missing_mark("no golden e2e cases"))]
 
 
 @pytest.fixture(autouse=True, scope="module")

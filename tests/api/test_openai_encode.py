@@ -7,6 +7,7 @@ import importlib.util
 import io
 import itertools
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -221,10 +222,10 @@ def test_output_rate_defaults_and_errors():
     assert err.value.param == "format"
 
 
-@pytest.mark.skipif(HAVE_AV, reason="PyAV is installed here")
-def test_aac_without_pyav_is_a_clear_400():
-    from cosyserve.api.app import status_for
+def test_aac_without_pyav_is_a_clear_400(monkeypatch):
+    from cosyserve.api.errors import status_for
 
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV absent: importing it fails
     with pytest.raises(FormatUnavailable) as err:
         output_rate("aac", None, 24000)
     assert status_for(err.value) == 400 and "cosyserve[aac]" in err.value.message and err.value.param == "format"

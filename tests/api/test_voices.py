@@ -18,10 +18,14 @@ import requests
 from api_helpers import decode_wav, wait_for
 from fastapi.testclient import TestClient
 from golden import REPO, golden_root, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.api import create_app
 from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.settings import Settings
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 SEED = 7
 TEXT = "今天天气真好。"
@@ -30,7 +34,7 @@ INSTRUCT = "请用温柔的语气说这句话。"
 
 def _models() -> list[Any]:
     names = list(manifest()["models"])
-    return names or [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+    return names or [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
 
 
 def _audio(key: str, default: str) -> bytes:
@@ -284,7 +288,7 @@ def test_voice_creation_waits_for_a_slot_and_is_refused_when_the_queue_is_full(t
     the same running slots and queue as synthesis, so a full engine answers 503 with Retry-After."""
     model = load_model(model_dir("v2-tiny"), data_dir=tmp_path, text_frontend="none")
     app = create_app(model, Settings(data_dir=str(tmp_path), max_concurrency=1, max_queue=0))
-    engine = app.state.cosyserve.engine
+    engine = app.state.cosyserve.models.require()
     release = threading.Event()
     original = model.prepare
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from api_helpers import LiveServer
 from golden import REPO, golden_root, manifest, model_dir
+from resources import import_or_missing, needs
 
 from cosyserve.api import create_app
 from cosyserve.engine.pipeline import load_model
@@ -36,10 +37,11 @@ KEY = "web-page-test-key"
 MODEL = "v2-tiny"
 TIMEOUT_MS = 120_000
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
+sync_api = import_or_missing("playwright.sync_api", "playwright is not installed (pip install -e .[test])")
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
-    pytest.mark.skipif(MODEL not in manifest()["models"], reason=f"no golden {MODEL} in {golden_root()}"),
+    pytest.mark.slow,
+    needs(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+    needs(MODEL in manifest()["models"], f"no golden {MODEL} in {golden_root()}"),
 ]
 
 

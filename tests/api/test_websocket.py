@@ -26,12 +26,19 @@ import soundfile as sf
 import websockets
 from api_helpers import LiveServer, decode_pcm, decode_wav, wait_for
 from golden import golden_root
+from resources import missing
 from websockets.sync.client import connect
 
-from cosyserve.api import create_app, streaming_ws
-from cosyserve.api.streaming_ws import TextSegmenter, parse_output_format
+from cosyserve.api import create_app
+from cosyserve.api.ws import session as ws_session
+from cosyserve.api.ws.elevenlabs import parse_output_format
+from cosyserve.audio.encode import OutputFormat
 from cosyserve.errors import InvalidRequest
 from cosyserve.settings import Settings
+from cosyserve.text.segmenter import TextSegmenter
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 SEED = 11
 VERSIONS = ("v1-tiny", "v2-tiny", "v3-tiny")
@@ -43,7 +50,7 @@ TIMEOUT = 60  # seconds any one exchange may take on a loaded machine
 def _model_path(version: str) -> str:
     path = golden_root() / "models" / version
     if not path.is_dir():
-        pytest.skip(f"golden model {version} not available")
+        missing(f"golden model {version} not available")
     return str(path)
 
 
@@ -79,7 +86,7 @@ def ws_url(server: LiveServer, path: str) -> str:
 
 def engine_idle(server: LiveServer) -> bool:
     state = server.app.state.cosyserve
-    stats = state.engine.stats()
+    stats = state.models.require().stats()
     return stats["running"] == 0 and stats["queue_depth"] == 0 and state.in_flight.value == 0
 
 
@@ -140,8 +147,8 @@ def test_segmenter_clause_and_length_limits():
 
 
 def test_parse_output_format():
-    assert parse_output_format("pcm_16000", 24000) == ("pcm", 16000)
-    assert parse_output_format("mp3_44100_128", 24000) == ("mp3", 44100)
+    assert parse_output_format("pcm_16000", 24000) == OutputFormat("pcm", 16000)
+    assert parse_output_format("mp3_44100_128", 24000) == OutputFormat("mp3", 44100)
     for bad in ("ulaw_8000", "pcm_11025", "pcm_16000_32", "wav", "mp3_12345_64"):
         with pytest.raises(InvalidRequest) as err:
             parse_output_format(bad, 24000)
@@ -359,7 +366,7 @@ def test_disconnect_mid_audio_aborts_generation(after_close, server_for):
 
 
 def test_client_that_stops_reading_ends_the_session(monkeypatch):
-    monkeypatch.setattr(streaming_ws, "SEND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(ws_session, "SEND_TIMEOUT_S", 1.0)
     route = "/v1/audio/speech/stream"
     server = LiveServer(create_app(model("v2-tiny"), Settings()))
     # Small socket buffers on both ends (accepted sockets inherit the listener's): they fill in a few frames.
@@ -639,7 +646,7 @@ def test_bistream_disconnect_mid_text_leaves_the_engine_idle(server_for):
         ws.send(json.dumps({"type": "text", "text": "A sentence to speak while more text is still to come. " * 3}))
         while not isinstance(ws.recv(TIMEOUT), bytes):
             pass
-        assert server.app.state.cosyserve.engine.stats()["running"] == 1  # waiting for the rest of the text
+        assert server.app.state.cosyserve.models.require().stats()["running"] == 1  # waiting for the rest of the text
         ws.socket.shutdown(socket.SHUT_RDWR)  # gone without a close frame, the text never closed
         ws.socket.close()
     wait_for(lambda: engine_idle(server), 10, "the engine to abort the utterance")

@@ -3,15 +3,17 @@
 Opt-in (it starts a Ray cluster, ~1-2 minutes): ``COSYSERVE_RAY_TESTS=1`` with ``ray[serve]`` installed
 (``pip install 'cosyserve[ray]'``). It checks that requests spread over both replicas, that a voice made
 through one replica is used through the other (the replicas share the data_dir's SQLite file:
-``--single_node_sqlite``, one machine), and that a replica killed under load is replaced while clients
-see only the requests in flight on it fail, each with an error, none hanging. The counts are printed
-(``-s`` shows them).
+``--single_node_sqlite``, one machine), that a WebSocket session goes through the gateway, and that a
+replica killed under load is replaced while clients see only the requests whose audio had started on it
+fail, each as a cut stream (never a 500, never a hang); the others are retried on the other replica or
+answered 503 with Retry-After. The counts are printed (``-s`` shows them).
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import signal
 import socket
@@ -44,10 +46,14 @@ def _free_port() -> int:
 
 
 def _speech(url: str, **fields: object) -> tuple[int, str, int]:
-    """(status, X-Served-By, audio bytes) of one streamed /v1/audio/speech request."""
+    """(status, X-Served-By, audio bytes) of one streamed /v1/audio/speech request; a 503 must say when to
+    retry (its X-Served-By is then Retry-After's value)."""
     resp = requests.post(f"{url}/v1/audio/speech", json={**SPEECH, **fields}, timeout=REQUEST_TIMEOUT, stream=True)
     body = b"".join(resp.iter_content(4096))
-    return resp.status_code, resp.headers.get("x-served-by", ""), len(body)
+    if resp.status_code == 503:
+        return 503, resp.headers.get("retry-after", ""), len(body)
+    retried = " (retried)" if resp.headers.get("x-attempts") else ""
+    return resp.status_code, resp.headers.get("x-served-by", "") + retried, len(body)
 
 
 def _wav(seconds: float = 3.0, rate: int = 16000) -> bytes:
@@ -149,6 +155,25 @@ def test_voice_made_through_one_replica_is_used_through_the_other(cluster):
     assert others[True] >= 2
 
 
+def test_websocket_session_goes_through_the_gateway(cluster):
+    from websockets.sync.client import connect
+
+    with connect(cluster.replace("http://", "ws://") + "/v1/audio/speech/stream", open_timeout=30) as ws:
+        ws.send(json.dumps({"type": "session.config", "voice": SPEECH["voice"], "response_format": "pcm"}))
+        assert json.loads(ws.recv(30))["type"] == "session.ready"
+        ws.send(json.dumps({"type": "text", "text": "Hello through the gateway."}))
+        ws.send(json.dumps({"type": "close"}))
+        audio, last = 0, None
+        while last != "session.closed":
+            frame = ws.recv(60)
+            if isinstance(frame, bytes):
+                audio += len(frame)
+            else:
+                last = json.loads(frame)["type"]
+    print(f"[ray] WebSocket session through the gateway: {audio} bytes of audio")
+    assert audio > 0
+
+
 def test_killed_replica_is_replaced_and_only_its_requests_fail(cluster):
     results: list[tuple[float, float, str, str]] = []  # (start, end, outcome, served by)
     stop = threading.Event()
@@ -159,8 +184,12 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(cluster):
             try:
                 status, by, size = _speech(cluster, input="A longer sentence keeps the replica busy a little while.")
                 outcome = "ok" if status == 200 and size > 0 else f"http {status}"
+                if status == 503 and by.isdigit():
+                    outcome = "busy, retry later"
             except requests.Timeout:
                 outcome, by = "hang", ""
+            except requests.exceptions.ChunkedEncodingError:  # the body ended without its final chunk
+                outcome, by = "cut", ""
             except requests.RequestException as exc:
                 outcome, by = f"error {type(exc).__name__}", ""
             results.append((start, time.monotonic(), outcome, by))
@@ -169,13 +198,15 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(cluster):
     for thread in threads:
         thread.start()
     time.sleep(4)
-    before = {by for *_, outcome, by in results if outcome == "ok"}
+    before = {by.removesuffix(" (retried)") for *_, outcome, by in results if outcome == "ok"}
     victim = sorted(before)[0]
     killed_at = time.monotonic()
     os.kill(int(victim.rsplit("/", 1)[1]), signal.SIGKILL)
     deadline = killed_at + 120
     while time.monotonic() < deadline:  # until a new replica serves requests
-        if {by for start, _, outcome, by in results if start > killed_at and outcome == "ok"} - before:
+        if {
+            by.removesuffix(" (retried)") for start, _, outcome, by in results if start > killed_at and outcome == "ok"
+        } - before:
             break
         time.sleep(0.5)
     replaced_at = time.monotonic()
@@ -185,15 +216,20 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(cluster):
         thread.join(REQUEST_TIMEOUT[1] + 10)
     failed = [r for r in results if r[2] != "ok"]
     in_flight_at_kill = [r for r in results if r[0] <= killed_at <= r[1]]
-    after = collections.Counter(r[3] for r in results if r[0] > killed_at and r[2] == "ok")
+    after = collections.Counter(r[3].removesuffix(" (retried)") for r in results if r[0] > killed_at and r[2] == "ok")
+    retried = [r for r in results if r[3].endswith(" (retried)")]
     print(
         f"[ray] kill at t={killed_at:.3f}: {len(results)} requests, {len(in_flight_at_kill)} in flight at the kill, "
         f"{len(failed)} failed {collections.Counter(r[2] for r in failed)}; replacement serving "
-        f"{replaced_at - killed_at:.1f} s after the kill; ok after the kill per replica: {dict(after)}"
+        f"{replaced_at - killed_at:.1f} s after the kill; ok after the kill per replica: {dict(after)}; "
+        f"answered by another replica after the first was lost: {len(retried)}"
     )
     for start, end, outcome, by in sorted(failed):
         print(f"[ray]   failed: started {start - killed_at:+.3f} s, ended {end - killed_at:+.3f} s: {outcome} {by}")
     assert not [r for r in results if r[2] == "hang"], "a request hung"
+    # A replica lost before a response started is retried elsewhere or a 503 with Retry-After; one lost
+    # midway is a cut stream: never a 500, never anything a client could take for a finished stream.
+    assert {r[2] for r in failed} <= {"cut", "busy, retry later"}, failed
     assert set(after) - before, "no new replica took over"
     # Only requests already running when the replica died may fail (at most all of those in flight).
     assert all(r[0] <= killed_at for r in failed), f"requests started after the kill failed: {failed}"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from golden import assert_close, entries, load_case, model_dir, model_version
+from resources import missing
 
 from cosyserve.config import Node, load_yaml
 from cosyserve.models.checkpoint import load_into, read_state_dict
@@ -16,6 +17,9 @@ from cosyserve.models.cosyvoice1.flow import MaskedDiffWithXvec
 from cosyserve.models.cosyvoice2 import config as v2_config
 from cosyserve.models.cosyvoice2.flow import CausalMaskedDiffWithXvec
 from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES, ConditionalCFM, fixed_noise
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 CASES = entries("flow", ("v1", "v2"))
 MU_ATOL = 1e-4
@@ -126,7 +130,7 @@ def _first_model(version: str) -> str | None:
 def _needs(version: str) -> str:
     model = _first_model(version)
     if model is None:
-        pytest.skip(f"no golden {version} flow model")
+        missing(f"no golden {version} flow model")
     return model
 
 

@@ -14,6 +14,9 @@ from cosyserve.models.checkpoint import load_into, read_state_dict
 from cosyserve.models.cosyvoice3.config import flow_config
 from cosyserve.models.cosyvoice3.flow import CausalMaskedDiffWithDiT
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 CASES = entries("flow", ("v3",))
 MU_ATOL = 1e-4
 MEL_ATOL = 2e-4

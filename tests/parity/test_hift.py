@@ -7,6 +7,7 @@ from functools import cache
 import pytest
 import torch
 from golden import assert_close, entries, load_case, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.config import load_yaml
 from cosyserve.models.base import load_weights
@@ -14,6 +15,9 @@ from cosyserve.models.checkpoint import read_vocoder_state
 from cosyserve.models.config_checks import build_hift, hift_config
 from cosyserve.nn.hift import HiFTGenerator, SourceDraws
 from cosyserve.nn.hift_causal import CausalHiFTGenerator
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 F0_ATOL = 1e-3  # Hz
 DECODE_ATOL = 1e-4
@@ -56,7 +60,7 @@ def _cases(causal: bool) -> list:
         for p in entries("hift")
         if p.values[0] is None or (not _is_fixed_noise(p.values[0]) and _is_causal(p.values[0]) == causal)
     ]
-    return params or [pytest.param(None, marks=pytest.mark.skip(reason="no such hift cases"))]
+    return params or [pytest.param(None, marks=missing_mark("no golden hift cases"))]
 
 
 @pytest.mark.parametrize("entry", _cases(causal=False))

@@ -15,6 +15,9 @@ from cosyserve.models.cosyvoice1.config import llm_config
 from cosyserve.models.cosyvoice1.llm import TransformerLM
 from cosyserve.nn.sampling import GreedySampler
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 LOGP_ATOL = 1e-4
 
 

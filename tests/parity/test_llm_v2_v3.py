@@ -18,6 +18,9 @@ from cosyserve.models.cosyvoice2.config import BLANK_EN, llm_config
 from cosyserve.models.cosyvoice2.llm import Qwen2LM
 from cosyserve.models.cosyvoice3.llm import ENDOFPROMPT_ID, CosyVoice3LM, drop_excess_silence
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 LOGP_ATOL = 1e-4  # golden README, "llm logp"
 PREFIX_ATOL = 1e-6  # the prefix is gathered embedding rows: exact up to copying
 

@@ -20,6 +20,9 @@ from cosyserve.engine.voices import read_spk2info
 from cosyserve.frontend.frontend import Frontend
 from cosyserve.frontend.voice_prompt import VoicePrompt
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 FIELDS = (
     "text",
     "prompt_text",

@@ -15,6 +15,9 @@ from cosyserve.engine.pipeline import load_model
 from cosyserve.frontend.features import kaldi_fbank, whisper_log_mel
 from cosyserve.frontend.frontend import Frontend
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 WAVE_ATOL = 1e-5
 FEAT_ATOL = 1e-4
 EMBED_ATOL = 1e-4

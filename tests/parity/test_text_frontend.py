@@ -1,20 +1,19 @@
 """Text frontend parity: tokenizers, normalisation and sentence splitting against ``text_frontend.json``.
 
-Mode ``none`` (no FST normaliser) must match exactly. Mode ``wetext``: the golden set ran
-WeTextProcessing 1.2.0's FSTs while we run the FSTs shipped in the ``wetext`` wheel; cases where the
-two grammars are known to disagree (see ``_fst_canonical``) are reported as xfail with the diff, and
-any other difference fails.
+Both modes must match exactly: ``none`` (no FST normaliser), and ``wetext``, where the golden set ran
+WeTextProcessing 1.2.0's FSTs while we run the FSTs shipped in the ``wetext`` wheel, made to write what
+1.2.0 writes (``cosyserve.text.wetext_backend``).
 """
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from typing import Any
 
 import pytest
 from golden import entries, load_json, model_dir
 from helpers import required_assets
+from resources import import_or_missing, missing
 
 from cosyserve.config import load_yaml
 from cosyserve.hub import AssetError, asset_path
@@ -34,7 +33,7 @@ def _tokenizer(model: str) -> TextTokenizer:
         for name in required_assets(config):
             asset_path(name, download=False)
     except AssetError as exc:
-        pytest.skip(f"tokenizer asset absent: {exc}")
+        missing(f"tokenizer asset absent: {exc}")
     return load_tokenizer(config, root)
 
 
@@ -80,19 +79,6 @@ def test_text_frontend_none(entry: dict[str, Any]) -> None:
         assert tok.n_vocab == data["tokenizer_len"]
 
 
-# WeTextProcessing 1.2.0 (golden) vs the wetext wheel's FSTs, differences seen on the public set:
-# - the 1.2.0 zh grammar writes the full-width comma "，" as ASCII "," in text it rewrites (text with
-#   digits); the wheel keeps "，";
-# - the 1.2.0 en date verbaliser leaves a space before a following comma ("march , twenty").
-# Both only touch commas, which are not sentence breaks, so segment counts and everything else
-# must still agree after this canonicalisation.
-_SPACE_BEFORE_COMMA = re.compile(r"\s+,")
-
-
-def _fst_canonical(text: str) -> str:
-    return _SPACE_BEFORE_COMMA.sub(",", text.replace("，", ","))
-
-
 def _wetext_cases() -> list[Any]:
     params = []
     for param in entries("text"):
@@ -118,7 +104,7 @@ def _wetext_cases() -> list[Any]:
 
 @pytest.mark.parametrize(("entry", "text", "golden"), _wetext_cases())
 def test_text_frontend_wetext(entry: dict[str, Any], text: str, golden: dict[str, Any]) -> None:
-    pytest.importorskip("wetext", reason="the wetext package is not installed")
+    import_or_missing("wetext")
     tok = _tokenizer(entry["model"])
     norm = TextNormalizer(tok, backend="wetext")
     assert norm.backend == "wetext"
@@ -127,16 +113,8 @@ def test_text_frontend_wetext(entry: dict[str, Any], text: str, golden: dict[str
     if "split_true" not in golden:  # instruct / prompt text: normalised with split=False only
         golden = {"split_false": golden["normalized"], "split_false_tokens": golden["tokens"]}
         split_true = None
-    exact = split_false == golden["split_false"] and (split_true is None or split_true == golden["split_true"])
-    if exact:
-        assert tok.encode(split_false) == golden["split_false_tokens"]
-        if split_true is not None:
-            assert [tok.encode(s) for s in split_true] == golden["split_true_tokens"]
-        return
-    assert _fst_canonical(split_false) == _fst_canonical(golden["split_false"]), "wetext split=False differs"
+    assert split_false == golden["split_false"], "wetext split=False text"
+    assert tok.encode(split_false) == golden["split_false_tokens"], "wetext split=False tokens"
     if split_true is not None:
-        assert [_fst_canonical(s) for s in split_true] == [_fst_canonical(s) for s in golden["split_true"]]
-    pytest.xfail(
-        "known WeTextProcessing 1.2.0 vs wetext-wheel FST difference (commas only): "
-        f"ours {split_false!r} vs golden {golden['split_false']!r}"
-    )
+        assert split_true == golden["split_true"], "wetext split=True segments"
+        assert [tok.encode(s) for s in split_true] == golden["split_true_tokens"], "wetext split=True tokens"

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from resources import missing
 
 # The store tests share pg_server.py (pytest runs with --import-mode=importlib: no implicit sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -14,7 +15,7 @@ def postgres_server():
     """A real PostgreSQL server for the session: a throwaway cluster on 127.0.0.1, stopped at the end."""
     bin_dir = find_postgres_bin()
     if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) found: apt-get install postgresql")
+        missing("no PostgreSQL server binaries (initdb, pg_ctl) found: apt-get install postgresql")
     server = PostgresServer(bin_dir)
     try:
         server.start()

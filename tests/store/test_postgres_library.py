@@ -36,6 +36,9 @@ from cosyserve.engine.voices import (
 from cosyserve.errors import ModelLoadError, UnknownSpeaker
 from cosyserve.settings import Settings, SettingsError
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 BUILTIN = {"中文女": VoicePrompt("cosyvoice2", 25, torch.ones(192))}
 V2 = {"family": "cosyvoice2", "token_rate": 25, "model": "CosyVoice2-0.5B"}
 

@@ -23,8 +23,12 @@ import pytest
 import requests
 import torch
 from golden import REPO, golden_root, manifest, model_dir
+from resources import missing
 
 from cosyserve.engine.voice_library.postgres import PostgresVoiceLibrary
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 WORKER = textwrap.dedent(
     """
@@ -271,7 +275,7 @@ def _serve(model: str, url: str, log: Path, max_voices: int) -> tuple[subprocess
 def _models() -> list[str]:
     names = list(manifest()["models"])
     if not names:
-        pytest.skip(f"no golden models in {golden_root()}")
+        missing(f"no golden models in {golden_root()}")
     return names
 
 

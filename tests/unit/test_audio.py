@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 from golden import REPO, golden_root, manifest, model_dir, model_version
 from helpers import load_audio
+from resources import missing
 
 from cosyserve.audio.io import decode_audio, duration_s, to_mono
 from cosyserve.audio.resample import OutputResampler, resample
@@ -39,7 +40,7 @@ def first_model(*versions: str) -> str:
     for model in manifest()["models"]:
         if not versions or model_version(model) in versions:
             return model
-    pytest.skip(f"no golden model of version {versions}")
+    missing(f"no golden model of version {versions}")
 
 
 def tokenizer_path(model: str) -> Path:
@@ -171,7 +172,7 @@ def test_output_resampler_streams_continuously():
 def test_slaney_filters_match_whisper_assets():
     path = REPO.parent / "shared" / "assets" / "mel_filters.npz"
     if not path.is_file():
-        pytest.skip("whisper mel_filters.npz not available")
+        missing("whisper mel_filters.npz not available")
     with np.load(path) as assets:
         for key in assets.files:
             n_mels = int(key.split("_")[1])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from golden import REPO, model_dir
+from resources import import_or_missing
 
 from cosyserve.audio.io import MAX_INPUT_SAMPLE_RATE, decode_audio
 from cosyserve.audio.prompt import PromptLimits
@@ -140,7 +141,7 @@ def test_flac_bomb_is_a_422_on_the_official_route(bomb):
 
 def m4a_bytes(seconds: float, rate: int = 24000) -> bytes:
     """An AAC-LC tone in an MP4 (M4A) container, as a phone records it."""
-    av = pytest.importorskip("av", reason="the aac extra (PyAV) writes the M4A fixture")
+    av = import_or_missing("av", "the aac extra (PyAV) writes the M4A fixture")
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
         stream = container.add_stream("aac", rate=rate)

@@ -18,10 +18,14 @@ import pytest
 import soundfile as sf
 import torch
 from golden import TEST_DEVICE, golden_root, manifest, model_dir, model_version
+from resources import missing_mark
 
 from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.engine.scheduler import Scheduler
 from cosyserve.errors import AudioError, InvalidRequest, TextError, UnknownSpeaker, UnsupportedMode
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 SHORT = "今天天气真好，我们一起去散步吧。"
 # One sentence (no split) long enough that every family's LLM emits several streaming hops.
@@ -40,7 +44,7 @@ FAMILY_OF = {"v1": "cosyvoice1", "v2": "cosyvoice2", "v3": "cosyvoice3"}
 def _models(versions: tuple[str, ...] = ("v1", "v2", "v3")) -> list:
     names = [m for m in manifest()["models"] if model_version(m) in versions]
     if not names:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+        return [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
     return names
 
 

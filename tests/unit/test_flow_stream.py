@@ -16,6 +16,9 @@ from cosyserve.engine import streaming
 from cosyserve.engine.streaming import AudioStage, Draws, PromptCondition, StreamingOptions
 from cosyserve.families import FAMILIES
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 MODELS = {"v2-tiny": "cosyvoice2", "v3-tiny": "cosyvoice3"}
 ATOL = 1e-5  # mel, incremental vs full re-run (they differ by float round-off, ~2e-6)
 

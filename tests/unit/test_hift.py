@@ -8,6 +8,7 @@ from functools import cache
 import pytest
 import torch
 from golden import entries, load_case, manifest, model_dir
+from resources import missing_mark
 
 from cosyserve.config import ConfigError, Node, load_yaml
 from cosyserve.models.base import load_weights
@@ -20,7 +21,7 @@ from cosyserve.nn.hift_causal import NOISE_BLOCK, CausalHiFTGenerator, UniformTa
 def _models(causal: bool) -> list:
     found = sorted({p.values[0]["model"] for p in entries("hift") if p.values[0] is not None})
     found = [m for m in found if (_node(m).cls == CausalHiFTGenerator.__name__) == causal]
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no such golden model"))]
+    return found or [pytest.param(None, marks=missing_mark("no such golden model"))]
 
 
 @cache

@@ -15,6 +15,7 @@ import huggingface_hub
 import modelscope
 import pytest
 from golden import golden_root, manifest, model_dir, model_version
+from resources import missing, missing_mark
 
 from cosyserve import hub
 from cosyserve.engine.pipeline import load_model
@@ -28,7 +29,7 @@ FAKE_ID = "cosyserve-tests/NoSuchModel-0.1B"  # an id no hub or cache has
 def _models() -> list:
     names = list(manifest()["models"])
     if not names:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+        return [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
     return names
 
 
@@ -116,7 +117,7 @@ def test_hub_id_without_network_fails_fast():
 def test_hub_cache_hit(hub_name, monkeypatch, tmp_path):
     name = next(iter(manifest()["models"]), None)
     if name is None:
-        pytest.skip("no golden models")
+        missing("no golden models")
     cached = tmp_path / "snapshot"
     shutil.copytree(model_dir(name), cached)
     monkeypatch.setattr(hub, "_reachable", lambda url, timeout: pytest.fail("the cache hit went online"))
@@ -158,7 +159,7 @@ def test_real_assets_verified():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == asset.sha256
         assert path.stat().st_size == asset.size
     if not found:
-        pytest.skip("no local copy of the tokenizer assets")
+        missing("no local copy of the tokenizer assets")
 
 
 PAYLOAD = b"a small fake asset\n" * 50

@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from golden import golden_root, manifest, model_dir, model_version
+from resources import missing_mark
 
 from cosyserve.engine.pipeline import load_model
 from cosyserve.errors import ModelLoadError
 from cosyserve.hub import FAMILY_YAMLS, detect_family
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +38,7 @@ def _one_per_version() -> list:
     for name in manifest()["models"]:
         first.setdefault(model_version(name), name)
     if not first:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+        return [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
     return list(first.values())
 
 

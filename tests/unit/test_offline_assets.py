@@ -12,11 +12,15 @@ import time
 
 import pytest
 from golden import manifest, model_dir, model_version
+from resources import missing_mark
 
 from cosyserve import hub
 from cosyserve.engine.pipeline import load_model
 from cosyserve.errors import ModelLoadError
 from cosyserve.hub import AssetError, asset_path
+
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -58,7 +62,7 @@ def test_failed_download_says_how_to_provide_the_asset(offline, name):
 
 def _v1_models() -> list[str]:
     found = [m for m in sorted(manifest()["models"]) if model_version(m) == "v1"]
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no golden 1.0 model"))]
+    return found or [pytest.param(None, marks=missing_mark("no golden 1.0 model"))]
 
 
 @pytest.mark.parametrize("model", _v1_models())

@@ -8,6 +8,9 @@ import math
 import pytest
 from golden import REPO, model_dir
 
+# Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def _report_module():
     spec = importlib.util.spec_from_file_location("precision_report", REPO / "scripts" / "precision_report.py")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from resources import missing
 
 from cosyserve.config import ConfigError, Node
 from cosyserve.errors import ModelLoadError
@@ -198,7 +199,7 @@ def _asset_or_skip(name: str) -> Path:
     try:
         return asset_path(name, download=False)
     except AssetError as exc:
-        pytest.skip(f"tokenizer asset absent: {exc}")
+        missing(f"tokenizer asset absent: {exc}")
 
 
 def test_load_tokenizer_unknown_target() -> None:

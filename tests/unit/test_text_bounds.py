@@ -9,6 +9,7 @@ from functools import cache
 import pytest
 from golden import manifest, model_dir
 from helpers import required_assets
+from resources import missing, missing_mark
 
 from cosyserve.config import load_yaml
 from cosyserve.hub import AssetError, asset_path
@@ -29,12 +30,12 @@ def tokenizer(model: str) -> TextTokenizer:
         for name in required_assets(config):
             asset_path(name, download=False)
     except AssetError as exc:
-        pytest.skip(f"tokenizer asset absent: {exc}")
+        missing(f"tokenizer asset absent: {exc}")
     return load_tokenizer(config, root)
 
 
 def _models() -> list[str]:
-    return sorted(manifest()["models"]) or [pytest.param(None, marks=pytest.mark.skip(reason="no golden set"))]
+    return sorted(manifest()["models"]) or [pytest.param(None, marks=missing_mark("no golden set"))]
 
 
 def unpunctuated(kind: str) -> str:

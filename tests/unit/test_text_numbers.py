@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 
 import pytest
+from resources import import_or_missing
 
-from cosyserve.text import normalize as normalize_module
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.numbers import english_cardinal
+from cosyserve.text.wetext_backend import WeTextBackend
 
-pytest.importorskip("wetext")
+import_or_missing("wetext")
 
 ENGLISH = [
     ("$1,299", "one thousand two hundred and ninety nine dollars", "official"),
@@ -104,13 +105,13 @@ def test_english_cardinal_words(n, words):
 
 def test_wetext_failure_is_one_warning_line(monkeypatch, caplog, normalizer):
     class Broken:
-        def normalize(self, text, lang):
+        def normalize(self, text, lang, **options):
             assert len(text) == 0  # what wetext's token parser does on some inputs
 
-    monkeypatch.setattr(normalize_module._WeText, "_normalizer", Broken())
-    with caplog.at_level(logging.DEBUG, logger="cosyserve.text.normalize"):
-        out = normalizer.normalize("Room 12 is ready.", split=False)
-    assert out == "Room twelve is ready."  # unnormalised by the FST, then the reference's spelling
+    monkeypatch.setattr(WeTextBackend, "_normalizer", Broken())
+    with caplog.at_level(logging.DEBUG, logger="cosyserve.text.wetext_backend"):
+        out = normalizer.normalize("房间12号准备好了", split=False)
+    assert out == "房间12号准备好了"  # unnormalised by the FST, then the string rules of the zh branch
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "wetext failed" in warnings[0].getMessage()
     assert warnings[0].exc_info is None and "Traceback" not in caplog.text.split("wetext traceback")[0]

@@ -1,5 +1,5 @@
-"""What every voice library back-end shares: the voice metadata, the errors and the decoded-voice
-cache. A back-end stores rows; :class:`VoiceBackend` says which operations it owes.
+"""What every voice library back-end shares: the voice metadata and the decoded-voice cache (the errors
+are :mod:`cosyserve.errors`'). A back-end stores rows; :class:`VoiceBackend` says which operations it owes.
 
 Guarantees every back-end keeps: each write is one transaction (a process killed mid-write leaves the
 voice absent, never half there); a write that returned is durable; ids are unique regardless of case
@@ -11,6 +11,8 @@ the field dicts earlier versions stored.
 
 from __future__ import annotations
 
+import builtins  # the back-ends have a method named list: their annotations name the type through this
+import json
 import threading
 import unicodedata
 import uuid
@@ -18,30 +20,12 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from cosyserve.errors import CosyServeError, InvalidRequest, UnknownSpeaker
+from cosyserve.errors import UnknownSpeaker, VoiceExists, VoiceLibraryError, VoiceLimitReached
 from cosyserve.frontend.voice_prompt import VoicePrompt
 
 DEFAULT_MAX_VOICES = 1000
 # Decoded voices kept in memory (a 30 s prompt is ~0.5 MB of tensors).
 CACHE_SIZE = 64
-
-
-class VoiceExists(InvalidRequest):
-    """A voice (or built-in speaker) already has this id: HTTP 409."""
-
-    code = "voice_exists"
-
-
-class VoiceLimitReached(InvalidRequest):
-    """The library holds the configured maximum number of voices: HTTP 409."""
-
-    code = "voice_limit_reached"
-
-
-class VoiceLibraryError(CosyServeError):
-    """The library database cannot be read or written (disk full, permissions, damaged entry): HTTP 500."""
-
-    code = "voice_library_error"
 
 
 def voice_key(voice_id: str) -> str:
@@ -96,20 +80,58 @@ class VoiceBackend(ABC):
     def location(self) -> str:
         """Where the voices live, for logs and errors (never a password)."""
 
+    # The SQL dialect of the back-end's queries: its voices table, the order voices were stored in, the
+    # placeholder of a query parameter.
+    _TABLE = "voices"
+    _STORED_ORDER = "created_at"
+    _PARAM = "?"
+    _COLUMNS = "id, family, token_rate, model, ref_text, created_at, duration, fields, uid"
+
+    @staticmethod
+    def _row(info: VoiceInfo) -> tuple:
+        """The values of a new voice's row, in the columns' order: uid, key, id, family, token_rate, model,
+        ref_text, created_at, duration, fields (JSON)."""
+        metadata = (info.family, info.token_rate, info.model, info.ref_text, info.created_at, info.duration)
+        return (info.uid, voice_key(info.id), info.id, *metadata, json.dumps(list(info.fields)))
+
+    _ROW_COLUMNS = "uid, key, id, family, token_rate, model, ref_text, created_at, duration, fields"
+
+    @property
+    def _insert_row_sql(self) -> str:
+        """The INSERT of a :meth:`_row` into the voices table."""
+        values = ", ".join([self._PARAM] * len(self._ROW_COLUMNS.split(",")))
+        return f"INSERT INTO {self._TABLE} ({self._ROW_COLUMNS}) VALUES ({values})"
+
     @abstractmethod
-    def list(self) -> list[VoiceInfo]:
+    def _query(self, sql: str, args: tuple = ()) -> builtins.list[tuple]:
+        """The rows of one read-only query (VoiceLibraryError when the database cannot be read)."""
+
+    @staticmethod
+    def _info(row: tuple) -> VoiceInfo:
+        """A row of :attr:`_COLUMNS` as metadata (``fields``: JSON text, or the list PostgreSQL decodes it to)."""
+        voice_id, family, token_rate, model, ref_text, created_at, duration, fields, uid = row
+        fields = json.loads(fields) if isinstance(fields, str) else fields
+        return VoiceInfo(voice_id, family, token_rate, model, ref_text, created_at, duration, False, tuple(fields), uid)
+
+    def list(self) -> builtins.list[VoiceInfo]:
         """Every stored voice, oldest first."""
+        rows = self._query(f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY {self._STORED_ORDER}")
+        return [self._info(r) for r in rows]
 
-    @abstractmethod
-    def ids(self, family: str, token_rate: int) -> list[str]:
+    def ids(self, family: str, token_rate: int) -> builtins.list[str]:
         """Ids of the voices made by models of ``family`` at ``token_rate``, oldest first."""
+        p = self._PARAM
+        sql = f"SELECT id FROM {self._TABLE} WHERE family = {p} AND token_rate = {p} ORDER BY {self._STORED_ORDER}"
+        return [r[0] for r in self._query(sql, (family, token_rate))]
 
-    @abstractmethod
     def find(self, voice_id: str) -> VoiceInfo | None:
         """The voice stored under ``voice_id`` (any case), if any."""
+        sql = f"SELECT {self._COLUMNS} FROM {self._TABLE} WHERE key = {self._PARAM}"
+        rows = self._query(sql, (voice_key(voice_id),))
+        return self._info(rows[0]) if rows else None
 
-    @abstractmethod
-    def count(self) -> int: ...
+    def count(self) -> int:
+        return self._query(f"SELECT count(*) FROM {self._TABLE}")[0][0]
 
     @abstractmethod
     def _insert(self, info: VoiceInfo, blob: bytes) -> None:

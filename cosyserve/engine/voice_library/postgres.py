@@ -20,16 +20,16 @@ the user needs CREATE rights there the first time (the database owner has them).
 
 from __future__ import annotations
 
-import json
+import builtins  # the back-ends have a method named list: their annotations name the type through this
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from cosyserve.errors import ModelLoadError, UnknownSpeaker
+from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 
-from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, VoiceLibraryError, voice_key
+from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
 
 if TYPE_CHECKING:
     import psycopg
@@ -45,7 +45,7 @@ CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT_MS = 10_000
 INSTALL_HINT = "pip install 'cosyserve[postgres]'"
 
-_COLUMNS = "id, family, token_rate, model, ref_text, created_at, duration, fields, uid"
+_COLUMNS = VoiceBackend._COLUMNS
 
 
 def import_psycopg() -> Any:
@@ -137,7 +137,8 @@ def schema_version(conn: psycopg.Connection) -> int:
     """The library's schema version in this database (0: none yet)."""
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('cosyserve_voice_schema') IS NOT NULL")
-        if not cur.fetchone()[0]:
+        exists = cur.fetchone()
+        if exists is None or not exists[0]:
             return 0
         cur.execute("SELECT version FROM cosyserve_voice_schema")
         row = cur.fetchone()
@@ -182,6 +183,10 @@ class PostgresVoiceLibrary(VoiceBackend):
     One connection per process, shared by its threads under a lock and reopened when it breaks (a
     database restart costs the requests in flight, not the server).
     """
+
+    _TABLE = "cosyserve_voices"
+    _STORED_ORDER = "created_at, seq"
+    _PARAM = "%s"
 
     def __init__(self, url: str, max_voices: int = DEFAULT_MAX_VOICES) -> None:
         super().__init__(max_voices)
@@ -245,7 +250,7 @@ class PostgresVoiceLibrary(VoiceBackend):
             except self._psycopg.Error as exc:
                 raise self._error(what, exc) from exc
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple = ()) -> builtins.list[tuple]:
         """One read statement; retried once on a new connection if the old one was lost."""
         psycopg = self._psycopg
         for attempt in range(2):
@@ -259,30 +264,6 @@ class PostgresVoiceLibrary(VoiceBackend):
                     logger.warning("voice library connection lost (%s); reconnecting", exc)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _info(row: tuple) -> VoiceInfo:
-        voice_id, family, token_rate, model, ref_text, created_at, duration, fields, uid = row
-        fields = json.loads(fields) if isinstance(fields, str) else fields
-        return VoiceInfo(voice_id, family, token_rate, model, ref_text, created_at, duration, False, tuple(fields), uid)
-
-    def list(self) -> list[VoiceInfo]:
-        rows = self._query(f"SELECT {_COLUMNS} FROM cosyserve_voices ORDER BY created_at, seq")
-        return [self._info(r) for r in rows]
-
-    def ids(self, family: str, token_rate: int) -> list[str]:
-        rows = self._query(
-            "SELECT id FROM cosyserve_voices WHERE family = %s AND token_rate = %s ORDER BY created_at, seq",
-            (family, token_rate),
-        )
-        return [r[0] for r in rows]
-
-    def find(self, voice_id: str) -> VoiceInfo | None:
-        rows = self._query(f"SELECT {_COLUMNS} FROM cosyserve_voices WHERE key = %s", (voice_key(voice_id),))
-        return self._info(rows[0]) if rows else None
-
-    def count(self) -> int:
-        return self._query("SELECT count(*) FROM cosyserve_voices")[0][0]
-
     def _insert(self, info: VoiceInfo, blob: bytes) -> None:
         key = voice_key(info.id)
         with self._writing(f"voice '{info.id}' could not be stored") as conn:
@@ -290,26 +271,16 @@ class PostgresVoiceLibrary(VoiceBackend):
             # every voice committed before this one.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_LOCK,))
             inserted = conn.execute(
-                "INSERT INTO cosyserve_voices (uid, key, id, family, token_rate, model, ref_text, created_at, "
-                "duration, fields) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (key) DO NOTHING RETURNING uid",
-                (
-                    info.uid,
-                    key,
-                    info.id,
-                    info.family,
-                    info.token_rate,
-                    info.model,
-                    info.ref_text,
-                    info.created_at,
-                    info.duration,
-                    json.dumps(list(info.fields)),
-                ),
+                self._insert_row_sql + " ON CONFLICT (key) DO NOTHING RETURNING uid",
+                self._row(info),
             ).fetchone()
             if inserted is None:
                 row = conn.execute(f"SELECT {_COLUMNS} FROM cosyserve_voices WHERE key = %s", (key,)).fetchone()
+                if row is None:  # the other voice was deleted since: this insert lost to a delete, not a duplicate
+                    raise VoiceLibraryError(f"voice '{info.id}' could not be stored: retry")
                 raise self._exists(self._info(row))
-            count = conn.execute("SELECT count(*) FROM cosyserve_voices").fetchone()[0]
+            counted = conn.execute("SELECT count(*) FROM cosyserve_voices").fetchone()
+            count = counted[0] if counted is not None else 0
             if count > self.max_voices:
                 raise self._full(count - 1)  # rolls the insert back
             conn.execute("INSERT INTO cosyserve_voice_tensors (uid, data) VALUES (%s, %s)", (info.uid, blob))

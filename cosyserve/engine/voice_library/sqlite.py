@@ -6,13 +6,15 @@ leaves every voice committed before it intact, and the half-written one absent.
 
 from __future__ import annotations
 
-import json
+import builtins  # the back-ends have a method named list: their annotations name the type through this
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from cosyserve.errors import ModelLoadError, UnknownSpeaker
+from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 
-from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, VoiceLibraryError, voice_key
+from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
 
 DB_NAME = "voices.sqlite3"
 SCHEMA_VERSION = 1
@@ -45,6 +47,8 @@ class SQLiteVoiceLibrary(VoiceBackend):
     Every method is one SQLite statement or transaction, so other processes on the same directory see
     each change as soon as it is committed.
     """
+
+    _STORED_ORDER = "created_at, rowid"
 
     def __init__(self, data_dir: Path | None, max_voices: int = DEFAULT_MAX_VOICES) -> None:
         super().__init__(max_voices)
@@ -96,93 +100,51 @@ class SQLiteVoiceLibrary(VoiceBackend):
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple = ()) -> builtins.list[tuple]:
         try:
             with self._lock:
                 return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise VoiceLibraryError(f"the voice library {self.path} cannot be read: {exc}") from exc
 
-    _COLUMNS = "id, family, token_rate, model, ref_text, created_at, duration, fields, uid"
-
-    @staticmethod
-    def _info(row: tuple) -> VoiceInfo:
-        voice_id, family, token_rate, model, ref_text, created_at, duration, fields, uid = row
-        return VoiceInfo(
-            voice_id, family, token_rate, model, ref_text, created_at, duration, False, tuple(json.loads(fields)), uid
-        )
-
-    def list(self) -> list[VoiceInfo]:
-        rows = self._query(f"SELECT {self._COLUMNS} FROM voices ORDER BY created_at, rowid")
-        return [self._info(r) for r in rows]
-
-    def ids(self, family: str, token_rate: int) -> list[str]:
-        rows = self._query(
-            "SELECT id FROM voices WHERE family = ? AND token_rate = ? ORDER BY created_at, rowid", (family, token_rate)
-        )
-        return [r[0] for r in rows]
-
-    def find(self, voice_id: str) -> VoiceInfo | None:
-        rows = self._query(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(voice_id),))
-        return self._info(rows[0]) if rows else None
-
-    def count(self) -> int:
-        return self._query("SELECT COUNT(*) FROM voices")[0][0]
-
-    def _insert(self, info: VoiceInfo, blob: bytes) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")  # the write lock first: check and insert see the same state
-                try:
-                    row = self._db.execute(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(info.id),))
-                    existing = row.fetchone()
-                    if existing is not None:
-                        raise self._exists(self._info(existing))
-                    count = self._db.execute("SELECT COUNT(*) FROM voices").fetchone()[0]
-                    if count >= self.max_voices:
-                        raise self._full(count)
-                    self._db.execute("INSERT INTO voice_tensors (uid, data) VALUES (?, ?)", (info.uid, blob))
-                    self._db.execute(
-                        "INSERT INTO voices (key, id, uid, family, token_rate, model, ref_text, created_at, duration, "
-                        "fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            voice_key(info.id),
-                            info.id,
-                            info.uid,
-                            info.family,
-                            info.token_rate,
-                            info.model,
-                            info.ref_text,
-                            info.created_at,
-                            info.duration,
-                            json.dumps(list(info.fields)),
-                        ),
-                    )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-            except sqlite3.Error as exc:
-                raise VoiceLibraryError(f"voice '{info.id}' could not be stored in {self.path}: {exc}") from exc
-
-    def _delete(self, voice_id: str) -> VoiceInfo:
+    @contextmanager
+    def _transaction(self, failure: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction, the write lock taken first (a check and the write after it see the same
+        state); rolled back on any error; a database error as VoiceLibraryError saying ``failure``."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    row = self._db.execute(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(voice_id),))
-                    found = row.fetchone()
-                    if found is None:
-                        raise UnknownSpeaker(f"no stored voice '{voice_id}'", param="voice_id")
-                    info = self._info(found)
-                    self._db.execute("DELETE FROM voices WHERE uid = ?", (info.uid,))
-                    self._db.execute("DELETE FROM voice_tensors WHERE uid = ?", (info.uid,))
+                    yield self._db
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._rollback()
                     raise
             except sqlite3.Error as exc:
-                raise VoiceLibraryError(f"voice '{voice_id}' could not be deleted from {self.path}: {exc}") from exc
+                raise VoiceLibraryError(f"{failure} ({self.path}): {exc}") from exc
+
+    def _stored(self, db: sqlite3.Connection, voice_id: str) -> VoiceInfo | None:
+        row = db.execute(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(voice_id),)).fetchone()
+        return None if row is None else self._info(row)
+
+    def _insert(self, info: VoiceInfo, blob: bytes) -> None:
+        with self._transaction(f"voice '{info.id}' could not be stored") as db:
+            existing = self._stored(db, info.id)
+            if existing is not None:
+                raise self._exists(existing)
+            count = db.execute("SELECT COUNT(*) FROM voices").fetchone()[0]
+            if count >= self.max_voices:
+                raise self._full(count)
+            db.execute("INSERT INTO voice_tensors (uid, data) VALUES (?, ?)", (info.uid, blob))
+            db.execute(self._insert_row_sql, self._row(info))
+
+    def _delete(self, voice_id: str) -> VoiceInfo:
+        with self._transaction(f"voice '{voice_id}' could not be deleted") as db:
+            info = self._stored(db, voice_id)
+            if info is None:
+                raise UnknownSpeaker(f"no stored voice '{voice_id}'", param="voice_id")
+            db.execute("DELETE FROM voices WHERE uid = ?", (info.uid,))
+            db.execute("DELETE FROM voice_tensors WHERE uid = ?", (info.uid,))
         return info
 
     def _read_tensors(self, info: VoiceInfo) -> bytes | None:
