@@ -55,10 +55,10 @@ class StreamCachePool:
         key = (rows, heads, dim, like.dtype, like.device)
         with self._lock:
             free = self._free.get(key, [])
-            fitting = [b for b in free if b.size(2) >= frames]
+            fitting = [i for i, b in enumerate(free) if b.size(2) >= frames]
             if fitting:
-                buffer = min(fitting, key=lambda b: b.size(2))
-                free.remove(buffer)
+                # by position: list.remove would compare tensors element by element
+                buffer = free.pop(min(fitting, key=lambda i: free[i].size(2)))
                 self._free_bytes -= buffer.numel() * buffer.element_size()
                 return buffer
         return like.new_empty(rows, heads, frames, dim)

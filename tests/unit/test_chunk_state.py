@@ -53,6 +53,18 @@ def test_buffers_given_back_to_the_pool_serve_the_next_request_within_its_keep_l
     assert pool.in_use == 0
 
 
+def test_pool_picks_the_smallest_fitting_room_among_kept_buffers_of_several_sizes():
+    pool = StreamCachePool(limit_bytes=1 << 30, keep_bytes=1 << 20)
+    like = torch.zeros(1, 2, 1, 4)
+    rooms = [pool.take(like, 1, 2, frames, 4) for frames in (256, 64, 128)]
+    for room in rooms:
+        pool.give(room)
+    taken = pool.take(like, 1, 2, 100, 4)  # 128 fits best; the others stay kept
+    assert taken is rooms[2]
+    assert pool.take(like, 1, 2, 200, 4) is rooms[0] and pool.take(like, 1, 2, 10, 4) is rooms[1]
+    assert pool.kept_bytes == 0
+
+
 def test_per_step_computes_once_per_flow_time():
     state = {}
     key = torch.nn.Identity()

@@ -19,6 +19,7 @@ import weakref
 import pytest
 import torch
 from golden import golden_root, manifest, model_dir, model_version
+from resources import missing_mark
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -27,6 +28,8 @@ from cosyserve.engine.pipeline import TTSModel
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.engine.streaming import Draws
 from cosyserve.nn.linear import PackedLinear
+
+pytestmark = pytest.mark.slow
 
 STAND_IN = torch.device("meta")
 OTHER_STAND_IN = torch.device("hpu")  # a second device, for stages placed apart
@@ -155,7 +158,7 @@ def test_stand_in_device_catches_a_cpu_tensor_meeting_a_weight():
 def _models() -> list:
     names = [m for m in manifest()["models"] if model_version(m) in ("v1", "v2", "v3")]
     if not names:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no golden models in {golden_root()}"))]
+        return [pytest.param(None, marks=missing_mark(f"no golden models in {golden_root()}"))]
     return names
 
 

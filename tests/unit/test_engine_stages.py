@@ -18,6 +18,8 @@ from cosyserve.engine.pipeline import TTSModel, load_model
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.errors import AudioError
 
+pytestmark = pytest.mark.slow
+
 LONG_TEXT = "今天天气真好，我们一起去公园散步吧。" * 3
 STREAM_TEXT = "这是一个比较长的句子，用来测试不同长度的请求在同一个批次里面的表现。" * 2
 
