@@ -243,10 +243,12 @@ class EngineCore:
     def _prepare(self, work: Work) -> None:
         """In the frontend pool: a request's frontend (or a task), handed back to the loop."""
         if work.task is not None:
-            self._run_task(work)
+            self._run_task(work, work.task)
             return
         sequence, error = None, None
         try:
+            if work.request is None:
+                raise RuntimeError("a work item with neither a request nor a task")
             sequence = self.model.prepare(
                 work.request, request_id=work.request_id, text_feed=work.text_feed, **work.overrides
             )
@@ -259,9 +261,9 @@ class EngineCore:
             self._cond.notify_all()
 
     @staticmethod
-    def _run_task(work: Work) -> None:
+    def _run_task(work: Work, task: Callable[[], object]) -> None:
         try:
-            result = work.task()
+            result = task()
         except Exception as exc:
             if not isinstance(exc, CosyServeError):
                 logger.exception("[%s] task failed", work.request_id)
@@ -281,7 +283,7 @@ class EngineCore:
         if error is not None:
             work.sink.rejected(error)
             return
-        if not admitted:
+        if not admitted or sequence is None:
             work.sink.finished()
             return
         work.sink.started()
@@ -311,7 +313,7 @@ class EngineCore:
         except Exception:  # the loop guards each request; this is a bug in the loop itself
             logger.exception("engine step failed; failing every running request")
             with self._cond:
-                entries = [entry for entry in self._running.values() if entry[1] is not None]
+                entries = [(work, sequence) for work, sequence in self._running.values() if sequence is not None]
                 for work, _ in entries:
                     self._running.pop(work.request_id, None)
             for work, sequence in entries:

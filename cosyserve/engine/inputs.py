@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from cosyserve.audio.io import AudioInput
 from cosyserve.audio.prompt import CheckedAudio, PromptLimits, check_prompt_audio
 from cosyserve.errors import AudioError, InvalidRequest, TextError, UnsupportedMode
 from cosyserve.families import FAMILIES, Family
@@ -41,6 +42,9 @@ _MODE_HINTS = {
     "instruct2": "it needs a CosyVoice2 or Fun-CosyVoice3 model (e.g. iic/CosyVoice2-0.5B); "
     "CosyVoice 1.0 uses instruct with iic/CosyVoice-300M-Instruct",
 }
+
+# A prompt recording as a request gives it (or as checked before), or none.
+PromptAudio = AudioInput | CheckedAudio | None
 
 
 def unsupported_mode(family: str, mode: str, modes: frozenset[str]) -> UnsupportedMode:
@@ -179,11 +183,11 @@ class InputBuilder:
         segment = self._typed(self._builders[request.mode](request, [""])[0])
         return segment.with_text(torch.cat([segment.prompt_text, segment.text], dim=1), _ids())
 
-    def prompt(self, audio: object, param: str = "prompt_wav", align: bool | None = None) -> VoicePrompt:
+    def prompt(self, audio: PromptAudio, param: str = "prompt_wav", align: bool | None = None) -> VoicePrompt:
         """The voice of a prompt recording (checked first): its speech tokens, mel and x-vector."""
         return self.frontend.process_prompt(self.checked_audio(audio, param), align=align)
 
-    def checked_audio(self, audio: object, param: str) -> CheckedAudio:
+    def checked_audio(self, audio: PromptAudio, param: str) -> CheckedAudio:
         return check_prompt_audio(audio, param, self.limits)
 
     def transcript_for_llm(self, transcript: str, text_frontend: bool) -> str:
@@ -225,7 +229,7 @@ class InputBuilder:
             raise InvalidRequest("spk_id is required", param="spk_id")
         return self.voices.get(spk_id)
 
-    def _prompt_or_voice(self, audio: object, spk_id: str | None, align: bool | None = None) -> VoicePrompt:
+    def _prompt_or_voice(self, audio: PromptAudio, spk_id: str | None, align: bool | None = None) -> VoicePrompt:
         if audio is None:
             if spk_id is None:
                 raise AudioError("prompt_wav is required (or spk_id naming a stored voice)", param="prompt_wav")

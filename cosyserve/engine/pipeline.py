@@ -18,7 +18,7 @@ import numpy as np
 from cosyserve.audio.io import AudioInput
 from cosyserve.audio.prompt import PromptLimits
 from cosyserve.frontend.voice_prompt import VoicePrompt
-from cosyserve.models.contracts import BistreamLM, SpeechLM
+from cosyserve.models.contracts import BistreamLM, Networks, SpeechLM
 from cosyserve.nn.sampling import Sampler
 
 from . import streaming
@@ -48,7 +48,8 @@ class TTSModel:
         self.placement = parts.placement
         self.precision = parts.precision
         self.family_info = parts.family
-        flow = self.core.flow
+        self.networks = Networks.of(self.core)
+        flow = self.networks.flow
         shapes = InputShapes(mel_channels=flow.output_size, embedding_dim=flow.spk_embed_affine_layer.in_features)
         self.inputs = InputBuilder(self.frontend, self.voices, parts.family, shapes, self.options.prompt_limits)
         self._synthesizer: type[Synthesizer] = getattr(streaming, parts.family.synthesizer)
@@ -80,7 +81,7 @@ class TTSModel:
 
     @property
     def lm(self) -> SpeechLM:
-        return self.core.llm
+        return self.networks.lm
 
     @property
     def modes(self) -> frozenset[str]:

@@ -56,12 +56,13 @@ class StepPlan:
 @dataclass(eq=False)
 class StepOutput:
     """What a step did. ``picked``: the id each fed / decoded segment picked (None: its decoding
-    ended; a bistream row may pick its fill marker); ``fed``: prefix positions fed per segment;
+    ended; a bistream row may pick its fill marker); ``fed``: per segment, the prefix positions fed and
+    the prefix's whole length;
     ``audio``: the work that finished, with its chunk (None or empty: no audio); ``failed``: requests
     whose work raised, by segment (their requests fail; the others go on)."""
 
     picked: dict[Segment, int | None] = field(default_factory=dict)
-    fed: dict[Segment, int] = field(default_factory=dict)
+    fed: dict[Segment, tuple[int, int]] = field(default_factory=dict)
     audio: list[tuple[AudioWork, np.ndarray | None]] = field(default_factory=list)
     failed: dict[Segment, BaseException] = field(default_factory=dict)
     foreground_s: float = 0.0  # time of the work a live stream waits on (its feeds, decoding, its audio)

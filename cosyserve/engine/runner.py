@@ -11,6 +11,7 @@ second GPU for the flow) is a placement setting; another process would hold a ru
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from cosyserve.models.contracts import BistreamLM, SpeechLM
 from cosyserve.nn.kv_cache import KVCache
+from cosyserve.nn.sampling import TokenRules
 from cosyserve.work_units import UnitJob
 
 from .plan import AudioWork, Feed, StepOutput, StepPlan
@@ -54,6 +56,12 @@ class DecodeBatch:
     def __contains__(self, segment: Segment) -> bool:
         return segment in self.segments
 
+    def rows_cache(self) -> KVCache:
+        """The cache of the rows (there is one while any row is in the batch)."""
+        if self.cache is None:
+            raise RuntimeError("the decode batch has no rows")
+        return self.cache
+
     def join(self, segment: Segment, row_cache: KVCache) -> None:
         if self.cache is None:
             self.cache = row_cache  # the first row: adopt its cache as is
@@ -64,11 +72,12 @@ class DecodeBatch:
     def leave(self, segment: Segment, keep_cache: bool = False) -> KVCache | None:
         """Drop the segment's row; with ``keep_cache`` return that row as a one-row cache."""
         row = self.segments.index(segment)
+        cache = self.rows_cache()
         own = None
         if keep_cache:
-            own, moved = self.cache.take_row(row)
+            own, moved = cache.take_row(row)
         else:
-            moved = self.cache.remove_row(row)
+            moved = cache.remove_row(row)
         if moved is not None:
             self.segments[row] = self.segments[moved]
         self.segments.pop()
@@ -131,7 +140,7 @@ class ModelRunner:
                 self._drop_llm(segment)
             for feed in plan.feeds:
                 started = time.perf_counter()
-                self._guarded(out, feed.segment, lambda f=feed: self._feed(f, out))
+                self._guarded(out, feed.segment, functools.partial(self._feed, feed, out))
                 self._account(out, time.perf_counter() - started, feed.background)
                 out.prefill_s += time.perf_counter() - started
             if plan.decode:
@@ -141,7 +150,7 @@ class ModelRunner:
                 self._account(out, out.decode_s, False)
             for work in plan.audio:
                 started = time.perf_counter()
-                self._guarded(out, work.segment, lambda w=work: self._audio(w, out))
+                self._guarded(out, work.segment, functools.partial(self._audio, work, out))
                 self._account(out, time.perf_counter() - started, work.background)
         return out
 
@@ -188,7 +197,7 @@ class ModelRunner:
         out.prefill_positions += stop - start
         if stop == length:
             state.prefix = None  # in the cache now
-            out.picked[segment] = segment.rules.pick(self.lm.logp(hidden))
+            out.picked[segment] = _rules(segment).pick(self.lm.logp(hidden))
 
     def _prefix(self, segment: Segment) -> Tensor:
         x = segment.input
@@ -205,12 +214,14 @@ class ModelRunner:
         for segment in rows:
             if segment not in self.batch:
                 state = self._llm.setdefault(segment, _LLMState())
+                if state.cache is None:
+                    raise RuntimeError("a segment joins the decode batch before its prefix is fed")
                 self.batch.join(segment, state.cache)
                 state.cache = None
         ids = torch.tensor([s.next_input for s in self.batch.segments], dtype=torch.long, device=self.llm_device)
         out.batch_size = len(self.batch)
         try:
-            logp = self.lm.logp(self.lm.decode_batch(ids, self.batch.cache))
+            logp = self.lm.logp(self.lm.decode_batch(ids, self.batch.rows_cache()))
         except Exception as exc:
             # A failure of the shared step cannot be pinned on one row: every row in it fails.
             logger.exception("batched decode step failed for %d rows", len(self.batch))
@@ -218,8 +229,8 @@ class ModelRunner:
                 out.failed[segment] = exc
             return
         for row, segment in enumerate(self.batch.segments):
-            pick = segment.rules.pick if segment.bistream is None else segment.bistream.pick
-            self._guarded(out, segment, lambda p=pick, r=row, g=segment: out.picked.__setitem__(g, p(logp[r])))
+            pick = _rules(segment).pick if segment.bistream is None else segment.bistream.pick
+            self._guarded(out, segment, functools.partial(_record_pick, out, segment, pick, logp[row]))
 
     # -- audio ---------------------------------------------------------------------------------------
     def _audio(self, work: AudioWork, out: StepOutput) -> None:
@@ -235,3 +246,14 @@ class ModelRunner:
         if job.error is not None:
             raise job.error
         out.audio.append((work, job.result))
+
+
+def _rules(segment: Segment) -> TokenRules:
+    """A uni-stream segment's token rules (every such segment has them; vc and bistream do not)."""
+    if segment.rules is None:
+        raise RuntimeError("a uni-stream segment without token rules")
+    return segment.rules
+
+
+def _record_pick(out: StepOutput, segment: Segment, pick: Callable[[Tensor], int | None], logp: Tensor) -> None:
+    out.picked[segment] = pick(logp)

@@ -239,6 +239,8 @@ class Scheduler:
         if segment.next_input is not None:
             return None  # it decodes in the batch
         state = segment.bistream
+        if sequence.text is None:
+            raise RuntimeError("a bistream segment's sequence has no text feed")
         ids, closed = sequence.text.read()
         if ids:
             state.add_text(ids)
@@ -287,8 +289,8 @@ class Scheduler:
         is held), then the earliest request's next prefix piece or due audio."""
         for sequence in offline:
             if sequence in self._in_flight:
-                work = self._in_flight[sequence]
-                return AudioWork(sequence, work.segment, work.last, budget_s=budget, background=True)
+                started = self._in_flight[sequence]
+                return AudioWork(sequence, started.segment, started.last, budget_s=budget, background=True)
         for sequence in offline:
             segment = sequence.decoding
             if segment is not None and not segment.decoded:
@@ -382,5 +384,7 @@ class Scheduler:
         if state.done:
             self._decoding_over(segment)
             return
-        (kind, segment.next_input), *more = state.next_input()
-        assert kind == "speech" and not more, "after a speech id the next input is that id"
+        items = state.next_input()
+        if items is None or len(items) != 1 or items[0][0] != "speech":
+            raise RuntimeError(f"after a speech id the next input is that id, not {items}")
+        segment.next_input = items[0][1]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cosyserve.models.base import MAX_SILENT_RUN, FamilyModel, SilenceFilter
-from cosyserve.models.contracts import Flow, StreamingFlow, StreamingVocoder, Vocoder
+from cosyserve.models.contracts import Flow, Networks, StreamingFlow, StreamingVocoder, Vocoder
 from cosyserve.nn.chunk_state import StreamCachePool
 from cosyserve.precision import DEFAULT_STREAM_LAST_CHUNK
 from cosyserve.work_units import job_clock, unit_boundary
@@ -116,9 +116,10 @@ class AudioStage:
         streaming: StreamingOptions | None = None,
     ) -> AudioStage:
         """``model``'s flow and vocoder, placed on these devices (where the loader put them)."""
+        networks = Networks.of(model)
         return cls(
-            flow=model.flow,
-            hift=model.hift,
+            flow=networks.flow,
+            hift=networks.vocoder,
             flow_device=flow_device,
             vocoder_device=vocoder_device,
             sample_rate=model.sample_rate,

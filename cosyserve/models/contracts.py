@@ -8,11 +8,13 @@ beyond the base contract (bi-streamed text, a streamed flow or vocoder) is a fac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from cosyserve.models.base import FamilyModel
 from cosyserve.models.bistream import BistreamInput, Item
 from cosyserve.nn.chunk_state import StreamCachePool
 from cosyserve.nn.flow_matching import FlowStream
@@ -74,6 +76,9 @@ class BistreamLM(SpeechLM, Protocol):
 class Flow(Protocol):
     """Speech tokens -> mel, conditioned on a prompt and an x-vector (``decoder``: its CFM)."""
 
+    output_size: int  # mel channels
+    spk_embed_affine_layer: nn.Linear  # the x-vector's projection: its in_features is the x-vector size
+
     def tokens_to_mel(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, **kw: object):
         """v1: (mel, flow_cache); v2/v3: mel (1, 80, T)."""
         ...
@@ -108,3 +113,18 @@ class StreamingVocoder(Vocoder, Protocol):
     def mel_to_wave_stream(
         self, state: HiFTStream, mel: Tensor, finalize: bool, source: Tensor | None = None
     ) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Networks:
+    """A loaded family's networks as the engine holds them: as the contracts above."""
+
+    lm: SpeechLM
+    flow: Flow
+    vocoder: Vocoder
+
+    @classmethod
+    def of(cls, model: FamilyModel) -> Networks:
+        # Every family's modules fulfil these contracts (the parity and engine tests run each one);
+        # nn.Module's attribute typing (Tensor | Module) cannot say so, hence the casts, here only.
+        return cls(lm=cast(SpeechLM, model.llm), flow=cast(Flow, model.flow), vocoder=cast(Vocoder, model.hift))

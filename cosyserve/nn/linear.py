@@ -16,13 +16,24 @@ and loaded from them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-PACKABLE = (torch.float32, torch.bfloat16)
 PACK_ROWS = 16  # the rows the weights are laid out for: measured best over 1-8 decode rows (scripts/decode_kernels.py)
+
+
+@cache
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs on this CPU: fp32 everywhere; bf16 only where its kernels exist
+    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU refuses it, and keeps plain bf16 layers)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), PACK_ROWS)
+    except RuntimeError:
+        return (torch.float32,)
+    return (torch.float32, torch.bfloat16)
 
 
 class PackedLinear(nn.Module):
@@ -32,8 +43,11 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        if weight.device.type != "cpu" or weight.dtype not in PACKABLE:
-            raise ValueError(f"PackedLinear takes fp32 / bf16 CPU weights, not {weight.dtype} on {weight.device}")
+        if weight.device.type != "cpu" or weight.dtype not in packable_dtypes():
+            kinds = ", ".join(str(dtype) for dtype in packable_dtypes())
+            raise ValueError(
+                f"PackedLinear takes CPU weights of {kinds} on this CPU, not {weight.dtype} on {weight.device}"
+            )
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self._pack(weight)
@@ -112,11 +126,11 @@ def dense_bias(linear: nn.Module) -> Tensor | None:
 
 
 def pack_linears(module: nn.Module, skip: Sequence[str] = ()) -> int:
-    """Replace every fp32 / bf16 ``nn.Linear`` inside ``module`` (CPU) by a :class:`PackedLinear`
-    (names ending in one of ``skip`` are left alone); returns how many."""
+    """Replace every ``nn.Linear`` inside ``module`` (CPU) whose dtype this CPU packs by a
+    :class:`PackedLinear` (names ending in one of ``skip`` are left alone); returns how many."""
     replaced = 0
     for name, child in module.named_children():
-        if type(child) is nn.Linear and child.weight.dtype in PACKABLE and not name.endswith(tuple(skip)):
+        if type(child) is nn.Linear and child.weight.dtype in packable_dtypes() and not name.endswith(tuple(skip)):
             setattr(module, name, PackedLinear.of(child))
             replaced += 1
         else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cosyserve.nn.linear import PackedLinear, pack_linears, unpack_linears
+from cosyserve.nn.linear import PackedLinear, pack_linears, packable_dtypes, unpack_linears
 from cosyserve.nn.qwen2 import Qwen2Config, Qwen2Model
 
 FP32_TOL = 1e-5  # oneDNN sums in another order than MKL: round-off only
@@ -28,6 +28,13 @@ def test_packed_linear_equals_nn_linear_fp32(rows, bias):
 def test_packed_linear_bf16_equals_bf16_linear():
     torch.manual_seed(0)
     linear = nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    if torch.bfloat16 not in packable_dtypes():  # an AVX2-only CPU: bf16 layers stay plain, and still run
+        with pytest.raises(ValueError, match="bfloat16"):
+            PackedLinear.of(linear)
+        net = nn.Sequential(linear)
+        assert pack_linears(net) == 0 and type(net[0]) is nn.Linear
+        assert net(torch.randn(5, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        return
     packed = PackedLinear.of(linear)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     out = packed(x)
