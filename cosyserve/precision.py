@@ -27,6 +27,13 @@ DEFAULT_STREAM_LAST_CHUNK = "causal"  # a streamed request costs about what a no
 DEFAULT_STREAM_CACHE_MB = 0
 
 
+def check_engine_precision(dtype: str, last_chunk: str, cache_mb: int) -> None:
+    """Raise ValueError, naming the option, for a ``--dtype`` or streaming option no model can use (the
+    server's settings and the engine's options both check through here)."""
+    parse_dtypes(dtype)
+    check_streaming(last_chunk, cache_mb)
+
+
 def check_streaming(last_chunk: str, cache_mb: int) -> None:
     """Raise ValueError, naming the option, for streaming options no model can use."""
     if last_chunk not in STREAM_LAST_CHUNK_MODES:

@@ -21,8 +21,7 @@ from cosyserve.precision import (
     DEFAULT_STREAM_CACHE_MB,
     DEFAULT_STREAM_LAST_CHUNK,
     STREAM_LAST_CHUNK_MODES,
-    check_streaming,
-    parse_dtypes,
+    check_engine_precision,
 )
 
 if TYPE_CHECKING:
@@ -142,15 +141,11 @@ class Settings:
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is not in 1..65535")
         try:
-            parse_dtypes(self.dtype)
+            check_engine_precision(self.dtype, self.stream_last_chunk, self.stream_cache_mb)
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc
         if self.flow_steps < 0:
             raise SettingsError(f"flow_steps must be 0 (the model's) or a positive count, not {self.flow_steps}")
-        try:
-            check_streaming(self.stream_last_chunk, self.stream_cache_mb)
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from exc
         if self.threads < 0:
             raise SettingsError(f"threads must be 0 (every core) or a positive count, not {self.threads}")
         if self.gpu is not None and self.gpu < -1:

@@ -27,7 +27,12 @@ from cosyserve.hub import resolve_model_dir
 from cosyserve.models.base import FamilyModel, feat_extractor_args
 from cosyserve.models.checkpoint import CheckpointError
 from cosyserve.nn.chunk_state import StreamCachePool
-from cosyserve.precision import DEFAULT_STREAM_CACHE_MB, DEFAULT_STREAM_LAST_CHUNK, check_streaming, parse_dtypes
+from cosyserve.precision import (
+    DEFAULT_STREAM_CACHE_MB,
+    DEFAULT_STREAM_LAST_CHUNK,
+    check_engine_precision,
+    parse_dtypes,
+)
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.tokenizers import load_tokenizer
 
@@ -118,15 +123,11 @@ class EngineOptions:
     def check(self) -> None:
         """Raise ModelLoadError for a value no model can use."""
         try:
-            parse_dtypes(self.dtype)
+            check_engine_precision(self.dtype, self.stream_last_chunk, self.stream_cache_mb)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
         if self.flow_steps is not None and self.flow_steps < 1:
             raise ModelLoadError(f"flow_steps must be at least 1, not {self.flow_steps}")
-        try:
-            check_streaming(self.stream_last_chunk, self.stream_cache_mb)
-        except ValueError as exc:
-            raise ModelLoadError(str(exc)) from exc
         if self.frontend_threads < 1:
             raise ModelLoadError(f"frontend_threads must be at least 1, not {self.frontend_threads}")
 
