@@ -4,6 +4,7 @@ malformed / hostile documents answered 4xx (line and column named) before any au
 
 from __future__ import annotations
 
+import json
 import time
 from functools import cache
 from typing import Any
@@ -174,3 +175,39 @@ def test_dtds_and_entities_are_refused_quickly(text, server_for):
         error = resp.json()["error"]
         assert error["code"] == "invalid_ssml" and "DOCTYPE" in error["message"] and "line 2" in error["message"]
         assert "root:" not in resp.text  # nothing of /etc/passwd
+
+
+def _ws_messages(url: str, opening: dict[str, Any], texts: list[dict[str, Any]], end: dict[str, Any]) -> list[Any]:
+    from websockets.sync.client import connect
+
+    seen: list[Any] = []
+    with connect(url, open_timeout=60, max_size=None) as ws:
+        ws.send(json.dumps(opening))
+        for text in texts:
+            ws.send(json.dumps(text))
+        ws.send(json.dumps(end))
+        for message in ws:
+            seen.append(message if isinstance(message, bytes) else json.loads(message))
+    return seen
+
+
+@pytest.mark.parametrize("bistream", [False, True])
+def test_a_whole_document_in_a_native_websocket_message(bistream, server_for):
+    name = "v2-tiny"
+    model = engine(name)
+    url = server_for(name).url.replace("http://", "ws://") + "/v1/audio/speech/stream"
+    config = {"type": "session.config", "voice": model.list_speakers()[0], "seed": SEED, "bistream": bistream}
+    document = f'<speak>Hi <foo>there</foo>.<break time="{BREAK_MS}ms"/>Bye.</speak>'
+    texts = [{"type": "text", "text": t} for t in ("Before it. ", document, "<speak>")]
+    seen = _ws_messages(url, config, texts, {"type": "close"})
+    starts = [m for m in seen if isinstance(m, dict) and m["type"] == "segment.start"]
+    assert [s["text"] for s in starts[:2]] == ["Before it." if not bistream else "Before it. ", document]
+    assert "ssml_ignored_tags" not in starts[0] and starts[1]["ssml_ignored_tags"] == ["foo"]
+    # The document's audio: the frames between its segment.start and segment.done.
+    begin = seen.index(starts[1])
+    done = next(i for i, m in enumerate(seen) if i > begin and isinstance(m, dict) and m["type"] == "segment.done")
+    pcm = decode_pcm(b"".join(m for m in seen[begin:done] if isinstance(m, bytes)))
+    check_break(pcm, model, 24000)
+    errors = [m for m in seen if isinstance(m, dict) and m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "invalid_ssml"  # the lone "<speak>"
+    assert "line 1, column 8" in errors[0]["error"]["message"]
