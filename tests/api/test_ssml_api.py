@@ -211,3 +211,15 @@ def test_a_whole_document_in_a_native_websocket_message(bistream, server_for):
     errors = [m for m in seen if isinstance(m, dict) and m["type"] == "error"]
     assert len(errors) == 1 and errors[0]["error"]["code"] == "invalid_ssml"  # the lone "<speak>"
     assert "line 1, column 8" in errors[0]["error"]["message"]
+
+
+def test_sse_usage_counts_the_spoken_text(server_for):
+    model = engine("v3-tiny")
+    server = server_for("v3-tiny")
+    document = '<speak>Hello <foo>there</foo>.<break time="200ms"/></speak>'
+    body = {"input": document, "voice": model.list_speakers()[0], "response_format": "pcm", "stream_format": "sse"}
+    resp = requests.post(f"{server.url}/v1/audio/speech", json=body, timeout=120)
+    assert resp.status_code == 200 and resp.headers["X-SSML-Ignored-Tags"] == "foo"
+    events = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["input_tokens"] == model.frontend.tokenize("Hello there.").shape[1]
