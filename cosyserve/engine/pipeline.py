@@ -17,6 +17,7 @@ import numpy as np
 
 from cosyserve.audio.io import AudioInput
 from cosyserve.audio.prompt import PromptLimits
+from cosyserve.errors import InvalidRequest
 from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.models.contracts import BistreamLM, Networks, SpeechLM
 from cosyserve.nn.sampling import Sampler
@@ -142,6 +143,8 @@ class TTSModel:
         if text_feed is None:
             inputs, plans = self.inputs.build_planned(request)
         else:
+            if request.ssml is not None:
+                raise InvalidRequest("SSML needs the whole text: streamed text (bistream) is plain text", param="text")
             segment = self.inputs.bistream(request)
             cast(BistreamLM, self.lm).split_bistream_prompt(segment.prompt_text)  # v3: needs <|endofprompt|>
             inputs = [segment]

@@ -66,9 +66,9 @@ _BEFORE_PUNCTUATION = re.compile(r"(?<=\S) +([,.!?;:])")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)\s*$")
 _PERCENT = re.compile(r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 _MULTIPLIER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*$")
-_NUMBER = re.compile(r"([+-]?)(\d[\d,]*)(?:\.(\d+))?")
-_ORDINAL = re.compile(r"(\d[\d,]*)(?:st|nd|rd|th)?", re.IGNORECASE)
-_TIME = re.compile(r"(\d{1,2})[:：](\d{2})(?:[:：](\d{2}))?(?:\s*([ap])\.?\s*m\b\.?)?", re.IGNORECASE)
+_NUMBER = re.compile(r"([+-]?)([0-9][0-9,]*)(?:\.([0-9]+))?")
+_ORDINAL = re.compile(r"([0-9][0-9,]*)(?:st|nd|rd|th)?", re.IGNORECASE)
+_TIME = re.compile(r"([0-9]{1,2})[:：]([0-9]{2})(?:[:：]([0-9]{2}))?(?:\s*([ap])\.?\s*m\b\.?)?", re.IGNORECASE)
 _MONTHS = (
     "January",
     "February",
@@ -83,6 +83,7 @@ _MONTHS = (
     "November",
     "December",
 )
+_DATE_FORMATS = frozenset({"ymd", "mdy", "dmy", "ym", "my", "md", "dm", "y", "m", "d"})
 _STRUCTURE = {"p": "p", "paragraph": "p", "s": "s", "sentence": "s"}
 _CHINESE_LANGS = ("zh", "cmn", "yue")
 
@@ -444,9 +445,10 @@ def _digit_runs(text: str, read: Any) -> str:
 
 
 def _integer(digits: str, chinese: bool) -> str:
-    n = int(digits.replace(",", ""))
-    if n >= 10**15:
-        return chinese_digits(digits) if chinese else english_digits(digits)
+    plain = digits.replace(",", "")
+    if len(plain) > 15:  # past the cardinal readings (and int()'s digit limit): digit by digit
+        return chinese_digits(plain) if chinese else english_digits(plain)
+    n = int(plain)
     return chinese_cardinal(n) if chinese else english_cardinal(n)
 
 
@@ -461,10 +463,10 @@ def _cardinal(match: re.Match[str], chinese: bool) -> str:
 
 
 def _ordinal(match: re.Match[str], chinese: bool) -> str:
-    n = int(match[1].replace(",", ""))
+    plain = match[1].replace(",", "")
     if chinese:
-        return "第" + _integer(match[1], True)
-    return f" {english_ordinal(n)} " if n < 10**15 else f" {english_digits(match[1])} "
+        return "第" + _integer(plain, True)
+    return f" {english_ordinal(int(plain))} " if len(plain) <= 15 else f" {english_digits(plain)} "
 
 
 def _english_year(year: int) -> str:
@@ -478,8 +480,10 @@ def _english_year(year: int) -> str:
 
 def _date(text: str, chinese: bool, date_format: str) -> str:
     groups = re.findall(r"[0-9]+", text)
-    if not groups:
-        return text
+    if not groups or any(len(g) > 4 for g in groups):
+        return say_as("digits", text, chinese) if groups else text
+    if date_format not in _DATE_FORMATS:
+        date_format = ""
     order = date_format or ("ymd" if len(groups[0]) == 4 else "mdy" if not chinese else "dmy")
     order = order[: len(groups)]
     fields = dict(zip(order, (int(g) for g in groups), strict=False))

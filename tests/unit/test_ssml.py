@@ -299,3 +299,36 @@ def test_the_document_travels_with_its_request():
         SynthesisRequest("sft", "<speak>oops", spk_id="a")
     error = pickle.loads(pickle.dumps(SsmlError("bad", 3, 4)))
     assert (error.line, error.column, error.message) == (3, 4, "invalid SSML at line 3, column 4: bad")
+
+
+FUZZ_SEED_DOCUMENT = (
+    '<speak xml:lang="en">A <break time="300ms"/><prosody rate="+10%">b <emphasis>c</emphasis></prosody>'
+    '<say-as interpret-as="cardinal">1,234.5</say-as><say-as interpret-as="date" format="dmy">05/03/2024</say-as>'
+    '<say-as interpret-as="time">9:30 pm</say-as><say-as interpret-as="telephone">+86 138</say-as>'
+    '<sub alias="x">y</sub><phoneme alphabet="cmu" ph="AH0">a</phoneme><p><s>z</s></p><lang xml:lang="zh">一</lang>'
+    "</speak>"
+)
+
+
+def test_any_mangled_document_parses_or_is_an_ssml_error():
+    """Truncations and character swaps of a document using every tag: a document or an SsmlError, nothing else."""
+    import random
+
+    rng = random.Random(1234)
+    alphabet = "<>/=\"'&;:%+-.,0123456789 \nabcdefghijklmnopqrstuvwxyz一"
+    variants = [FUZZ_SEED_DOCUMENT[:n] for n in range(len(FUZZ_SEED_DOCUMENT))]
+    for _ in range(3000):
+        chars = list(FUZZ_SEED_DOCUMENT)
+        for _ in range(rng.randint(1, 4)):
+            chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        variants.append("".join(chars))
+    for kind in ("cardinal", "ordinal", "digits", "date", "time", "telephone", "characters"):
+        variants.append(f'<speak><say-as interpret-as="{kind}" format="zz">{"9" * 5000},{"1" * 3}</say-as></speak>')
+    variants.append(f'<speak><prosody rate="{"9" * 400}">x</prosody><break time="{"9" * 400}ms"/></speak>')
+    for text in variants:
+        try:
+            doc = parse_ssml(text)
+        except SsmlError as exc:
+            assert exc.line >= 1 and exc.column >= 1
+        else:
+            assert isinstance(doc.text, str)

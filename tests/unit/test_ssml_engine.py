@@ -179,3 +179,11 @@ def test_prosody_rate_changes_the_duration_of_its_span(name):
     )
     assert slow / normal == pytest.approx(2.0, rel=0.1)
     assert fast / normal == pytest.approx(1 / 1.5, rel=0.1)
+
+
+def test_ssml_is_not_streamed_text():
+    from cosyserve.engine.text_feed import TextFeed
+    from cosyserve.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="SSML needs the whole text"):
+        model("v2-tiny").prepare(request("v2-tiny", "<speak>Hi</speak>"), text_feed=TextFeed())
