@@ -63,10 +63,12 @@ class SynthesisRequest:
     prompt_audio: Any = None
     source_audio: Any = None
     options: GenerationOptions = field(default_factory=GenerationOptions)
-    ssml: SsmlDocument | None = None  # the parsed document when ``text`` is SSML (set from ``text``)
+    # The parsed document when ``text`` is SSML: derived from ``text`` (never given, so a copy made with
+    # dataclasses.replace parses its own text).
+    ssml: SsmlDocument | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"unknown mode {self.mode!r}: one of {', '.join(MODES)}", param="mode")
-        if self.ssml is None and self.mode != "vc" and is_ssml(self.text):
+        if self.mode != "vc" and is_ssml(self.text):
             object.__setattr__(self, "ssml", parse_ssml(str(self.text)))

@@ -3,6 +3,7 @@ hostile documents (external entity, entity bomb) refused fast, small and without
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import sys
 import time
@@ -295,6 +296,7 @@ def test_the_document_travels_with_its_request():
     copy = pickle.loads(pickle.dumps(request))
     assert copy == request and copy.ssml == request.ssml
     assert SynthesisRequest("sft", "plain <b>text</b>", spk_id="a").ssml is None
+    assert dataclasses.replace(request, text="<speak>Other</speak>").ssml == parse_ssml("<speak>Other</speak>")
     with pytest.raises(SsmlError):
         SynthesisRequest("sft", "<speak>oops", spk_id="a")
     error = pickle.loads(pickle.dumps(SsmlError("bad", 3, 4)))
