@@ -38,6 +38,22 @@ class TextError(InvalidRequest):
     code = "invalid_text"
 
 
+class SsmlError(TextError):
+    """SSML that does not parse or that the server refuses (a DOCTYPE, an entity, a bad attribute value):
+    the message names its ``line`` and ``column`` (1-based)."""
+
+    code = "invalid_ssml"
+
+    def __init__(self, reason: str, line: int, column: int, param: str | None = None) -> None:
+        super().__init__(f"invalid SSML at line {line}, column {column}: {reason}", param)
+        self.reason = reason
+        self.line = line
+        self.column = column
+
+    def __reduce__(self) -> tuple[type[SsmlError], tuple[str, int, int, str | None]]:
+        return type(self), (self.reason, self.line, self.column, self.param)
+
+
 class MissingField(InvalidRequest):
     """A required form field or upload is absent or empty."""
 

@@ -31,6 +31,9 @@ class Family:
     # The official code's early stop masks one id that is not this family's eos (v3: spec §17.2), which
     # --reference_eos_mask reproduces; where the two rules agree (v1, v2) the option changes nothing.
     reference_eos_quirk: bool = False
+    # The text tags around emphasised words (SSML <emphasis>), special tokens of the family's tokenizer
+    # (spec §5.5, §6.3); None: the words are spoken plainly.
+    emphasis: tuple[str, str] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,6 +59,7 @@ FAMILIES: dict[str, Family] = {
             "V2Synthesizer",
             "instruct2",
             bistream=True,
+            emphasis=("<strong>", "</strong>"),
         ),
         Family(
             "cosyvoice3",
@@ -69,6 +73,7 @@ FAMILIES: dict[str, Family] = {
             system_prompt=True,
             bistream=True,
             reference_eos_quirk=True,
+            emphasis=("<strong>", "</strong>"),
         ),
     )
 }

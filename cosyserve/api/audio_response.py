@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import quote
 
 import anyio
 import numpy as np
@@ -27,6 +28,13 @@ logger = logging.getLogger("cosyserve.api")
 LENGTH_IN_HEADER = ("wav", "flac")
 # Formats whose body carries 16-bit little-endian samples as such (compressed ones do not).
 PCM_SAMPLE_FORMATS = ("wav", "pcm")
+# What an SSML request's document had that the server does not do (its text was spoken): each name once.
+SSML_IGNORED_HEADER = "X-SSML-Ignored-Tags"
+
+
+def ssml_ignored_header(names: tuple[str, ...]) -> str:
+    """The header's value: the names, comma-separated, anything outside printable ASCII percent-encoded."""
+    return ", ".join(quote(name, safe="@=()-_.:/ ") for name in names)
 
 
 class AudioResponse(Response):
@@ -177,4 +185,7 @@ async def start_generation(
         buffered = not synthesis.options.stream and output.fmt in LENGTH_IN_HEADER
     stream = await engine.synthesize(synthesis, request_id(request))
     state.in_flight.enter()
-    return response_class(stream, output, engine.info.sample_rate, buffered, in_flight=state.in_flight, label=label)
+    response = response_class(stream, output, engine.info.sample_rate, buffered, in_flight=state.in_flight, label=label)
+    if synthesis.ssml is not None and synthesis.ssml.ignored:
+        response.headers[SSML_IGNORED_HEADER] = ssml_ignored_header(synthesis.ssml.ignored)
+    return response

@@ -266,7 +266,8 @@ async def create_speech(request: Request) -> Response:
     )
     response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
     if isinstance(response, SpeechEvents):
-        response.usage = lambda seconds: _speech_tokens(engine, text, seconds)
+        spoken = synthesis.ssml.text if synthesis.ssml is not None else text
+        response.usage = lambda seconds: _speech_tokens(engine, spoken, seconds)
     else:
         response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[output.fmt]}"'
     return response

@@ -10,8 +10,9 @@ on the CPU; each stage moves what it reads to its own device once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -23,8 +24,10 @@ from cosyserve.errors import AudioError, InvalidRequest, TextError, UnsupportedM
 from cosyserve.families import FAMILIES, Family
 from cosyserve.frontend.frontend import Frontend, ModelInput
 from cosyserve.frontend.voice_prompt import VoicePrompt
+from cosyserve.text.normalize import contains_chinese, replace_blank
+from cosyserve.text.ssml import Pause, Span, SsmlDocument
 
-from .request import SynthesisRequest
+from .request import MAX_SPEED, MIN_SPEED, GenerationOptions, SynthesisRequest
 from .voices import VoiceStore
 
 # v3 was trained with a system prompt ending in <|endofprompt|> in front of the text (spec §5.5).
@@ -60,6 +63,20 @@ class InputShapes:
 
     mel_channels: int
     embedding_dim: int
+
+
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """How one segment is spoken besides its model input (which :class:`SegmentInput` is): its speed,
+    and the exact silence before and after its audio, in samples at the model's rate (SSML ``<prosody
+    rate>``, ``<break>``). The scheduler emits the silence where it emits the segment's audio."""
+
+    speed: float = 1.0
+    pause_before: int = 0
+    pause_after: int = 0
 
 
 def _ids(n: int = 0) -> Tensor:
@@ -163,10 +180,18 @@ class InputBuilder:
 
     def build(self, request: SynthesisRequest) -> list[SegmentInput]:
         """One input per text segment (vc: one input); raises :mod:`cosyserve.errors` on bad fields."""
+        return self.build_planned(request)[0]
+
+    def build_planned(self, request: SynthesisRequest) -> tuple[list[SegmentInput], list[SegmentPlan]]:
+        """:meth:`build`'s inputs and, for each, its :class:`SegmentPlan` (speed, pauses)."""
         if request.mode == "vc":
-            return [self._typed(self._vc(request))]
-        segments = self.segments(request.text, request.options.text_frontend)
-        return [self._typed(fields) for fields in self._builders[request.mode](request, segments)]
+            return [self._typed(self._vc(request))], [SegmentPlan(request.options.speed)]
+        if request.ssml is not None:
+            segments, plans = self.ssml_segments(request.ssml, request.options)
+        else:
+            segments = self.segments(request.text, request.options.text_frontend)
+            plans = [SegmentPlan(request.options.speed)] * len(segments)
+        return [self._typed(fields) for fields in self._builders[request.mode](request, segments)], plans
 
     def bistream(self, request: SynthesisRequest) -> SegmentInput:
         """The input of a request whose text is streamed: the mode's prompt, and what the mode puts
@@ -202,6 +227,64 @@ class InputBuilder:
         if not segments:
             raise TextError("tts_text has nothing to speak after normalisation", param="tts_text")
         return segments
+
+    def ssml_segments(self, document: SsmlDocument, options: GenerationOptions) -> tuple[list[str], list[SegmentPlan]]:
+        """An SSML document's segments and their plans. Consecutive spans at one rate, with no pause or
+        ``<p>`` / ``<s>`` between them, are one text (normalised span by span in the branch of the whole,
+        emphasis tagged where the family has tags), split as plain text is; each pause becomes exact
+        silence after the segment before it (before the first segment when none is)."""
+        rate = self.frontend.sample_rate
+        segments: list[str] = []
+        plans: list[SegmentPlan] = []
+        leading = 0  # silence before the first segment, in samples
+        group: list[Span] = []
+
+        def flush() -> None:
+            texts = self._ssml_texts(group, options.text_frontend) if group else []
+            if texts:
+                speed = min(max(options.speed * group[0].rate, MIN_SPEED), MAX_SPEED)
+                plans.extend(SegmentPlan(speed) for _ in texts)
+                segments.extend(texts)
+            group.clear()
+
+        for part in document.parts:
+            if isinstance(part, Pause):
+                flush()
+                samples = round(part.seconds * rate)
+                if plans:
+                    plans[-1] = replace(plans[-1], pause_after=plans[-1].pause_after + samples)
+                else:
+                    leading += samples
+                continue
+            if group and (part.segment_start or part.rate != group[0].rate):
+                flush()
+            group.append(part)
+        flush()
+        if not segments:
+            raise TextError("the SSML document has nothing to speak", param="tts_text")
+        plans[0] = replace(plans[0], pause_before=leading)
+        return segments, plans
+
+    def _ssml_texts(self, spans: list[Span], text_frontend: bool) -> list[str]:
+        """The segments of consecutive spans spoken as one text (see :meth:`ssml_segments`)."""
+        lang = "zh" if contains_chinese("".join(s.text for s in spans)) else "en"
+        tags = self.family.emphasis
+        pieces = []
+        for span in spans:
+            piece = self.frontend.normalize_span(span.text, lang) if text_frontend else span.text
+            if span.emphasis and tags is not None and piece.strip():
+                lead = " " if piece[0].isspace() else ""
+                trail = " " if piece[-1].isspace() else ""
+                piece = f"{lead}{tags[0]}{piece.strip()}{tags[1]}{trail}"
+            pieces.append(piece)
+        text = _SPACES.sub(" ", "".join(pieces)).strip()
+        if lang == "zh":
+            text = replace_blank(text)
+        if not text:
+            return []
+        # The pronunciation lexicon (the request's entries and the document's <phoneme> ones) applies to
+        # these normalised segment texts, as it does in segments().
+        return self.frontend.split(text) if text_frontend else [text]
 
     def text(self, text: str | None, param: str, text_frontend: bool) -> str:
         if not isinstance(text, str) or not text.strip():

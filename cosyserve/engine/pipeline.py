@@ -17,13 +17,14 @@ import numpy as np
 
 from cosyserve.audio.io import AudioInput
 from cosyserve.audio.prompt import PromptLimits
+from cosyserve.errors import InvalidRequest
 from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.models.contracts import BistreamLM, Networks, SpeechLM
 from cosyserve.nn.sampling import Sampler
 
 from . import streaming
 from .generation import GenerationLoop
-from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, unsupported_mode
+from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, SegmentPlan, unsupported_mode
 from .loading import EngineOptions, LoadedParts, load_parts
 from .request import GenerationOptions, SynthesisRequest
 from .runner import ModelRunner
@@ -138,16 +139,19 @@ class TTSModel:
             raise unsupported_mode(self.family, request.mode, self.modes)
         options = request.options
         reader = None
+        plans: list[SegmentPlan] = []
         if text_feed is None:
-            inputs = self.inputs.build(request)
+            inputs, plans = self.inputs.build_planned(request)
         else:
+            if request.ssml is not None:
+                raise InvalidRequest("SSML needs the whole text: streamed text (bistream) is plain text", param="text")
             segment = self.inputs.bistream(request)
             cast(BistreamLM, self.lm).split_bistream_prompt(segment.prompt_text)  # v3: needs <|endofprompt|>
             inputs = [segment]
             reader = FeedReader(text_feed, self._text_ids, first=request.text)
         draws = draws or Draws(options.seed)
         sampler = sampler or self.lm.make_sampler(draws.sampling_generator)
-        return Sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader)
+        return Sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader, plans)
 
     def _text_ids(self, text: str) -> list[int]:
         return self.frontend.tokenize(text).reshape(-1).tolist()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosyserve.errors import InvalidRequest
+from cosyserve.text.ssml import SsmlDocument, is_ssml, parse_ssml
 
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
 MIN_SPEED = 0.25
@@ -49,6 +50,9 @@ class SynthesisRequest:
     - ``vc``: source_audio, prompt_audio or spk_id
 
     Audio is encoded bytes of any common container, a file path, or ``(wave, sample_rate)``.
+
+    A ``text`` starting with ``<speak`` is SSML (:func:`cosyserve.text.ssml.is_ssml`): it is parsed here,
+    once, into ``ssml`` (an :class:`SsmlError`, a 4xx, when it does not parse); ``text`` keeps the markup.
     """
 
     mode: str
@@ -59,7 +63,12 @@ class SynthesisRequest:
     prompt_audio: Any = None
     source_audio: Any = None
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    # The parsed document when ``text`` is SSML: derived from ``text`` (never given, so a copy made with
+    # dataclasses.replace parses its own text).
+    ssml: SsmlDocument | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"unknown mode {self.mode!r}: one of {', '.join(MODES)}", param="mode")
+        if self.mode != "vc" and is_ssml(self.text):
+            object.__setattr__(self, "ssml", parse_ssml(str(self.text)))

@@ -63,6 +63,10 @@ class SchedulePolicy:
     max_credit_s: float = 2.0  # the background budget saved up (or owed) at most
 
 
+def _silence(samples: int) -> np.ndarray:
+    return np.zeros(samples, dtype=np.float32)
+
+
 class Scheduler:
     """Decides each step for the sequences it holds (see the module doc)."""
 
@@ -189,11 +193,12 @@ class Scheduler:
 
     def _start_segment(self, sequence: Sequence) -> Segment:
         model_input = sequence.inputs[sequence.next_segment]
+        plan = sequence.plan(sequence.next_segment)
         sequence.next_segment += 1
         condition = PromptCondition(model_input.flow_prompt_speech, model_input.prompt_mel, model_input.flow_embedding)
-        synthesizer = self.new_synthesizer(condition, sequence.draws, sequence.speed, sequence.stream)
+        synthesizer = self.new_synthesizer(condition, sequence.draws, plan.speed, sequence.stream)
         synthesizer.timings = self.timings
-        segment = Segment(model_input, synthesizer)
+        segment = Segment(model_input, synthesizer, plan=plan)
         sequence.segments.append(segment)
         self._owner[segment] = sequence
         if model_input.source_speech is not None:  # vc: the tokens are given
@@ -333,13 +338,22 @@ class Scheduler:
             self._in_flight.pop(work.sequence, None)
             if work.sequence.failed is not None:
                 continue
+            segment = work.segment
             if work.last:
-                work.segment.done = True
-                work.sequence.segments.remove(work.segment)
-                self._owner.pop(work.segment, None)
-            if chunk is not None and chunk.size:
-                work.sequence.chunks_out += 1
-                events.append((work.sequence, chunk))
+                segment.done = True
+                work.sequence.segments.remove(segment)
+                self._owner.pop(segment, None)
+            pieces: list[np.ndarray | None] = []
+            if not segment.audio_started and (work.last or (chunk is not None and chunk.size)):
+                segment.audio_started = True
+                pieces.append(_silence(segment.plan.pause_before))  # exact zeros (SSML <break>)
+            pieces.append(chunk)
+            if work.last:
+                pieces.append(_silence(segment.plan.pause_after))
+            for piece in pieces:
+                if piece is not None and piece.size:
+                    work.sequence.chunks_out += 1
+                    events.append((work.sequence, piece))
         for work in plan.audio:
             if work.sequence not in finished and work.sequence.failed is None:
                 self._in_flight[work.sequence] = work

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cosyserve.models.bistream import BistreamInput
 from cosyserve.nn.sampling import Sampler, TokenRules
 
-from .inputs import SegmentInput
+from .inputs import SegmentInput, SegmentPlan
 from .streaming import Draws, Synthesizer
 from .text_feed import FeedReader
 
@@ -27,6 +27,7 @@ class Segment:
 
     input: SegmentInput
     synthesizer: Synthesizer
+    plan: SegmentPlan = field(default_factory=SegmentPlan)  # its speed and the silence around its audio
     rules: TokenRules | None = None  # uni-stream decoding rules; None for vc (given tokens) and bistream
     bistream: BistreamInput | None = None  # text arriving over time: what to feed, when to wait
     prefix_fed: int = 0  # uni-stream: prefix positions fed so far
@@ -34,6 +35,7 @@ class Segment:
     next_input: int | None = None  # the id the next decode step feeds (the last one picked)
     decoded: bool = False  # the LLM is done with this segment
     done: bool = False  # its last chunk is out
+    audio_started: bool = False  # its first chunk (or the silence before it) is out
 
     @property
     def prefilled(self) -> bool:
@@ -57,12 +59,17 @@ class Sequence:
     speed: float
     request_id: str = ""
     text: FeedReader | None = None  # bi-streaming: the text arrives through this feed
+    plans: list[SegmentPlan] = field(default_factory=list)  # per input (none: ``speed``, no silence)
     arrival: int = field(default_factory=lambda: next(_arrivals))
     segments: deque[Segment] = field(default_factory=deque)  # started, audio not all out, in order
     next_segment: int = 0  # index in ``inputs`` of the next segment to start
     chunks_out: int = 0
     tokens_out: int = 0
     failed: BaseException | None = None
+
+    def plan(self, index: int) -> SegmentPlan:
+        """The plan of ``inputs[index]``."""
+        return self.plans[index] if index < len(self.plans) else SegmentPlan(self.speed)
 
     @property
     def decoding(self) -> Segment | None:

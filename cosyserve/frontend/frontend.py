@@ -37,6 +37,10 @@ class _Tokenizer(Protocol):
 class _Normalizer(Protocol):
     def normalize(self, text: Any, split: bool = True, text_frontend: bool = True) -> Any: ...
 
+    def normalize_span(self, text: str, lang: str) -> str: ...
+
+    def split(self, text: str) -> list[str]: ...
+
 
 class Frontend:
     """Builds model inputs for one loaded model (``version`` "v1" | "v2" | "v3") and the voices of
@@ -86,6 +90,14 @@ class Frontend:
     def normalize(self, text: Any, split: bool = True, text_frontend: bool = True) -> Any:
         """The reference's ``text_normalize``: a list of segments with ``split``, else one string."""
         return self.normalizer.normalize(text, split=split, text_frontend=text_frontend)
+
+    def normalize_span(self, text: str, lang: str) -> str:
+        """One piece of a longer text (an SSML span), normalised in the branch of the whole (zh | en)."""
+        return str(self.normalizer.normalize_span(text, lang))
+
+    def split(self, text: str) -> list[str]:
+        """Normalised text cut into segments as :meth:`normalize` cuts them."""
+        return list(self.normalizer.split(text))
 
     def tokenize(self, text: str) -> torch.Tensor:
         """Text ids (1, L) int32 (special tokens such as ``<|en|>`` / ``<|endofprompt|>`` allowed)."""

@@ -257,6 +257,26 @@ class TextNormalizer:
         pieces = split_paragraph(text, self.tokenizer.encode, lang)
         return [p for p in pieces if not is_only_punctuation(p)]
 
+    def normalize_span(self, text: str, lang: str) -> str:
+        """One piece of a longer text (an SSML span), in the branch of the whole (``lang``: "zh" | "en"):
+        as ``normalize(split=False)``, but the piece keeps its outer white space and a trailing comma
+        (the text goes on after it). Tagged text (``<|...|>``) is left alone."""
+        body = text.strip()
+        if not body or ("<|" in text and "|>" in text):
+            return text
+        lead = " " if text[0].isspace() else ""
+        trail = " " if text[-1].isspace() else ""
+        body = self._normalize_zh(body, whole=False) if lang == "zh" else self._normalize_en(body)
+        return lead + body + trail
+
+    def split(self, text: str) -> list[str]:
+        """Normalised text cut into segments as :meth:`normalize` cuts them (no normalisation here)."""
+        if "<|" in text and "|>" in text:
+            return self._bounded(text)
+        text = text.strip()
+        pieces = split_paragraph(text, self.tokenizer.encode, "zh" if contains_chinese(text) else "en")
+        return [p for p in pieces if not is_only_punctuation(p)]
+
     def _bounded(self, text: str) -> list[str]:
         """Tagged text, which the frontend leaves alone: one segment as in the reference unless it is over
         :data:`SEGMENT_MAX_N` tokens; then cut, each piece keeping the leading tags (``<|en|>``...)."""
@@ -272,7 +292,7 @@ class TextNormalizer:
         pieces = cut_to_bound(body, length, SEGMENT_MAX_N - length(prefix))
         return [prefix + piece for piece in pieces]
 
-    def _normalize_zh(self, text: str) -> str:
+    def _normalize_zh(self, text: str, whole: bool = True) -> str:
         if self.backend == "wetext":
             text = WeTextBackend.normalize(chinese_prepass(text), "zh")
         text = text.replace("\n", "")
@@ -281,7 +301,7 @@ class TextNormalizer:
         text = text.replace(".", "。")
         text = text.replace(" - ", "，")
         text = remove_bracket(text)
-        return _TRAILING_COMMAS.sub("。", text)
+        return _TRAILING_COMMAS.sub("。", text) if whole else text
 
     def _normalize_en(self, text: str) -> str:
         if self.backend == "wetext":

@@ -118,3 +118,82 @@ def chinese_prepass(text: str) -> str:
     text = _ZH_INTERNATIONAL_PHONE.sub(lambda m: "加" + _zh_digits(m[1]) + _zh_digits(m[2]), text)
     text = _LOCAL_PHONE.sub(lambda m: _zh_digits(m[1]) + _zh_digits(m[2]), text)
     return _GROUPED.sub(lambda m: m[0].replace(",", ""), text)
+
+
+# -- readings for SSML's <say-as> (cosyserve.text.ssml), in the words of the readings above ------------
+
+_ZH_DIGITS = "零一二三四五六七八九"
+_ZH_UNITS = ("", "十", "百", "千")
+_ZH_GROUPS = ("", "万", "亿", "万亿")
+_EN_ORDINALS = {
+    "one": "first",
+    "two": "second",
+    "three": "third",
+    "five": "fifth",
+    "eight": "eighth",
+    "nine": "ninth",
+    "twelve": "twelfth",
+}
+
+
+def english_digits(digits: str) -> str:
+    """Each ASCII digit of ``digits`` as its English word ("105" -> "one zero five"); others are dropped."""
+    return _english_digits("".join(d for d in digits if d in "0123456789"))
+
+
+def chinese_digits(digits: str, phone: bool = False) -> str:
+    """Each ASCII digit as its Chinese character ("105" -> "一零五"; ``phone``: 1 is 幺, as phone numbers
+    are read)."""
+    if phone:
+        return _zh_digits(digits)
+    return "".join(_ZH_DIGITS[int(d)] for d in digits if d in "0123456789")
+
+
+def english_ordinal(n: int) -> str:
+    """``n`` (0 <= n < 10**15) as an English ordinal: 21 -> "twenty first", 100 -> "one hundredth"."""
+    words = english_cardinal(n).split(" ")
+    last = words[-1]
+    if last in _EN_ORDINALS:
+        last = _EN_ORDINALS[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return " ".join([*words[:-1], last])
+
+
+def _chinese_below_ten_thousand(n: int) -> str:
+    out, zero = "", False
+    digits = str(n)
+    for i, d in enumerate(digits):
+        if d == "0":
+            zero = True
+            continue
+        if zero and out:
+            out += "零"
+        zero = False
+        out += _ZH_DIGITS[int(d)] + _ZH_UNITS[len(digits) - 1 - i]
+    return out
+
+
+def chinese_cardinal(n: int) -> str:
+    """``n`` (0 <= n < 10**16) in Chinese: 10010 -> "一万零一十", 15 -> "十五"."""
+    if not 0 <= n < 10**16:
+        raise ValueError(f"{n} is out of range")
+    if n == 0:
+        return "零"
+    groups = []
+    while n:
+        groups.append(n % 10000)
+        n //= 10000
+    out, skipped = "", False
+    for i in range(len(groups) - 1, -1, -1):
+        group = groups[i]
+        if not group:
+            skipped = True
+            continue
+        if out and (skipped or group < 1000):
+            out += "零"
+        out += _chinese_below_ten_thousand(group) + _ZH_GROUPS[i]
+        skipped = False
+    return out[1:] if out.startswith("一十") else out

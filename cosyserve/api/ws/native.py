@@ -49,7 +49,10 @@ class NativeSession(SpeechSession):
         await self.send(data)
 
     async def segment_started(self, segment: Segment) -> None:
-        await self.send({"type": "segment.start", "segment": segment.index, "text": segment.text})
+        message: dict[str, Any] = {"type": "segment.start", "segment": segment.index, "text": segment.text}
+        if segment.ssml_ignored:
+            message["ssml_ignored_tags"] = list(segment.ssml_ignored)
+        await self.send(message)
 
     async def segment_done(self, segment: Segment, seconds: float) -> None:
         message: dict[str, Any] = {"type": "segment.done", "segment": segment.index, "audio_seconds": round(seconds, 4)}

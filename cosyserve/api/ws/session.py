@@ -60,6 +60,7 @@ from cosyserve.errors import (
     Unavailable,
 )
 from cosyserve.text.segmenter import TextSegmenter, ends_sentence
+from cosyserve.text.ssml import is_ssml
 
 logger = logging.getLogger("cosyserve.api")
 
@@ -105,6 +106,7 @@ class Segment:
     error: CosyServeError | None = None
     submitted_at: float = 0.0
     utterance: Utterance | None = None  # bistream: the text of this segment, still arriving
+    ssml_ignored: tuple[str, ...] = ()  # an SSML segment's ignored tags (X-SSML-Ignored-Tags on HTTP)
 
 
 @dataclass
@@ -192,8 +194,14 @@ class SpeechSession:
             raise self._backlog_error()
 
     def add_text(self, text: str) -> None:
-        """A client fragment: buffered into segments, or (bistream) passed on to the open utterance."""
+        """A client fragment: buffered into segments, or (bistream) passed on to the open utterance. A
+        fragment that is a whole SSML document (``<speak>...``) is one segment of its own, after what
+        came before it."""
         assert self.setup is not None
+        if is_ssml(text):
+            self.flush_text()
+            self.queue_text([text])
+            return
         if not self.setup.bistream:
             self.queue_text(self.setup.segmenter.add(text))
             return
@@ -254,7 +262,9 @@ class SpeechSession:
                     utterance.submitted = True
                     segment.stream = await engine.synthesize_bistream(self.setup.plan(""), utterance.feed)
                 else:
-                    segment.stream = await engine.synthesize(self.setup.plan(text))
+                    request = self.setup.plan(text)
+                    segment.ssml_ignored = request.ssml.ignored if request.ssml is not None else ()
+                    segment.stream = await engine.synthesize(request)
                 if epoch != self.epoch:
                     await segment.stream.aclose()
                     return
