@@ -31,6 +31,9 @@ class Family:
     # The official code's early stop masks one id that is not this family's eos (v3: spec §17.2), which
     # --reference_eos_mask reproduces; where the two rules agree (v1, v2) the option changes nothing.
     reference_eos_quirk: bool = False
+    # Its tokenizer has inline pronunciation tokens (pinyin units [ch][óng], CMU phones [AH0]; spec §5.5, §6.3),
+    # which the pronunciation lexicon writes pinyin / CMU entries as; other families speak a respelling.
+    inline_pronunciation: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -69,6 +72,7 @@ FAMILIES: dict[str, Family] = {
             system_prompt=True,
             bistream=True,
             reference_eos_quirk=True,
+            inline_pronunciation=True,
         ),
     )
 }

@@ -24,6 +24,7 @@ from cosyserve.families import FAMILIES, Family
 from cosyserve.frontend.frontend import Frontend, ModelInput
 from cosyserve.frontend.voice_prompt import VoicePrompt
 
+from .pronunciations import PronunciationStore
 from .request import SynthesisRequest
 from .voices import VoiceStore
 
@@ -146,9 +147,16 @@ class InputBuilder:
     """A loaded model's per-mode input builders (see the module doc)."""
 
     def __init__(
-        self, frontend: Frontend, voices: VoiceStore, family: Family, shapes: InputShapes, limits: PromptLimits
+        self,
+        frontend: Frontend,
+        voices: VoiceStore,
+        family: Family,
+        shapes: InputShapes,
+        limits: PromptLimits,
+        pronunciations: PronunciationStore | None = None,
     ) -> None:
         self.frontend = frontend
+        self.pronunciations = pronunciations
         self.voices = voices
         self.family = family
         self.shapes = shapes
@@ -166,6 +174,7 @@ class InputBuilder:
         if request.mode == "vc":
             return [self._typed(self._vc(request))]
         segments = self.segments(request.text, request.options.text_frontend)
+        segments = self.pronounce(request, segments)
         return [self._typed(fields) for fields in self._builders[request.mode](request, segments)]
 
     def bistream(self, request: SynthesisRequest) -> SegmentInput:
@@ -202,6 +211,13 @@ class InputBuilder:
         if not segments:
             raise TextError("tts_text has nothing to speak after normalisation", param="tts_text")
         return segments
+
+    def pronounce(self, request: SynthesisRequest, segments: list[str]) -> list[str]:
+        """The normalised segments with the request's lexicon applied (its own entries and the stored ones
+        it reaches), as the tokenizer then reads them; raises the lexicon's 4xx."""
+        if self.pronunciations is None:
+            return segments
+        return self.pronunciations.lexicon(request).apply_all(segments)
 
     def text(self, text: str | None, param: str, text_frontend: bool) -> str:
         if not isinstance(text, str) or not text.strip():

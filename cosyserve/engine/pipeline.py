@@ -25,6 +25,7 @@ from . import streaming
 from .generation import GenerationLoop
 from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, unsupported_mode
 from .loading import EngineOptions, LoadedParts, load_parts
+from .pronunciations import PronunciationStore, lexicon_target
 from .request import GenerationOptions, SynthesisRequest
 from .runner import ModelRunner
 from .scheduler import SchedulePolicy, Scheduler
@@ -51,7 +52,12 @@ class TTSModel:
         self.networks = Networks.of(self.core)
         flow = self.networks.flow
         shapes = InputShapes(mel_channels=flow.output_size, embedding_dim=flow.spk_embed_affine_layer.in_features)
-        self.inputs = InputBuilder(self.frontend, self.voices, parts.family, shapes, self.options.prompt_limits)
+        self.pronunciations = PronunciationStore(
+            self.voices.library, lexicon_target(parts.family, self.frontend.tokenizer)
+        )
+        self.inputs = InputBuilder(
+            self.frontend, self.voices, parts.family, shapes, self.options.prompt_limits, self.pronunciations
+        )
         self._synthesizer: type[Synthesizer] = getattr(streaming, parts.family.synthesizer)
         devices = parts.placement.devices()
         self.audio_stage = AudioStage.of(self.core, devices["flow"], devices["vocoder"], self.options.streaming())
@@ -144,7 +150,14 @@ class TTSModel:
             segment = self.inputs.bistream(request)
             cast(BistreamLM, self.lm).split_bistream_prompt(segment.prompt_text)  # v3: needs <|endofprompt|>
             inputs = [segment]
-            reader = FeedReader(text_feed, self._text_ids, first=request.text)
+            # Streamed text is not normalised; the lexicon applies to it as it comes, a fragment's last
+            # characters waiting for the next one where they may begin a lexicon word.
+            lexicon = self.pronunciations.lexicon(request)
+            if len(lexicon):
+                tokenize = lambda text: self._text_ids(lexicon.apply(text))  # noqa: E731
+                reader = FeedReader(text_feed, tokenize, first=request.text, hold=lexicon.held_back)
+            else:
+                reader = FeedReader(text_feed, self._text_ids, first=request.text)
         draws = draws or Draws(options.seed)
         sampler = sampler or self.lm.make_sampler(draws.sampling_generator)
         return Sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader)

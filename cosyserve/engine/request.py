@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosyserve.errors import InvalidRequest
+from cosyserve.text.pronunciation import MAX_REQUEST_ENTRIES, Pronunciation
 
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
 MIN_SPEED = 0.25
@@ -49,6 +50,10 @@ class SynthesisRequest:
     - ``vc``: source_audio, prompt_audio or spk_id
 
     Audio is encoded bytes of any common container, a file path, or ``(wave, sample_rate)``.
+
+    ``pronunciations``: the request's own lexicon entries (they win over stored ones); the engine adds
+    the stored entries of the global scope, of ``spk_id``'s voice and of ``lexicon_owner`` (an API key's
+    id, never the key) to every mode with a target text.
     """
 
     mode: str
@@ -59,7 +64,15 @@ class SynthesisRequest:
     prompt_audio: Any = None
     source_audio: Any = None
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    pronunciations: tuple[Pronunciation, ...] = ()
+    lexicon_owner: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"unknown mode {self.mode!r}: one of {', '.join(MODES)}", param="mode")
+        entries = tuple(self.pronunciations)
+        if len(entries) > MAX_REQUEST_ENTRIES or not all(isinstance(e, Pronunciation) for e in entries):
+            raise InvalidRequest(
+                f"pronunciations must be at most {MAX_REQUEST_ENTRIES} Pronunciation entries", param="pronunciations"
+            )
+        object.__setattr__(self, "pronunciations", entries)

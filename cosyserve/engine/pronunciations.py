@@ -1,0 +1,78 @@
+"""The pronunciation lexicon of one loaded model: the stored entries (in the voice library's database, see
+:mod:`cosyserve.engine.voice_library.base`) and what the model makes of an entry.
+
+A request reaches the stored entries of the global scope, of its voice (``spk_id``) and of its API key
+(``SynthesisRequest.lexicon_owner``), the more specific winning for the same word, and its own entries win
+over all (:meth:`PronunciationStore.lexicon`). How entries apply to the text: :mod:`cosyserve.text.pronunciation`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cosyserve.families import Family
+from cosyserve.text.pronunciation import (
+    GLOBAL_SCOPE,
+    Lexicon,
+    LexiconTarget,
+    Pronunciation,
+    key_scope,
+    voice_scope,
+)
+from cosyserve.text.tokenizers import TextTokenizer, has_token
+
+from .request import SynthesisRequest
+from .voice_library.base import StoredPronunciation, VoiceBackend
+
+
+def lexicon_target(family: Family, tokenizer: TextTokenizer) -> LexiconTarget:
+    """What a model of ``family`` with ``tokenizer`` makes of lexicon entries."""
+    return LexiconTarget(
+        f"{family.display} ({family.name})", family.inline_pronunciation, lambda token: has_token(tokenizer, token)
+    )
+
+
+class PronunciationStore:
+    """The stored lexicon as one model sees it (every model of a server shares the library)."""
+
+    def __init__(self, library: VoiceBackend, target: LexiconTarget) -> None:
+        self.library = library
+        self.target = target
+
+    def usable(self, entry: Pronunciation) -> bool:
+        """Whether this model speaks ``entry`` (else it skips it: pinyin / CMU only, no inline tokens)."""
+        return entry.respelling is not None or (self.target.inline_tokens and entry.tokens is not None)
+
+    def check(self, entry: Pronunciation) -> None:
+        """Raise the 4xx this model would for ``entry`` (a syllable / phone its tokenizer has no token for)."""
+        if self.target.inline_tokens and entry.tokens is not None:
+            Lexicon(self.target, stored=[entry])
+
+    def put(self, entry: Pronunciation, scope: str, voice: str | None = None) -> tuple[StoredPronunciation, bool]:
+        """Store (or replace) ``entry`` in ``scope``; (what was stored, whether it is new)."""
+        stored = StoredPronunciation(entry, scope, voice, int(time.time()))
+        return stored, self.library.put_pronunciation(stored)
+
+    def entries(self, scopes: list[str]) -> list[StoredPronunciation]:
+        return self.library.pronunciations(scopes)
+
+    def voice_entries(self) -> list[StoredPronunciation]:
+        return self.library.voice_pronunciations()
+
+    def remove(self, scope: str, word: str) -> StoredPronunciation:
+        return self.library.remove_pronunciation(scope, word)
+
+    @staticmethod
+    def scopes(request: SynthesisRequest) -> list[str]:
+        """The scopes whose entries ``request`` reaches, most general first."""
+        scopes = [GLOBAL_SCOPE]
+        if request.spk_id:
+            scopes.append(voice_scope(request.spk_id))
+        if request.lexicon_owner:
+            scopes.append(key_scope(request.lexicon_owner))
+        return scopes
+
+    def lexicon(self, request: SynthesisRequest) -> Lexicon:
+        """The entries that apply to ``request``'s text on this model (raises its 4xx: see :class:`Lexicon`)."""
+        stored = [s.entry for s in self.entries(self.scopes(request))]
+        return Lexicon(self.target, stored, request.pronunciations)
