@@ -195,11 +195,12 @@ def _schema(name: str) -> dict[str, Any]:
     }.get(name, {"type": "string"})
 
 
-_OPTIONAL = ("stream", "speed", "seed", "format", "sample_rate", "pronunciations")
+_OPTIONAL = ("stream", "speed", "seed", "format", "sample_rate")
 
 
 def _optional(endpoint: Endpoint) -> tuple[str, ...]:
-    return ("spk_id", *_OPTIONAL) if endpoint.voice_replaces else _OPTIONAL
+    optional = (*_OPTIONAL, "pronunciations") if endpoint.texts else _OPTIONAL  # the lexicon applies to text
+    return ("spk_id", *optional) if endpoint.voice_replaces else optional
 
 
 def _body_doc(endpoint: Endpoint) -> dict[str, Any]:

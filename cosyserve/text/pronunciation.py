@@ -7,7 +7,9 @@ a segment, before it is tokenised:
 - on a family with inline pronunciation tokens (Fun-CosyVoice3, ``Family.inline_pronunciation``) pinyin
   and CMU entries become the model's tokens: ``chong2 qing4`` -> ``[ch][óng][q][ìng]`` (tones 1-4 as the
   tone mark on the right vowel, 5 or none toneless), ``HH AH0 L OW1`` -> ``[HH][AH0][L][OW1]``; a syllable
-  or phone without such a token in the tokenizer's vocabulary is refused, naming it;
+  or phone without such a token in the tokenizer's vocabulary is refused, naming it (a stored entry, which
+  POST /v1/pronunciations checks against the model that stores it, falls back to its respelling or is
+  skipped, logged);
 - elsewhere the respelling is spoken; a request's own entry with only pinyin / CMU is refused there,
   naming the family, and a stored one is skipped (so it cannot fail every request of such a model);
 - the longest word matches first; a word whose edge is a Latin (non-CJK) letter or digit matches whole
@@ -20,6 +22,7 @@ Stored entries belong to a scope (:data:`GLOBAL_SCOPE`, a voice, an API key): se
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cosyserve.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_ENTRIES = 100  # entries a request may carry
 MAX_WORD_LENGTH = 64  # characters of a word
@@ -332,6 +337,15 @@ class Lexicon:
         tokens = entry.tokens
         if tokens is not None and self.target.inline_tokens:
             missing = [t for t in tokens if not self.target.is_token(t)]
+            if missing and not requested:  # stored through a model of another family: not this request's fault
+                log.warning(
+                    "stored pronunciation of %r: %s has no token in the %s tokenizer; %s",
+                    entry.word,
+                    ", ".join(missing),
+                    self.target.family,
+                    "its respelling is used" if entry.respelling is not None else "skipped",
+                )
+                return entry.respelling
             if missing:
                 field = "pinyin" if entry.pinyin is not None else "cmu"
                 raise InvalidRequest(

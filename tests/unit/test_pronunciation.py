@@ -165,6 +165,9 @@ def test_a_syllable_without_a_token_is_named():
         Lexicon(INLINE, requested=[Pronunciation("绿", pinyin="lv1")])
     with pytest.raises(InvalidRequest, match=r"\[QX\]"):
         Lexicon(INLINE, requested=[Pronunciation("x", cmu="QX")])
+    # Stored (through a model that could not check it): its respelling, or skipped; the request goes on.
+    stored = [Pronunciation("绿", pinyin="lv1", respelling="率"), Pronunciation("x", cmu="QX")]
+    assert Lexicon(INLINE, stored).apply("绿 x") == "率 x"
 
 
 def test_streamed_text_waits_where_a_word_may_go_on():
