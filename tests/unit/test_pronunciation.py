@@ -207,14 +207,14 @@ def test_normalisation_leaves_inline_tokens_whole(backend):
 
 
 @cache
-def _model(name: str):
+def _model(name: str, text_frontend: str = "none"):
     from cosyserve.engine.pipeline import load_model
 
-    return load_model(_model_dir(name), text_frontend="none")
+    return load_model(_model_dir(name), text_frontend=text_frontend)
 
 
-def _ids(name: str, text: str, **fields) -> list[int]:
-    model = _model(name)
+def _ids(name: str, text: str, text_frontend: str = "none", **fields) -> list[int]:
+    model = _model(name, text_frontend)
     request = SynthesisRequest("sft", text, spk_id=model.voices.ids()[0], **fields)
     (segment,) = model.inputs.build(request)
     return segment.text.reshape(-1).tolist()
@@ -237,6 +237,19 @@ def test_v3_entries_reach_the_llm_as_pronunciation_tokens():
     assert _sub(
         _ids("v3-tiny", "报道[j][ǐ]予好评。"), [tokenizer.special_tokens["[j]"], tokenizer.special_tokens["[ǐ]"]]
     )
+
+
+@pytest.mark.parametrize("backend", ["none", "wetext"])
+def test_v3_inline_tokens_in_the_text_pass_the_frontend_whole(backend):
+    tokenizer = _model("v3-tiny").frontend.tokenizer
+    phones = [tokenizer.special_tokens[t] for t in ("[HH]", "[AH0]", "[L]", "[OW1]")]
+    ids = _ids("v3-tiny", "Say [HH][AH0][L][OW1] to 2 friends.", backend)
+    assert _sub(ids, phones) and _sub(ids, tokenizer.encode(" two"))
+    assert not _sub(ids, tokenizer.encode("zero")) and not _sub(ids, tokenizer.encode("one"))
+    entries = (Pronunciation("hello", cmu="HH AH0 L OW1"),)
+    assert _ids("v3-tiny", "Say hello to 2 friends.", backend, pronunciations=entries) == ids
+    pinyin = [tokenizer.special_tokens["[j]"], tokenizer.special_tokens["[ǐ]"]]
+    assert _sub(_ids("v3-tiny", "报道[j][ǐ]予好评，共3次。", backend), pinyin)
 
 
 def test_v3_stored_entries_by_scope(tmp_path):
