@@ -71,6 +71,11 @@ class EntryBody(BaseModel):
     model: str | None = Field(None, description="The served model that checks it (default: the default model).")
 
 
+_CREATE_DOC = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": EntryBody.model_json_schema()}}}
+}
+
+
 def request_pronunciations(value: Any, param: str = "pronunciations") -> tuple[Pronunciation, ...]:
     """A request's ``pronunciations``: the object (JSON bodies) or its JSON text (form fields); None: none."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -151,6 +156,7 @@ def pronunciation_object(stored: StoredPronunciation, store: PronunciationStore)
             201: {"description": "The stored entry; Location names it."},
         },
     ),
+    openapi_extra=_CREATE_DOC,
 )
 async def create_pronunciation(request: Request) -> JSONResponse:
     state = server_state(request)
