@@ -40,13 +40,16 @@ class PronunciationStore:
         self.target = target
 
     def usable(self, entry: Pronunciation) -> bool:
-        """Whether this model speaks ``entry`` (else it skips it: pinyin / CMU only, no inline tokens)."""
-        return entry.respelling is not None or (self.target.inline_tokens and entry.tokens is not None)
+        """Whether this model speaks ``entry`` (else it skips it: pinyin / CMU only, and no inline tokens or
+        not every one its tokenizer has)."""
+        tokens = entry.tokens if self.target.inline_tokens else None
+        return entry.respelling is not None or (tokens is not None and all(map(self.target.is_token, tokens)))
 
     def check(self, entry: Pronunciation) -> None:
-        """Raise the 4xx this model would for ``entry`` (a syllable / phone its tokenizer has no token for)."""
+        """Raise the 4xx this model would for ``entry`` sent with a request (a syllable / phone its tokenizer
+        has no token for); an entry it cannot use at all is fine to store (for other models)."""
         if self.target.inline_tokens and entry.tokens is not None:
-            Lexicon(self.target, stored=[entry])
+            Lexicon(self.target, requested=[entry])
 
     def put(self, entry: Pronunciation, scope: str, voice: str | None = None) -> tuple[StoredPronunciation, bool]:
         """Store (or replace) ``entry`` in ``scope``; (what was stored, whether it is new)."""

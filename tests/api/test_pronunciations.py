@@ -6,6 +6,7 @@ text written with what the entry says (its respelling; on v3 its inline pronunci
 
 from __future__ import annotations
 
+import base64
 import json
 from functools import cache
 from typing import Any
@@ -252,6 +253,7 @@ def test_websocket_session_config(version, server_for):
     server = server_for(version)
     got = _session_pcm(server, version, "I like nginx a lot.", pronunciations={"nginx": "engine x"})
     assert got and got == _session_pcm(server, version, "I like engine x a lot.")
+    assert got != _session_pcm(server, version, "I like nginx a lot.")
     if version != "v1-tiny":  # bistream: the text streamed into the model, the entry applied as it comes
         got = _session_pcm(server, version, "I like nginx a lot.", pronunciations={"nginx": "engine x"}, bistream=True)
         assert got and got == _session_pcm(server, version, "I like engine x a lot.", bistream=True)
@@ -265,3 +267,25 @@ def test_websocket_session_config(version, server_for):
         with pytest.raises(Exception):  # noqa: B017 - closed by the server
             ws.recv(TIMEOUT)
     assert ws.close_code == 1008
+
+
+def _eleven_pcm(server: LiveServer, version: str, text: str, **first: Any) -> bytes:
+    url = server.url.replace("http://", "ws://") + f"/v1/text-to-speech/{_speaker(version)}/stream-input"
+    with connect(f"{url}?output_format=pcm_16000&seed={SEED}", open_timeout=TIMEOUT, max_size=None) as ws:
+        ws.send(json.dumps({"text": " ", **first}))
+        ws.send(json.dumps({"text": text + " "}))
+        ws.send(json.dumps({"text": ""}))
+        audio = b""
+        while True:
+            message = json.loads(ws.recv(TIMEOUT))
+            assert "error" not in message, message
+            if message.get("isFinal"):
+                return audio
+            audio += base64.b64decode(message["audio"])
+
+
+def test_elevenlabs_opening_frame(server_for):
+    server = server_for("v2-tiny")
+    got = _eleven_pcm(server, "v2-tiny", "I like nginx a lot.", pronunciations={"nginx": "engine x"})
+    assert got and got == _eleven_pcm(server, "v2-tiny", "I like engine x a lot.")
+    assert got != _eleven_pcm(server, "v2-tiny", "I like nginx a lot.")
