@@ -214,7 +214,7 @@ def _model(name: str, text_frontend: str = "none"):
 
 
 def _ids(name: str, text: str, text_frontend: str = "none", **fields) -> list[int]:
-    model = _model(name, text_frontend)
+    model = _model(name) if text_frontend == "none" else _model(name, text_frontend)  # one model per cache key
     request = SynthesisRequest("sft", text, spk_id=model.voices.ids()[0], **fields)
     (segment,) = model.inputs.build(request)
     return segment.text.reshape(-1).tolist()
