@@ -20,6 +20,7 @@ from cosyserve.audio.prompt import PromptLimits
 from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.models.contracts import BistreamLM, Networks, SpeechLM
 from cosyserve.nn.sampling import Sampler
+from cosyserve.text.pronunciation import parse_pronunciations
 
 from . import streaming
 from .generation import GenerationLoop
@@ -201,9 +202,13 @@ class TTSModel:
 
     def _run(self, mode: str, options: dict[str, Any], **fields: Any) -> Iterator[np.ndarray]:
         """``options``: the :class:`GenerationOptions` fields (stream, speed, seed, text_frontend),
-        plus ``draws`` / ``sampler`` (see :meth:`synthesize`)."""
+        plus ``draws`` / ``sampler`` (see :meth:`synthesize`) and ``pronunciations`` (entries, or their
+        request form ``{"重庆": {"pinyin": "chong2 qing4"}, "nginx": "engine x"}``)."""
         draws, sampler = options.pop("draws", None), options.pop("sampler", None)
-        request = SynthesisRequest(mode, options=GenerationOptions(**options), **fields)
+        entries = options.pop("pronunciations", ())
+        if not isinstance(entries, tuple):
+            entries = parse_pronunciations(entries)
+        request = SynthesisRequest(mode, options=GenerationOptions(**options), pronunciations=entries, **fields)
         return self.synthesize(request, draws=draws, sampler=sampler)
 
     def add_speaker(

@@ -284,6 +284,17 @@ def test_v2_speaks_the_respelling_and_refuses_pinyin_only():
         model.pronunciations.remove(GLOBAL_SCOPE, "重庆")
 
 
+def test_python_api_takes_pronunciations():
+    model = _model("v2-tiny")
+    speaker = model.voices.ids()[0]
+
+    def audio(text: str, **options) -> list:
+        return [c.tolist() for c in model.inference_sft(text, speaker, seed=3, **options)]
+
+    respelled = audio("I like nginx.", pronunciations={"nginx": "engine x"})
+    assert respelled == audio("I like engine x.") and respelled != audio("I like nginx.")
+
+
 # -- the SQLite store ---------------------------------------------------------------------------
 
 
