@@ -8,7 +8,9 @@ over all (:meth:`PronunciationStore.lexicon`). How entries apply to the text: :m
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 
 from cosyserve.families import Family
 from cosyserve.text.pronunciation import (
@@ -35,9 +37,14 @@ def lexicon_target(family: Family, tokenizer: TextTokenizer) -> LexiconTarget:
 class PronunciationStore:
     """The stored lexicon as one model sees it (every model of a server shares the library)."""
 
+    # Lexicons of stored entries kept, by (revision, scopes): a request reads the revision only.
+    CACHED = 16
+
     def __init__(self, library: VoiceBackend, target: LexiconTarget) -> None:
         self.library = library
         self.target = target
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, tuple[str, ...]], Lexicon] = OrderedDict()
 
     def usable(self, entry: Pronunciation) -> bool:
         """Whether this model speaks ``entry`` (else it skips it: pinyin / CMU only, and no inline tokens or
@@ -75,7 +82,22 @@ class PronunciationStore:
             scopes.append(key_scope(request.lexicon_owner))
         return scopes
 
+    def stored_lexicon(self, scopes: list[str]) -> Lexicon:
+        """The stored entries of ``scopes`` ready to apply (built once per lexicon revision)."""
+        key = (self.library.pronunciation_revision(), tuple(scopes))
+        with self._lock:
+            lexicon = self._cache.get(key)
+            if lexicon is not None:
+                self._cache.move_to_end(key)
+                return lexicon
+        # Read after the revision: a write in between makes the entries newer than the key, never older.
+        lexicon = Lexicon(self.target, [s.entry for s in self.entries(scopes)])
+        with self._lock:
+            self._cache[key] = lexicon
+            while len(self._cache) > self.CACHED:
+                self._cache.popitem(last=False)
+        return lexicon
+
     def lexicon(self, request: SynthesisRequest) -> Lexicon:
         """The entries that apply to ``request``'s text on this model (raises its 4xx: see :class:`Lexicon`)."""
-        stored = [s.entry for s in self.entries(self.scopes(request))]
-        return Lexicon(self.target, stored, request.pronunciations)
+        return self.stored_lexicon(self.scopes(request)).with_requested(request.pronunciations)

@@ -13,7 +13,8 @@ a segment, before it is tokenised:
 - elsewhere the respelling is spoken; a request's own entry with only pinyin / CMU is refused there,
   naming the family, and a stored one is skipped (so it cannot fail every request of such a model);
 - the longest word matches first; a word whose edge is a Latin (non-CJK) letter or digit matches whole
-  words only there (``cat`` does not match in ``concatenate``); Latin words match regardless of case;
+  words only there (``cat`` does not match in ``concatenate``); words match regardless of case (a word
+  of several words with single spaces between them, as the text has them after normalisation);
   inline tokens already in the text (``[j][ǐ]``, ``<|endofprompt|>``) are never matched inside.
 
 The limits (entries per request, word length, entries stored per scope) are defined here, once.
@@ -50,7 +51,7 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _LATIN_EDGE = re.compile(rf"[^\W{_CJK}]")  # a word character that is not CJK (letters, digits, _)
 _NOT_IN_WORDS = re.compile(r"[\[\]<>|{}\x00-\x1f\x7f]")
 # What the lexicon never matches inside: inline pronunciation / tag tokens, special tokens, markup tags.
-_PROTECTED = r"\[[^\[\]\s]{1,24}\]|<\|[^|<>]{1,32}\|>|</?[A-Za-z_]{1,16}>"
+_PROTECTED_RE = re.compile(r"\[[^\[\]\s]{1,24}\]|<\|[^|<>]{1,32}\|>|</?[A-Za-z_]{1,16}>")
 
 _INITIALS = ("zh", "ch", "sh", "b", "p", "m", "f", "d", "t", "n", "l", "g", "k", "h", "j", "q", "x", "r", "z")
 _INITIALS += ("c", "s", "y", "w")
@@ -303,8 +304,12 @@ class LexiconTarget:
 
 class Lexicon:
     """Entries ready to apply to one model's text (see the module doc). ``stored``: the entries of the
-    scopes the request reaches, most general first (a later one wins for the same word); ``requested``:
-    the request's own, which win over all and are refused where they cannot apply."""
+    scopes the request reaches, most general first (a later one wins for the same word; one this model
+    skips leaves the earlier one); ``requested``: the request's own, which win over all and are refused
+    where they cannot apply (:meth:`with_requested` adds them to a lexicon of stored entries).
+
+    Matching is a scan of the text with a dictionary lookup per candidate length (no regular expression:
+    one of thousands of alternatives takes a minute to compile)."""
 
     def __init__(
         self,
@@ -313,23 +318,46 @@ class Lexicon:
         requested: Iterable[Pronunciation] = (),
     ) -> None:
         self.target = target
-        chosen: dict[str, tuple[Pronunciation, bool]] = {}
+        self._spoken: dict[str, str] = {}  # word key -> what the model reads
+        self._words: dict[str, str] = {}  # word key -> the word as written
         for entry in stored:
-            chosen[entry.key] = (entry, False)
+            self._add(entry, requested=False)
         for entry in requested:
-            chosen[entry.key] = (entry, True)
-        self._spoken: dict[str, str] = {}
-        self._words: dict[str, str] = {}
-        for key, (entry, requested_here) in chosen.items():
-            spoken = self._spoken_as(entry, requested_here)
-            if spoken is not None:
-                self._spoken[key], self._words[key] = spoken, entry.word
-        self._pattern = self._compile()
-        self._prefixes: set[str] | None = None
-        self._longest = 0
+            self._add(entry, requested=True)
+        self._index()
+
+    def with_requested(self, requested: Iterable[Pronunciation]) -> Lexicon:
+        """This lexicon with a request's own entries over it (refused where they cannot apply)."""
+        requested = list(requested)
+        if not requested:
+            return self
+        lexicon = Lexicon.__new__(Lexicon)
+        lexicon.target = self.target
+        lexicon._spoken, lexicon._words = dict(self._spoken), dict(self._words)
+        for entry in requested:
+            lexicon._add(entry, requested=True)
+        lexicon._index()
+        return lexicon
 
     def __len__(self) -> int:
         return len(self._spoken)
+
+    def _add(self, entry: Pronunciation, requested: bool) -> None:
+        spoken = self._spoken_as(entry, requested)
+        if spoken is not None:
+            self._spoken[entry.key], self._words[entry.key] = spoken, entry.word
+
+    def _index(self) -> None:
+        keys = self._spoken
+        self._first = frozenset(k[0] for k in keys)
+        self._lengths = sorted({len(k) for k in keys}, reverse=True)  # longest first
+        # Which ends of a word need a word boundary in the text (a Latin letter or digit there).
+        self._edges = {
+            k: (_LATIN_EDGE.match(w[0]) is not None, _LATIN_EDGE.match(w[-1]) is not None)
+            for k, w in self._words.items()
+        }
+        self._prefixes: set[str] | None = None
+        self._longest = self._lengths[0] if self._lengths else 0
 
     def _spoken_as(self, entry: Pronunciation, requested: bool) -> str | None:
         """What the model reads for ``entry``; None: skipped (a stored entry this family cannot use)."""
@@ -365,46 +393,70 @@ class Lexicon:
             param="pronunciations",
         )
 
-    def _compile(self) -> re.Pattern[str] | None:
-        if not self._spoken:
-            return None
-        words = []
-        for key in sorted(self._spoken, key=lambda k: (-len(k), k)):  # longest first
-            word = self._words[key]
-            before = rf"(?<![^\W{_CJK}])" if _LATIN_EDGE.match(word[0]) else ""
-            after = rf"(?![^\W{_CJK}])" if _LATIN_EDGE.match(word[-1]) else ""
-            # Whitespace in a word matches any run of whitespace.
-            body = r"\s+".join(re.escape(part) for part in word.split(" "))
-            words.append(before + body + after)
-        return re.compile(rf"(?P<kept>{_PROTECTED})|(?P<word>{'|'.join(words)})", re.IGNORECASE)
+    @staticmethod
+    def _folded(text: str) -> str:
+        """``text`` case-folded character by character, the same length (a character whose folding is
+        longer, ß, is kept as it is)."""
+        folded = text.casefold()
+        if len(folded) == len(text):
+            return folded
+        return "".join(f if len(f := ch.casefold()) == 1 else ch for ch in text)
 
     def apply(self, text: str) -> str:
         """``text`` with every entry's word replaced by what the model reads for it."""
-        if self._pattern is None or not text:
+        if not self._spoken or not text:
             return text
+        folded = self._folded(text)
+        protected = [(m.start(), m.end()) for m in _PROTECTED_RE.finditer(text)]
+        out: list[str] = []
+        size, done, i, p = len(text), 0, 0, 0
+        while i < size:
+            while p < len(protected) and protected[p][1] <= i:
+                p += 1
+            if p < len(protected) and protected[p][0] <= i:
+                i = protected[p][1]
+                continue
+            found = self._match(text, folded, i, protected[p][0] if p < len(protected) else size)
+            if found is None:
+                i += 1
+                continue
+            length, spoken = found
+            out += (text[done:i], spoken)
+            i = done = i + length
+        out.append(text[done:])
+        return "".join(out)
 
-        def replace(match: re.Match[str]) -> str:
-            if match.group("kept") is not None:
-                return match.group("kept")
-            found = match.group("word")
-            spoken = self._spoken.get(word_key(" ".join(found.split())))
-            return found if spoken is None else spoken
-
-        return self._pattern.sub(replace, text)
+    def _match(self, text: str, folded: str, i: int, limit: int) -> tuple[str, str] | None:
+        """(the length, what is read) of the longest entry matching at ``i`` and ending by ``limit``."""
+        if folded[i] not in self._first:
+            return None
+        after_word = i > 0 and _LATIN_EDGE.match(text[i - 1]) is not None
+        for length in self._lengths:
+            end = i + length
+            if end > limit:
+                continue
+            key = folded[i:end]
+            spoken = self._spoken.get(key)
+            if spoken is None:
+                continue
+            left, right = self._edges[key]
+            if (left and after_word) or (right and end < len(text) and _LATIN_EDGE.match(text[end])):
+                continue
+            return length, spoken
+        return None
 
     def held_back(self, text: str) -> int:
         """How many characters at the end of ``text`` (text streamed so far) must wait for more text before
         the lexicon can apply to them: a trailing run of Latin letters / digits (the word may go on), or
         the longest end that begins an entry's word."""
         if self._prefixes is None:
-            self._prefixes = {w.casefold()[:n] for w in self._words.values() for n in range(1, len(w))}
-            self._longest = max((len(w) for w in self._words.values()), default=0)
+            self._prefixes = {k[:n] for k in self._spoken for n in range(1, len(k))}
         run = 0
         while run < len(text) and _LATIN_EDGE.match(text[-1 - run]):
             run += 1
-        tail = text[-self._longest :].casefold() if self._longest else ""
+        tail = self._folded(text[-self._longest :]) if self._longest else ""
         begun = next((n for n in range(len(tail), 0, -1) if tail[-n:] in self._prefixes), 0)
         return min(len(text), max(run, begun))
 
     def apply_all(self, texts: list[str]) -> list[str]:
-        return [self.apply(t) for t in texts] if self._pattern is not None else texts
+        return [self.apply(t) for t in texts] if self._spoken else texts

@@ -140,7 +140,7 @@ def test_longest_match_first_and_whole_latin_words():
             Pronunciation("a", respelling="ay"),
         ],
     )
-    assert lexicon.apply("Cat, cat  food; concatenate cats CAT.") == "kitty, kibble; concatenate cats kitty."
+    assert lexicon.apply("Cat, cat food; concatenate cats CAT.") == "kitty, kibble; concatenate cats kitty."
     assert lexicon.apply("重庆很重") == "[ch][óng][q][ìng]很[zh][òng]"
     # Inline tokens and special tokens already in the text are never matched inside.
     assert lexicon.apply("[a] a <|endofprompt|> a[breath]") == "[a] ay <|endofprompt|> ay[breath]"
@@ -327,10 +327,29 @@ def test_sqlite_store_round_trip_replace_cap_and_reopen(tmp_path):
         reopened.remove_pronunciation(GLOBAL_SCOPE, "hello")
 
 
+def test_a_stores_lexicon_follows_writes_of_other_processes(tmp_path):
+    from cosyserve.engine.pronunciations import PronunciationStore
+
+    store = PronunciationStore(SQLiteVoiceLibrary(tmp_path), INLINE)
+    other = SQLiteVoiceLibrary(tmp_path)  # another server on the same directory
+    request = SynthesisRequest("sft", "x", spk_id="Ann")
+    assert store.lexicon(request).apply("a cat") == "a cat"
+    assert store.lexicon(request) is store.lexicon(request)  # kept while nothing is written
+    before = other.pronunciation_revision()
+    other.put_pronunciation(_stored("cat", voice_scope("ann"), respelling="kitty"))
+    assert other.pronunciation_revision() == before + 1
+    assert store.lexicon(request).apply("a cat") == "a kitty"
+    other.remove_pronunciation(voice_scope("ann"), "CAT")
+    assert store.lexicon(request).apply("a cat") == "a cat"
+    own = SynthesisRequest("sft", "x", pronunciations=(Pronunciation("cat", respelling="moggy"),))
+    assert store.lexicon(own).apply("a cat") == "a moggy"
+
+
 def test_sqlite_v1_library_is_upgraded(tmp_path):
     SQLiteVoiceLibrary(tmp_path).close()
     with sqlite3.connect(tmp_path / DB_NAME) as db:  # as schema 1 left it: no lexicon table
         db.execute("DROP TABLE pronunciations")
+        db.execute("DROP TABLE pronunciation_revision")
         db.execute("PRAGMA user_version = 1")
     library = SQLiteVoiceLibrary(tmp_path)
     assert library._db.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -207,6 +207,10 @@ class VoiceBackend(ABC):
         )
 
     # -- the pronunciation lexicon ----------------------------------------------------------------
+    # Every lexicon write adds one to the revision, in its transaction: a reader that saw a revision
+    # before may keep what it read then (one cheap query a request instead of every entry).
+    _PRONUNCIATION_REVISION = "pronunciation_revision"
+    _BUMP_REVISION = "UPDATE {table} SET revision = revision + 1"
     _PRONUNCIATIONS = "pronunciations"
     _PRONUNCIATION_COLUMNS = "word, pinyin, cmu, respelling, scope, voice, created_at"
     max_entries = MAX_STORED_PER_SCOPE
@@ -219,6 +223,15 @@ class VoiceBackend(ABC):
         except InvalidRequest as exc:  # a row this version no longer accepts: the database's problem, not the client's
             raise VoiceLibraryError(f"stored pronunciation of {word!r} cannot be read: {exc}") from exc
         return StoredPronunciation(entry, scope, voice, created_at)
+
+    def pronunciation_revision(self) -> int:
+        """The lexicon's revision: it changes with every write (of any process on the database)."""
+        rows = self._query(f"SELECT revision FROM {self._PRONUNCIATION_REVISION}")
+        return int(rows[0][0]) if rows else 0
+
+    @property
+    def _bump_revision_sql(self) -> str:
+        return self._BUMP_REVISION.format(table=self._PRONUNCIATION_REVISION)
 
     def pronunciations(self, scopes: builtins.list[str]) -> builtins.list[StoredPronunciation]:
         """The entries of ``scopes``, in the order of ``scopes`` (then by word)."""

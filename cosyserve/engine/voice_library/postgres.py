@@ -144,6 +144,11 @@ def _pronunciations(cur: psycopg.Cursor) -> None:
         PRIMARY KEY (scope, key)
         )"""
     )
+    cur.execute(
+        "CREATE TABLE cosyserve_pronunciation_revision "
+        "(one boolean PRIMARY KEY DEFAULT true CHECK (one), revision bigint NOT NULL)"  # + 1 every lexicon write
+    )
+    cur.execute("INSERT INTO cosyserve_pronunciation_revision (revision) VALUES (0)")
 
 
 # MIGRATIONS[n] upgrades a library at version n to n + 1; version 0 is an empty database.
@@ -204,6 +209,7 @@ class PostgresVoiceLibrary(VoiceBackend):
 
     _TABLE = "cosyserve_voices"
     _PRONUNCIATIONS = "cosyserve_pronunciations"
+    _PRONUNCIATION_REVISION = "cosyserve_pronunciation_revision"
     _STORED_ORDER = "created_at, seq"
     _PARAM = "%s"
 
@@ -330,15 +336,19 @@ class PostgresVoiceLibrary(VoiceBackend):
                 if count >= self.max_entries:
                     raise self._full_scope(stored, count)
             conn.execute(self._upsert_pronunciation_sql, self._pronunciation_row(stored, key))
+            conn.execute(self._bump_revision_sql)
         return created
 
     def _delete_pronunciation(self, scope: str, key: str) -> StoredPronunciation | None:
         with self._writing("the pronunciation could not be deleted") as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRONUNCIATION_LOCK,))
             row = conn.execute(
                 f"DELETE FROM cosyserve_pronunciations WHERE scope = %s AND key = %s "
                 f"RETURNING {self._PRONUNCIATION_COLUMNS}",
                 (scope, key),
             ).fetchone()
+            if row is not None:
+                conn.execute(self._bump_revision_sql)
         return None if row is None else self._stored_pronunciation(row)
 
     def _read_tensors(self, info: VoiceInfo) -> bytes | None:

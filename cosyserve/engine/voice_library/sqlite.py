@@ -53,6 +53,11 @@ _SCHEMA_V2 = (
     created_at INTEGER NOT NULL,  -- Unix seconds of the last write
     PRIMARY KEY (scope, key)
     )""",
+    """CREATE TABLE pronunciation_revision (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    revision INTEGER NOT NULL     -- one more with every lexicon write
+    )""",
+    "INSERT INTO pronunciation_revision (one, revision) VALUES (1, 0)",
 )
 
 
@@ -172,6 +177,7 @@ class SQLiteVoiceLibrary(VoiceBackend):
                 if count >= self.max_entries:
                     raise self._full_scope(stored, count)
             db.execute(self._upsert_pronunciation_sql, self._pronunciation_row(stored, key))
+            db.execute(self._bump_revision_sql)
         return created
 
     def _delete_pronunciation(self, scope: str, key: str) -> StoredPronunciation | None:
@@ -182,6 +188,7 @@ class SQLiteVoiceLibrary(VoiceBackend):
             if row is None:
                 return None
             db.execute("DELETE FROM pronunciations WHERE scope = ? AND key = ?", (scope, key))
+            db.execute(self._bump_revision_sql)
         return self._stored_pronunciation(row)
 
     def _read_tensors(self, info: VoiceInfo) -> bytes | None:
