@@ -120,6 +120,18 @@ class VoiceLimitReached(InvalidRequest):
     code, status = "voice_limit_reached", 409
 
 
+class UnknownPronunciation(InvalidRequest):
+    """No stored lexicon entry for this word in this scope."""
+
+    code, status = "unknown_pronunciation", 404
+
+
+class PronunciationLimitReached(InvalidRequest):
+    """A lexicon scope holds the most entries it may."""
+
+    code, status = "pronunciation_limit_reached", 409
+
+
 class VoiceLibraryError(CosyServeError):
     """The library database cannot be read or written (disk full, permissions, damaged entry)."""
 

@@ -34,6 +34,9 @@ class Family:
     # The text tags around emphasised words (SSML <emphasis>), special tokens of the family's tokenizer
     # (spec §5.5, §6.3); None: the words are spoken plainly.
     emphasis: tuple[str, str] | None = None
+    # Its tokenizer has inline pronunciation tokens (pinyin units [ch][óng], CMU phones [AH0]; spec §5.5, §6.3),
+    # which the pronunciation lexicon writes pinyin / CMU entries as; other families speak a respelling.
+    inline_pronunciation: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -74,6 +77,7 @@ FAMILIES: dict[str, Family] = {
             bistream=True,
             reference_eos_quirk=True,
             emphasis=("<strong>", "</strong>"),
+            inline_pronunciation=True,
         ),
     )
 }

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 ELEVENLABS_PREFIX = "/v1/text-to-speech/"
 QUERY_KEY = "api_key"
 VALID_KEY_SCOPE = "cosyserve.valid_api_key"  # the middleware's verdict on the key, for routes to read
+KEY_ID_SCOPE = "cosyserve.api_key_id"  # the valid key's id (a digest, never the key): its lexicon scope
 
 
 class ApiKeys:
@@ -98,6 +99,12 @@ def scope_has_valid_key(scope: Scope) -> bool:
     return scope.get(VALID_KEY_SCOPE, True)
 
 
+def scope_key_id(scope: Scope) -> str | None:
+    """The id of the valid API key the request or handshake carried (the start of its SHA-256, never the key
+    itself), None when the server has no keys or the request none: what owns an API key's pronunciations."""
+    return scope.get(KEY_ID_SCOPE)
+
+
 def unauthorized_response(has_key: bool) -> JSONResponse:
     message = (
         "invalid API key"
@@ -121,6 +128,8 @@ class ApiKeyMiddleware:
             return
         key = key_from_scope(scope)
         scope[VALID_KEY_SCOPE] = valid = not self.keys.enabled or self.keys.valid(key)
+        if self.keys.enabled and valid and key:
+            scope[KEY_ID_SCOPE] = _digest(key).hex()[:32]
         _drop_query_key(scope)  # uvicorn logs the path and query from this scope once the response starts
         if valid or self.keys.open(scope):
             await self.app(scope, receive, send)

@@ -9,7 +9,7 @@ is a 4xx JSON error instead of a truncated 200.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from cosyserve.api.audio_response import start_generation
+from cosyserve.api.auth import scope_key_id
 from cosyserve.api.deps import server_state
 from cosyserve.api.parsing import (
     MAX_SEED,
@@ -29,6 +30,7 @@ from cosyserve.api.parsing import (
     read_fields,
     text_field,
 )
+from cosyserve.api.pronunciations import FIELD_DOC, request_pronunciations
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.errors import InvalidRequest
@@ -106,6 +108,7 @@ FIELD_DOCS = {
     "the default when the server runs with --official_format pcm), mp3, opus (Ogg), flac, or aac (if the server "
     "has PyAV).",
     "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
+    "pronunciations": FIELD_DOC.replace("Pronunciations", "A JSON string: pronunciations", 1),
 }
 # Not among the documented fields (servers with one model have nothing to choose): said in each description.
 MODEL_NOTE = (
@@ -162,11 +165,13 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
             values[REQUEST_FIELDS[name]] = None if name in replaced else await audio_field(fields, name, limits)
         if spk_id is not None:
             values["spk_id"] = spk_id
+        entries = request_pronunciations(option(fields, "pronunciations"))
     finally:
         for value in fields.values():
             if isinstance(value, UploadFile):
                 await value.close()
     synthesis = SynthesisRequest(endpoint.mode, options=GenerationOptions(**options), **values)
+    synthesis = replace(synthesis, pronunciations=entries, lexicon_owner=scope_key_id(request.scope))
     return await start_generation(request, engine, endpoint.path.lstrip("/"), synthesis, output)
 
 
@@ -194,7 +199,8 @@ _OPTIONAL = ("stream", "speed", "seed", "format", "sample_rate")
 
 
 def _optional(endpoint: Endpoint) -> tuple[str, ...]:
-    return ("spk_id", *_OPTIONAL) if endpoint.voice_replaces else _OPTIONAL
+    optional = (*_OPTIONAL, "pronunciations") if endpoint.texts else _OPTIONAL  # the lexicon applies to text
+    return ("spk_id", *optional) if endpoint.voice_replaces else optional
 
 
 def _body_doc(endpoint: Endpoint) -> dict[str, Any]:

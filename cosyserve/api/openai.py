@@ -21,6 +21,7 @@ import binascii
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -30,9 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Send
 
 from cosyserve.api.audio_response import AudioResponse, start_generation
+from cosyserve.api.auth import scope_key_id
 from cosyserve.api.deps import server_state
 from cosyserve.api.errors import error_body, error_responses
 from cosyserve.api.parsing import check_audio, read_body
+from cosyserve.api.pronunciations import FIELD_DOC, request_pronunciations
 from cosyserve.api.voices import resolve_voice, voice_list
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
 from cosyserve.engine.client import EngineClient
@@ -80,6 +83,7 @@ class SpeechRequest(BaseModel):
     )
     seed: int | None = Field(None, description="Extension: same seed, same audio.")
     stream: bool = Field(False, description="Extension: token-level streaming (first audio sooner).")
+    pronunciations: dict[str, Any] | list[dict[str, Any]] | None = Field(None, description="Extension: " + FIELD_DOC)
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -234,6 +238,7 @@ async def create_speech(request: Request) -> Response:
     # Format and rate errors before the audio is decoded.
     output = speech_output(req.response_format, req.sample_rate, settings.pcm_sample_rate, engine.info.sample_rate)
     options = _options(req)
+    entries = request_pronunciations(req.pronunciations)
     prompt = None
     if req.ref_audio:
         limits = engine.info.prompt_limits
@@ -254,6 +259,7 @@ async def create_speech(request: Request) -> Response:
         prompt_audio=prompt,
         ref_text=req.ref_text or None,
     )
+    synthesis = replace(synthesis, pronunciations=entries, lexicon_owner=scope_key_id(request.scope))
     sse = req.stream_format == "sse"
     response = await start_generation(
         request,

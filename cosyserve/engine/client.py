@@ -26,6 +26,7 @@ from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import GenerationFailed, UnsupportedMode
 
 from .core import EngineCore, Overrides, StepModel, Work
+from .pronunciations import PronunciationStore
 from .request import SynthesisRequest
 from .text_feed import TextFeed
 from .voice_library.base import VoiceInfo
@@ -137,6 +138,9 @@ class ServedModel(StepModel, Protocol):
     def frontend(self) -> TextTokenizer: ...
 
     @property
+    def pronunciations(self) -> PronunciationStore: ...
+
+    @property
     def precision(self) -> Mapping[str, str]:
         """The dtype each stage runs in (llm, flow, vocoder)."""
         ...
@@ -172,6 +176,11 @@ class EngineClient(ABC):
     def bistream_modes(self) -> frozenset[str]:
         """The modes it serves with streamed text (:meth:`synthesize_bistream`); none by default."""
         return frozenset()
+
+    @property
+    def pronunciations(self) -> PronunciationStore:
+        """The stored pronunciation lexicon as this model sees it (in the voice library's database)."""
+        raise UnsupportedMode("this engine keeps no pronunciation lexicon", param="word")
 
     async def synthesize_bistream(
         self, request: SynthesisRequest, text: TextFeed, request_id: str | None = None
@@ -270,6 +279,10 @@ class AsyncEngine(EngineClient):
     @property
     def bistream_modes(self) -> frozenset[str]:
         return self.model.bistream_modes
+
+    @property
+    def pronunciations(self) -> PronunciationStore:
+        return self.model.pronunciations
 
     def list_speakers(self) -> list[str]:
         return list(self.model.list_speakers())

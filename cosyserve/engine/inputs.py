@@ -27,6 +27,7 @@ from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.text.normalize import contains_chinese, replace_blank
 from cosyserve.text.ssml import Pause, Span, SsmlDocument
 
+from .pronunciations import PronunciationStore
 from .request import MAX_SPEED, MIN_SPEED, GenerationOptions, SynthesisRequest
 from .voices import VoiceStore
 
@@ -163,9 +164,16 @@ class InputBuilder:
     """A loaded model's per-mode input builders (see the module doc)."""
 
     def __init__(
-        self, frontend: Frontend, voices: VoiceStore, family: Family, shapes: InputShapes, limits: PromptLimits
+        self,
+        frontend: Frontend,
+        voices: VoiceStore,
+        family: Family,
+        shapes: InputShapes,
+        limits: PromptLimits,
+        pronunciations: PronunciationStore | None = None,
     ) -> None:
         self.frontend = frontend
+        self.pronunciations = pronunciations
         self.voices = voices
         self.family = family
         self.shapes = shapes
@@ -191,6 +199,7 @@ class InputBuilder:
         else:
             segments = self.segments(request.text, request.options.text_frontend)
             plans = [SegmentPlan(request.options.speed)] * len(segments)
+        segments = self.pronounce(request, segments)
         return [self._typed(fields) for fields in self._builders[request.mode](request, segments)], plans
 
     def bistream(self, request: SynthesisRequest) -> SegmentInput:
@@ -283,8 +292,15 @@ class InputBuilder:
         if not text:
             return []
         # The pronunciation lexicon (the request's entries and the document's <phoneme> ones) applies to
-        # these normalised segment texts, as it does in segments().
+        # these normalised segment texts in build_planned, as to plain text's.
         return self.frontend.split(text) if text_frontend else [text]
+
+    def pronounce(self, request: SynthesisRequest, segments: list[str]) -> list[str]:
+        """The normalised segments with the request's lexicon applied (its own entries and the stored ones
+        it reaches), as the tokenizer then reads them; raises the lexicon's 4xx."""
+        if self.pronunciations is None:
+            return segments
+        return self.pronunciations.lexicon(request).apply_all(segments)
 
     def text(self, text: str | None, param: str, text_frontend: bool) -> str:
         if not isinstance(text, str) or not text.strip():

@@ -21,11 +21,13 @@ from cosyserve.errors import InvalidRequest
 from cosyserve.frontend.voice_prompt import VoicePrompt
 from cosyserve.models.contracts import BistreamLM, Networks, SpeechLM
 from cosyserve.nn.sampling import Sampler
+from cosyserve.text.pronunciation import parse_pronunciations
 
 from . import streaming
 from .generation import GenerationLoop
 from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, SegmentPlan, unsupported_mode
 from .loading import EngineOptions, LoadedParts, load_parts
+from .pronunciations import PronunciationStore, lexicon_target
 from .request import GenerationOptions, SynthesisRequest
 from .runner import ModelRunner
 from .scheduler import SchedulePolicy, Scheduler
@@ -52,7 +54,12 @@ class TTSModel:
         self.networks = Networks.of(self.core)
         flow = self.networks.flow
         shapes = InputShapes(mel_channels=flow.output_size, embedding_dim=flow.spk_embed_affine_layer.in_features)
-        self.inputs = InputBuilder(self.frontend, self.voices, parts.family, shapes, self.options.prompt_limits)
+        self.pronunciations = PronunciationStore(
+            self.voices.library, lexicon_target(parts.family, self.frontend.tokenizer)
+        )
+        self.inputs = InputBuilder(
+            self.frontend, self.voices, parts.family, shapes, self.options.prompt_limits, self.pronunciations
+        )
         self._synthesizer: type[Synthesizer] = getattr(streaming, parts.family.synthesizer)
         devices = parts.placement.devices()
         self.audio_stage = AudioStage.of(self.core, devices["flow"], devices["vocoder"], self.options.streaming())
@@ -148,7 +155,14 @@ class TTSModel:
             segment = self.inputs.bistream(request)
             cast(BistreamLM, self.lm).split_bistream_prompt(segment.prompt_text)  # v3: needs <|endofprompt|>
             inputs = [segment]
-            reader = FeedReader(text_feed, self._text_ids, first=request.text)
+            # Streamed text is not normalised; the lexicon applies to it as it comes, a fragment's last
+            # characters waiting for the next one where they may begin a lexicon word.
+            lexicon = self.pronunciations.lexicon(request)
+            if len(lexicon):
+                tokenize = lambda text: self._text_ids(lexicon.apply(text))  # noqa: E731
+                reader = FeedReader(text_feed, tokenize, first=request.text, hold=lexicon.held_back)
+            else:
+                reader = FeedReader(text_feed, self._text_ids, first=request.text)
         draws = draws or Draws(options.seed)
         sampler = sampler or self.lm.make_sampler(draws.sampling_generator)
         return Sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader, plans)
@@ -192,9 +206,13 @@ class TTSModel:
 
     def _run(self, mode: str, options: dict[str, Any], **fields: Any) -> Iterator[np.ndarray]:
         """``options``: the :class:`GenerationOptions` fields (stream, speed, seed, text_frontend),
-        plus ``draws`` / ``sampler`` (see :meth:`synthesize`)."""
+        plus ``draws`` / ``sampler`` (see :meth:`synthesize`) and ``pronunciations`` (entries, or their
+        request form ``{"重庆": {"pinyin": "chong2 qing4"}, "nginx": "engine x"}``)."""
         draws, sampler = options.pop("draws", None), options.pop("sampler", None)
-        request = SynthesisRequest(mode, options=GenerationOptions(**options), **fields)
+        entries = options.pop("pronunciations", ())
+        if not isinstance(entries, tuple):
+            entries = parse_pronunciations(entries)
+        request = SynthesisRequest(mode, options=GenerationOptions(**options), pronunciations=entries, **fields)
         return self.synthesize(request, draws=draws, sampler=sampler)
 
     def add_speaker(

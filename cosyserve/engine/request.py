@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosyserve.errors import InvalidRequest
+from cosyserve.text.pronunciation import MAX_REQUEST_ENTRIES, Pronunciation
 from cosyserve.text.ssml import SsmlDocument, is_ssml, parse_ssml
 
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
@@ -53,6 +54,11 @@ class SynthesisRequest:
 
     A ``text`` starting with ``<speak`` is SSML (:func:`cosyserve.text.ssml.is_ssml`): it is parsed here,
     once, into ``ssml`` (an :class:`SsmlError`, a 4xx, when it does not parse); ``text`` keeps the markup.
+
+    ``pronunciations``: the request's own lexicon entries (they and the SSML ``<phoneme>`` elements win over
+    stored ones); the engine adds
+    the stored entries of the global scope, of ``spk_id``'s voice and of ``lexicon_owner`` (an API key's
+    id, never the key) to every mode with a target text.
     """
 
     mode: str
@@ -63,6 +69,8 @@ class SynthesisRequest:
     prompt_audio: Any = None
     source_audio: Any = None
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    pronunciations: tuple[Pronunciation, ...] = ()
+    lexicon_owner: str | None = None
     # The parsed document when ``text`` is SSML: derived from ``text`` (never given, so a copy made with
     # dataclasses.replace parses its own text).
     ssml: SsmlDocument | None = field(default=None, init=False, compare=False)
@@ -70,5 +78,17 @@ class SynthesisRequest:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"unknown mode {self.mode!r}: one of {', '.join(MODES)}", param="mode")
+        entries = tuple(self.pronunciations)
+        if len(entries) > MAX_REQUEST_ENTRIES or not all(isinstance(e, Pronunciation) for e in entries):
+            raise InvalidRequest(
+                f"pronunciations must be at most {MAX_REQUEST_ENTRIES} Pronunciation entries", param="pronunciations"
+            )
+        object.__setattr__(self, "pronunciations", entries)
         if self.mode != "vc" and is_ssml(self.text):
             object.__setattr__(self, "ssml", parse_ssml(str(self.text)))
+
+    @property
+    def requested_pronunciations(self) -> tuple[Pronunciation, ...]:
+        """The request's own lexicon entries: ``pronunciations``, then its SSML ``<phoneme>`` elements (which
+        win for their words)."""
+        return self.pronunciations + (self.ssml.phonemes if self.ssml is not None else ())

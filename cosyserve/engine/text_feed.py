@@ -97,9 +97,18 @@ class TextFeed:
 class FeedReader:
     """The engine's side of a :class:`TextFeed`: each fragment as text ids, whitespace moved forward."""
 
-    def __init__(self, feed: TextFeed, tokenize: Callable[[str], list[int]], first: str | None = None) -> None:
+    def __init__(
+        self,
+        feed: TextFeed,
+        tokenize: Callable[[str], list[int]],
+        first: str | None = None,
+        hold: Callable[[str], int] | None = None,
+    ) -> None:
+        """``hold(text)``: how many characters at the end of ``text`` may be the start of a longer unit (a
+        lexicon word the next fragment completes); they wait for it (or for the end of the text)."""
         self.feed = feed
         self.tokenize = tokenize
+        self.hold = hold
         self._first = [first] if first else []
         self._carry = ""
         self._started = False
@@ -119,7 +128,14 @@ class FeedReader:
                 text = text.lstrip()
             body = text.rstrip()
             self._carry = text[len(body) :]
+            if body and not self._carry and self.hold is not None:
+                held = self.hold(body)
+                body, self._carry = body[: len(body) - held], body[len(body) - held :]
             if body:
                 self._started = True
                 ids += self.tokenize(body)
+        if closed and self._carry.strip():
+            rest, self._carry = self._carry.strip(), ""
+            self._started = True
+            ids += self.tokenize(rest)
         return ids, closed

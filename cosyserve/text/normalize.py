@@ -28,6 +28,12 @@ _CHINESE = re.compile(r"[\u4e00-\u9fff]")
 _ONLY_PUNCTUATION = regex.compile(r"^[\p{P}\p{S}]*$")
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
 _LEADING_TAGS = re.compile(r"^(?:<\|[^|<>]{1,32}\|>)+")
+# Inline pronunciation tokens already in a text (Fun-CosyVoice3: pinyin units [j][ǐ], CMU phones [AH0]):
+# normalisation must leave them whole (the number spelling would read [AH0] as [AHzero]). Each run of
+# them is replaced by one private-use character while the text is normalised, then put back.
+_INLINE_TOKENS = re.compile(r"(?:\[(?:[A-Z]{1,3}[0-2]?|[a-zA-Zāáǎàēéěèīíǐìōóǒòūúǔùǖǘǚǜü]{1,6})\])+")
+_PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
+_PLACEHOLDER_BASE, _PLACEHOLDERS = 0xE000, 0x1900
 
 # The marks split_paragraph cuts after (the reference's), by language; the commas it cuts at on request; the
 # closing quotes that stay with the sentence they close. The streaming segmenter cuts at the same marks.
@@ -58,6 +64,23 @@ def contains_chinese(text: str) -> bool:
 def is_only_punctuation(text: str) -> bool:
     """True for the empty string and strings of Unicode punctuation / symbols only."""
     return _ONLY_PUNCTUATION.match(text) is not None
+
+
+def protect_inline_tokens(text: str) -> tuple[str, list[str]]:
+    """``text`` with each run of inline pronunciation tokens replaced by a private-use character, and the
+    runs (none, and the text as it is, when it has private-use characters of its own or too many runs)."""
+    runs = [m.group() for m in _INLINE_TOKENS.finditer(text)]
+    if not runs or len(runs) > _PLACEHOLDERS or _PRIVATE_USE.search(text):
+        return text, []
+    counter = iter(range(len(runs)))
+    return _INLINE_TOKENS.sub(lambda _: chr(_PLACEHOLDER_BASE + next(counter)), text), runs
+
+
+def restore_inline_tokens(text: str, runs: list[str]) -> str:
+    """The inverse of :func:`protect_inline_tokens` on (a piece of) the normalised text."""
+    if not runs:  # nothing was replaced (the text's own private-use characters stay)
+        return text
+    return _PRIVATE_USE.sub(lambda m: runs[ord(m.group()) - _PLACEHOLDER_BASE], text)
 
 
 def replace_blank(text: str) -> str:
@@ -245,7 +268,15 @@ class TextNormalizer:
             return [text] if split else text  # the caller's choice: exactly the reference's segments
         if "<|" in text and "|>" in text:
             return self._bounded(text) if split else text
-        text = text.strip()
+        text, inline = protect_inline_tokens(text.strip())
+        if inline:
+            normalized = self._normalize_text(text, split)
+            if isinstance(normalized, str):
+                return restore_inline_tokens(normalized, inline)
+            return [restore_inline_tokens(piece, inline) for piece in normalized]
+        return self._normalize_text(text, split)
+
+    def _normalize_text(self, text: str, split: bool) -> list[str] | str:
         if contains_chinese(text):
             text = self._normalize_zh(text)
             lang = "zh"
@@ -266,8 +297,9 @@ class TextNormalizer:
             return text
         lead = " " if text[0].isspace() else ""
         trail = " " if text[-1].isspace() else ""
+        body, inline = protect_inline_tokens(body)
         body = self._normalize_zh(body, whole=False) if lang == "zh" else self._normalize_en(body)
-        return lead + body + trail
+        return lead + restore_inline_tokens(body, inline) + trail
 
     def split(self, text: str) -> list[str]:
         """Normalised text cut into segments as :meth:`normalize` cuts them (no normalisation here)."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 from xml.parsers import expat
 
-from cosyserve.errors import SsmlError
+from cosyserve.errors import InvalidRequest, SsmlError
 from cosyserve.text.normalize import contains_chinese
 from cosyserve.text.numbers import (
     chinese_cardinal,
@@ -49,6 +49,7 @@ from cosyserve.text.numbers import (
     english_digits,
     english_ordinal,
 )
+from cosyserve.text.pronunciation import Pronunciation
 
 # <break strength>: seconds of silence.
 BREAK_STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.5, "strong": 0.75, "x-strong": 1.0}
@@ -112,15 +113,6 @@ class Pause:
     seconds: float
 
 
-@dataclass(frozen=True)
-class PhonemeEntry:
-    """A ``<phoneme>``: the pronunciation lexicon replaces ``word`` (the element's text) by ``ph``."""
-
-    word: str
-    alphabet: str
-    ph: str
-
-
 Part = Span | Pause
 
 
@@ -129,7 +121,7 @@ class SsmlDocument:
     """A parsed ``<speak>`` document (plain, picklable data: it travels inside a SynthesisRequest)."""
 
     parts: tuple[Part, ...]
-    phonemes: tuple[PhonemeEntry, ...] = ()
+    phonemes: tuple[Pronunciation, ...] = ()  # <phoneme> elements as lexicon entries
     ignored: tuple[str, ...] = ()  # unknown tags / unsupported attributes, each once, in order
 
     @property
@@ -225,7 +217,7 @@ class _Builder:
     def __init__(self, events: list[_Event]) -> None:
         self.events = events
         self.parts: list[Part] = []
-        self.phonemes: list[PhonemeEntry] = []
+        self.phonemes: list[Pronunciation] = []
         self.ignored: list[str] = []
         self.pending_start = False
         self.total_pause = 0.0
@@ -348,7 +340,10 @@ class _Builder:
             word = _SPACE.sub(" ", text).strip()
             if alphabet in PHONEME_ALPHABETS and word:
                 # The lexicon step (engine/inputs.py, on the normalised segments) replaces ``word`` by ``ph``.
-                self.phonemes.append(PhonemeEntry(word, alphabet, ph.strip()))
+                try:
+                    self.phonemes.append(Pronunciation(word, **{alphabet: ph.strip()}))
+                except InvalidRequest as exc:
+                    raise SsmlError(f"<phoneme>: {exc.message}", event.line, event.column) from exc
             else:
                 self.ignore(f"phoneme@alphabet={alphabet or '?'}")
             self.speak(text, context)

@@ -139,6 +139,15 @@ def cosyvoice_special_tokens(num_languages: int = 100) -> list[str]:
     ]
 
 
+def has_token(tokenizer: TextTokenizer, token: str) -> bool:
+    """Whether ``token`` (e.g. an inline pronunciation token ``[óng]``) is one token of ``tokenizer``: one of
+    its special tokens where it lists them, else what encodes to a single id."""
+    specials = getattr(tokenizer, "special_tokens", None)
+    if isinstance(specials, dict):
+        return token in specials
+    return len(tokenizer.encode(token)) == 1
+
+
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     for line in path.read_bytes().splitlines():

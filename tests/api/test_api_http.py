@@ -456,6 +456,7 @@ def test_openapi_documents_every_route_and_field(client):
         prompt_fields = {"prompt_wav", "prompt_text"}
         takes_prompt = "prompt_wav" in uploads
         options = {"stream", "speed", "seed", "format", "sample_rate"} | ({"spk_id"} if takes_prompt else set())
+        options |= {"pronunciations"} if texts else set()  # the lexicon's entries for the text
         assert set(schema["properties"]) == {*texts, *uploads} | options
         assert set(schema["required"]) == {*texts, *uploads} - (prompt_fields if takes_prompt else set())
         assert {p["name"] for p in ops["get"]["parameters"]} >= set(texts)

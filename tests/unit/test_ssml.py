@@ -14,12 +14,12 @@ import pytest
 
 from cosyserve.engine.request import SynthesisRequest
 from cosyserve.errors import InvalidRequest, SsmlError
+from cosyserve.text.pronunciation import Pronunciation
 from cosyserve.text.ssml import (
     BREAK_STRENGTHS,
     MAX_BREAK_S,
     RATES,
     Pause,
-    PhonemeEntry,
     Span,
     is_ssml,
     parse_ssml,
@@ -172,7 +172,7 @@ def test_phoneme_keeps_its_text_and_records_an_entry():
         '<phoneme alphabet="pinyin" ph="zhong4">重</phoneme> and <phoneme alphabet="ipa" ph="x">y</phoneme></speak>'
     )
     assert doc.text == "A tomato and 重 and y"
-    assert doc.phonemes == (PhonemeEntry("tomato", "cmu", "T AH0 M EY1 T OW2"), PhonemeEntry("重", "pinyin", "zhong4"))
+    assert doc.phonemes == (Pronunciation("tomato", cmu="T AH0 M EY1 T OW2"), Pronunciation("重", pinyin="zhong4"))
     assert doc.ignored == ("phoneme@alphabet=ipa",)
     with pytest.raises(SsmlError, match="ph"):
         parse_ssml('<speak><phoneme alphabet="cmu">x</phoneme></speak>')

@@ -12,6 +12,7 @@ from fastapi import WebSocket
 
 from cosyserve.api.auth import ApiKeys, scope_has_valid_key
 from cosyserve.api.deps import ServerState
+from cosyserve.api.pronunciations import request_pronunciations
 from cosyserve.api.ws.session import SessionEnd, SessionSetup, SpeechSession, close_code_for
 from cosyserve.audio.encode import OutputFormat
 from cosyserve.engine.request import GenerationOptions
@@ -51,7 +52,8 @@ class ElevenLabsSession(SpeechSession):
     "normalizedAlignment": null, "alignment": null}``, then ``{"isFinal": true}`` and a normal close.
     Errors: ``{"message", "error", "code"}`` and a close with that code (1008: the client's fault).
     ``voice_settings.speed`` sets the speaking rate; the other voice settings have no CosyVoice meaning
-    and are ignored. Alignment is not produced (null). Extension: ``seed`` in the query.
+    and are ignored. Alignment is not produced (null). Extensions: ``seed`` in the query, ``pronunciations``
+    (as on ``/v1/audio/speech``) in the opening frame.
     """
 
     route_name = "stream-input"
@@ -107,7 +109,10 @@ class ElevenLabsSession(SpeechSession):
         bistream = (self._query("bistream") or "false").strip().lower()
         if bistream not in ("true", "false", "1", "0"):
             raise InvalidRequest(f"bistream must be true or false, not {bistream!r}", param="bistream")
-        return self.configure(engine, self.voice_id, options, None, output, segmenter, bistream in ("true", "1"))
+        entries = request_pronunciations(first.get("pronunciations"))
+        return self.configure(
+            engine, self.voice_id, options, None, output, segmenter, bistream in ("true", "1"), entries
+        )
 
     def _check_key(self, first: dict[str, Any]) -> None:
         if scope_has_valid_key(self.ws.scope):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cosyserve.api.auth import scope_has_valid_key
 from cosyserve.api.metrics import mode_of
 from cosyserve.api.openai import speech_output
+from cosyserve.api.pronunciations import FIELD_DOC, request_pronunciations
 from cosyserve.api.ws.session import Segment, SessionEnd, SessionSetup, SpeechSession, close_code_for
 from cosyserve.engine.request import GenerationOptions
 from cosyserve.errors import CosyServeError, InvalidApiKey, InvalidMessage, InvalidRequest
@@ -38,6 +39,7 @@ class SessionConfig(BaseModel):
         False,
         description="CosyVoice2/3: stream the text into the model as it arrives (no sentence buffering).",
     )
+    pronunciations: dict[str, Any] | list[dict[str, Any]] | None = Field(None, description=FIELD_DOC)
 
 
 class NativeSession(SpeechSession):
@@ -89,7 +91,10 @@ class NativeSession(SpeechSession):
             raise InvalidRequest(f"seed must be an integer in 0..2^63-1, not {config.seed}", param="seed")
         options = GenerationOptions(stream=config.stream, speed=config.speed, seed=config.seed)
         instructions = config.instructions if config.instructions and config.instructions.strip() else None
-        return self.configure(engine, config.voice, options, instructions, output, TextSegmenter(), config.bistream)
+        entries = request_pronunciations(config.pronunciations)
+        return self.configure(
+            engine, config.voice, options, instructions, output, TextSegmenter(), config.bistream, entries
+        )
 
     async def receive_messages(self) -> None:
         if not scope_has_valid_key(self.ws.scope):

@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -41,6 +41,7 @@ import numpy as np
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from cosyserve.api.auth import scope_key_id
 from cosyserve.api.deps import ServerState
 from cosyserve.api.metrics import mode_of, route_template
 from cosyserve.api.voices import resolve_voice
@@ -59,6 +60,7 @@ from cosyserve.errors import (
     TextError,
     Unavailable,
 )
+from cosyserve.text.pronunciation import Lexicon, Pronunciation
 from cosyserve.text.segmenter import TextSegmenter, ends_sentence
 from cosyserve.text.ssml import is_ssml
 
@@ -433,16 +435,21 @@ class SpeechSession:
         output: OutputFormat,
         segmenter: TextSegmenter,
         bistream: bool,
+        pronunciations: tuple[Pronunciation, ...] = (),
     ) -> SessionSetup:
         """The session's setup for ``voice``: the request for each segment's text. The voice and mode
-        (and, with ``bistream``, that the model takes streamed text in this mode) are checked now, before
-        any text arrives."""
+        (and, with ``bistream``, that the model takes streamed text in this mode), and that the model can
+        use the session's ``pronunciations``, are checked now, before any text arrives."""
         spk_id = resolve_voice(engine.voices, self.settings.voice_map, voice)
         stored = engine.voices.usable_info(spk_id, param="voice")
         family = engine.info.family
+        if pronunciations:
+            Lexicon(engine.pronunciations.target, requested=pronunciations)  # its 4xx now, not per segment
+        owner = scope_key_id(self.ws.scope)
 
         def plan(text: str) -> SynthesisRequest:
-            return plan_speech(engine.modes, family, stored, text, options, spk_id=spk_id, instructions=instructions)
+            request = plan_speech(engine.modes, family, stored, text, options, spk_id=spk_id, instructions=instructions)
+            return replace(request, pronunciations=pronunciations, lexicon_owner=owner)
 
         mode = plan("-").mode
         if bistream and mode not in engine.bistream_modes:

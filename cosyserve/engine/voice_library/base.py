@@ -7,6 +7,11 @@ voice absent, never half there); a write that returned is durable; ids are uniqu
 concurrent writers. A voice is stored as :meth:`VoicePrompt.to_bytes` and read back by
 :meth:`VoicePrompt.from_bytes` (``weights_only``: no code runs when a voice is read), which also reads
 the field dicts earlier versions stored.
+
+The same database holds the pronunciation lexicon (:mod:`cosyserve.text.pronunciation`): one row per
+(scope, word), the word unique regardless of case within its scope (the database's primary key), written
+by an upsert (a word stored again is replaced: two servers writing one word at once leave one entry),
+``max_entries`` a scope under concurrent writers, durable once the write returned, as voices are.
 """
 
 from __future__ import annotations
@@ -20,8 +25,23 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from cosyserve.errors import UnknownSpeaker, VoiceExists, VoiceLibraryError, VoiceLimitReached
+from cosyserve.errors import (
+    InvalidRequest,
+    PronunciationLimitReached,
+    UnknownPronunciation,
+    UnknownSpeaker,
+    VoiceExists,
+    VoiceLibraryError,
+    VoiceLimitReached,
+)
 from cosyserve.frontend.voice_prompt import VoicePrompt
+from cosyserve.text.pronunciation import (
+    MAX_STORED_PER_SCOPE,
+    VOICE_SCOPE_PREFIX,
+    Pronunciation,
+    scope_kind,
+    word_key,
+)
 
 DEFAULT_MAX_VOICES = 1000
 # Decoded voices kept in memory (a 30 s prompt is ~0.5 MB of tensors).
@@ -58,6 +78,21 @@ class VoiceInfo:
     def has_transcript(self) -> bool:
         """It holds its recording's transcript (text ids), so zero_shot can use it."""
         return "prompt_text" in self.fields
+
+
+@dataclass(frozen=True)
+class StoredPronunciation:
+    """A lexicon entry as stored: its scope (``global``, ``voice:<voice key>``, ``key:<key id>``), the voice
+    id as given for a voice's entry, and when it was (last) written."""
+
+    entry: Pronunciation
+    scope: str
+    voice: str | None = None
+    created_at: int = 0
+
+    @property
+    def kind(self) -> str:
+        return scope_kind(self.scope)
 
 
 class VoiceBackend(ABC):
@@ -170,6 +205,97 @@ class VoiceBackend(ABC):
             "(DELETE /v1/audio/voices/{id}) or raise --max_voices",
             param="name",
         )
+
+    # -- the pronunciation lexicon ----------------------------------------------------------------
+    # Every lexicon write adds one to the revision, in its transaction: a reader that saw a revision
+    # before may keep what it read then (one cheap query a request instead of every entry).
+    _PRONUNCIATION_REVISION = "pronunciation_revision"
+    _BUMP_REVISION = "UPDATE {table} SET revision = revision + 1"
+    _PRONUNCIATIONS = "pronunciations"
+    _PRONUNCIATION_COLUMNS = "word, pinyin, cmu, respelling, scope, voice, created_at"
+    max_entries = MAX_STORED_PER_SCOPE
+
+    @staticmethod
+    def _stored_pronunciation(row: tuple) -> StoredPronunciation:
+        word, pinyin, cmu, respelling, scope, voice, created_at = row
+        try:
+            entry = Pronunciation(word, pinyin, cmu, respelling)
+        except InvalidRequest as exc:  # a row this version no longer accepts: the database's problem, not the client's
+            raise VoiceLibraryError(f"stored pronunciation of {word!r} cannot be read: {exc}") from exc
+        return StoredPronunciation(entry, scope, voice, created_at)
+
+    def pronunciation_revision(self) -> int:
+        """The lexicon's revision: it changes with every write (of any process on the database)."""
+        rows = self._query(f"SELECT revision FROM {self._PRONUNCIATION_REVISION}")
+        return int(rows[0][0]) if rows else 0
+
+    @property
+    def _bump_revision_sql(self) -> str:
+        return self._BUMP_REVISION.format(table=self._PRONUNCIATION_REVISION)
+
+    def pronunciations(self, scopes: builtins.list[str]) -> builtins.list[StoredPronunciation]:
+        """The entries of ``scopes``, in the order of ``scopes`` (then by word)."""
+        if not scopes:
+            return []
+        marks = ", ".join([self._PARAM] * len(scopes))
+        sql = (
+            f"SELECT {self._PRONUNCIATION_COLUMNS} FROM {self._PRONUNCIATIONS} WHERE scope IN ({marks}) "
+            "ORDER BY scope, key"
+        )
+        rank = {scope: i for i, scope in enumerate(scopes)}
+        rows = self._query(sql, tuple(scopes))
+        return sorted((self._stored_pronunciation(r) for r in rows), key=lambda p: rank[p.scope])
+
+    def voice_pronunciations(self) -> builtins.list[StoredPronunciation]:
+        """The entries of every voice's scope, by voice then word."""
+        sql = (
+            f"SELECT {self._PRONUNCIATION_COLUMNS} FROM {self._PRONUNCIATIONS} "
+            f"WHERE substr(scope, 1, {len(VOICE_SCOPE_PREFIX)}) = {self._PARAM} ORDER BY scope, key"
+        )
+        return [self._stored_pronunciation(r) for r in self._query(sql, (VOICE_SCOPE_PREFIX,))]
+
+    def put_pronunciation(self, stored: StoredPronunciation) -> bool:
+        """Store an entry in one transaction, replacing the scope's entry of that word (any case); True if
+        it is new. PronunciationLimitReached when the scope is full (a replacement always fits)."""
+        return self._put_pronunciation(stored, word_key(stored.entry.word))
+
+    def remove_pronunciation(self, scope: str, word: str) -> StoredPronunciation:
+        """Delete the scope's entry of ``word`` (any case); UnknownPronunciation if there is none."""
+        removed = self._delete_pronunciation(scope, word_key(word))
+        if removed is None:
+            where = "" if scope_kind(scope) == "global" else f" in this {scope_kind(scope).replace('_', ' ')}'s scope"
+            raise UnknownPronunciation(f"no stored pronunciation of {word!r}{where}", param="word")
+        return removed
+
+    def _pronunciation_row(self, stored: StoredPronunciation, key: str) -> tuple:
+        e = stored.entry
+        return (stored.scope, key, e.word, e.pinyin, e.cmu, e.respelling, stored.voice, stored.created_at)
+
+    _PRONUNCIATION_ROW = "scope, key, word, pinyin, cmu, respelling, voice, created_at"
+
+    @property
+    def _upsert_pronunciation_sql(self) -> str:
+        values = ", ".join([self._PARAM] * 8)
+        updates = ", ".join(
+            f"{c} = excluded.{c}" for c in ("word", "pinyin", "cmu", "respelling", "voice", "created_at")
+        )
+        return (
+            f"INSERT INTO {self._PRONUNCIATIONS} ({self._PRONUNCIATION_ROW}) VALUES ({values}) "
+            f"ON CONFLICT (scope, key) DO UPDATE SET {updates}"
+        )
+
+    def _full_scope(self, stored: StoredPronunciation, count: int) -> PronunciationLimitReached:
+        return PronunciationLimitReached(
+            f"the {stored.kind.replace('_', ' ')} scope holds {count} pronunciations, the most it may "
+            f"({self.max_entries}): delete some (DELETE /v1/pronunciations/{{word}})",
+            param="word",
+        )
+
+    @abstractmethod
+    def _put_pronunciation(self, stored: StoredPronunciation, key: str) -> bool: ...
+
+    @abstractmethod
+    def _delete_pronunciation(self, scope: str, key: str) -> StoredPronunciation | None: ...
 
     def add(self, info: VoiceInfo, voice: VoicePrompt) -> VoiceInfo:
         """Store ``voice`` under ``info.id`` in one transaction; returns the stored metadata."""

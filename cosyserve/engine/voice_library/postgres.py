@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 
-from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
+from .base import DEFAULT_MAX_VOICES, StoredPronunciation, VoiceBackend, VoiceInfo, voice_key
 
 if TYPE_CHECKING:
     import psycopg
@@ -40,6 +40,7 @@ logger = logging.getLogger("cosyserve.voices")
 # on the database: one for schema migrations, one serialising voice creation (the cap).
 MIGRATION_LOCK = 0x636F_7379_766F_6901
 CREATE_LOCK = 0x636F_7379_766F_6902
+PRONUNCIATION_LOCK = 0x636F_7379_766F_6903  # serialises lexicon writes (the per-scope cap)
 CONNECT_TIMEOUT_S = 10
 # A create waits this long for another replica's create before failing (a stuck peer never hangs us).
 LOCK_TIMEOUT_MS = 10_000
@@ -128,8 +129,30 @@ def _case_folded_keys(cur: psycopg.Cursor) -> None:
     cur.execute("DROP INDEX cosyserve_voices_lower_id")
 
 
+def _pronunciations(cur: psycopg.Cursor) -> None:
+    """v2 -> v3: the pronunciation lexicon, one row per (scope, case-folded word)."""
+    cur.execute(
+        """CREATE TABLE cosyserve_pronunciations (
+        scope text NOT NULL,           -- global | voice:<voice key> | key:<API key id>
+        key text NOT NULL,             -- the word case-folded (voice_key's rule): unique within its scope
+        word text NOT NULL,            -- as the user spelled it
+        pinyin text,
+        cmu text,
+        respelling text,
+        voice text,                    -- a voice's entry: the voice id as given
+        created_at bigint NOT NULL,    -- Unix seconds of the last write
+        PRIMARY KEY (scope, key)
+        )"""
+    )
+    cur.execute(
+        "CREATE TABLE cosyserve_pronunciation_revision "
+        "(one boolean PRIMARY KEY DEFAULT true CHECK (one), revision bigint NOT NULL)"  # + 1 every lexicon write
+    )
+    cur.execute("INSERT INTO cosyserve_pronunciation_revision (revision) VALUES (0)")
+
+
 # MIGRATIONS[n] upgrades a library at version n to n + 1; version 0 is an empty database.
-MIGRATIONS: tuple[Callable[[psycopg.Cursor], None], ...] = (_create_v1, _case_folded_keys)
+MIGRATIONS: tuple[Callable[[psycopg.Cursor], None], ...] = (_create_v1, _case_folded_keys, _pronunciations)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -185,6 +208,8 @@ class PostgresVoiceLibrary(VoiceBackend):
     """
 
     _TABLE = "cosyserve_voices"
+    _PRONUNCIATIONS = "cosyserve_pronunciations"
+    _PRONUNCIATION_REVISION = "cosyserve_pronunciation_revision"
     _STORED_ORDER = "created_at, seq"
     _PARAM = "%s"
 
@@ -294,6 +319,37 @@ class PostgresVoiceLibrary(VoiceBackend):
         if row is None:
             raise UnknownSpeaker(f"no stored voice '{voice_id}'", param="voice_id")
         return self._info(row)
+
+    def _put_pronunciation(self, stored: StoredPronunciation, key: str) -> bool:
+        with self._writing(f"the pronunciation of {stored.entry.word!r} could not be stored") as conn:
+            # Writes queue here, one at a time across every server: the count below is then exact.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRONUNCIATION_LOCK,))
+            found = conn.execute(
+                "SELECT 1 FROM cosyserve_pronunciations WHERE scope = %s AND key = %s", (stored.scope, key)
+            ).fetchone()
+            created = found is None
+            if created:
+                counted = conn.execute(
+                    "SELECT count(*) FROM cosyserve_pronunciations WHERE scope = %s", (stored.scope,)
+                ).fetchone()
+                count = counted[0] if counted is not None else 0
+                if count >= self.max_entries:
+                    raise self._full_scope(stored, count)
+            conn.execute(self._upsert_pronunciation_sql, self._pronunciation_row(stored, key))
+            conn.execute(self._bump_revision_sql)
+        return created
+
+    def _delete_pronunciation(self, scope: str, key: str) -> StoredPronunciation | None:
+        with self._writing("the pronunciation could not be deleted") as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRONUNCIATION_LOCK,))
+            row = conn.execute(
+                f"DELETE FROM cosyserve_pronunciations WHERE scope = %s AND key = %s "
+                f"RETURNING {self._PRONUNCIATION_COLUMNS}",
+                (scope, key),
+            ).fetchone()
+            if row is not None:
+                conn.execute(self._bump_revision_sql)
+        return None if row is None else self._stored_pronunciation(row)
 
     def _read_tensors(self, info: VoiceInfo) -> bytes | None:
         rows = self._query("SELECT data FROM cosyserve_voice_tensors WHERE uid = %s", (info.uid,))

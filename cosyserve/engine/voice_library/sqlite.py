@@ -14,10 +14,11 @@ from pathlib import Path
 
 from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 
-from .base import DEFAULT_MAX_VOICES, VoiceBackend, VoiceInfo, voice_key
+from .base import DEFAULT_MAX_VOICES, StoredPronunciation, VoiceBackend, VoiceInfo, voice_key
 
 DB_NAME = "voices.sqlite3"
-SCHEMA_VERSION = 1
+# 1: voices; 2: + the pronunciation lexicon.
+SCHEMA_VERSION = 2
 # How long a write waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 10.0
 
@@ -38,6 +39,25 @@ _SCHEMA = (
     uid TEXT PRIMARY KEY,
     data BLOB NOT NULL            -- VoicePrompt.to_bytes (voices stored before it: torch.save of {name: tensor})
     )""",
+)
+# Version 1 -> 2: the pronunciation lexicon.
+_SCHEMA_V2 = (
+    """CREATE TABLE pronunciations (
+    scope TEXT NOT NULL,          -- global | voice:<voice key> | key:<API key id>
+    key TEXT NOT NULL,            -- the word case-folded: unique regardless of case within its scope
+    word TEXT NOT NULL,           -- as the user spelled it
+    pinyin TEXT,
+    cmu TEXT,
+    respelling TEXT,
+    voice TEXT,                   -- a voice's entry: the voice id as given
+    created_at INTEGER NOT NULL,  -- Unix seconds of the last write
+    PRIMARY KEY (scope, key)
+    )""",
+    """CREATE TABLE pronunciation_revision (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    revision INTEGER NOT NULL     -- one more with every lexicon write
+    )""",
+    "INSERT INTO pronunciation_revision (one, revision) VALUES (1, 0)",
 )
 
 
@@ -83,8 +103,9 @@ class SQLiteVoiceLibrary(VoiceBackend):
         self._db.execute("BEGIN IMMEDIATE")
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA:  # not executescript: it would commit the open transaction
+            if version < SCHEMA_VERSION:
+                # not executescript: it would commit the open transaction
+                for statement in (_SCHEMA if version == 0 else ()) + (_SCHEMA_V2 if version < 2 else ()):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version > SCHEMA_VERSION:
@@ -146,6 +167,29 @@ class SQLiteVoiceLibrary(VoiceBackend):
             db.execute("DELETE FROM voices WHERE uid = ?", (info.uid,))
             db.execute("DELETE FROM voice_tensors WHERE uid = ?", (info.uid,))
         return info
+
+    def _put_pronunciation(self, stored: StoredPronunciation, key: str) -> bool:
+        with self._transaction(f"the pronunciation of {stored.entry.word!r} could not be stored") as db:
+            found = db.execute("SELECT 1 FROM pronunciations WHERE scope = ? AND key = ?", (stored.scope, key))
+            created = found.fetchone() is None
+            if created:
+                count = db.execute("SELECT COUNT(*) FROM pronunciations WHERE scope = ?", (stored.scope,)).fetchone()[0]
+                if count >= self.max_entries:
+                    raise self._full_scope(stored, count)
+            db.execute(self._upsert_pronunciation_sql, self._pronunciation_row(stored, key))
+            db.execute(self._bump_revision_sql)
+        return created
+
+    def _delete_pronunciation(self, scope: str, key: str) -> StoredPronunciation | None:
+        with self._transaction("the pronunciation could not be deleted") as db:
+            row = db.execute(
+                f"SELECT {self._PRONUNCIATION_COLUMNS} FROM pronunciations WHERE scope = ? AND key = ?", (scope, key)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM pronunciations WHERE scope = ? AND key = ?", (scope, key))
+            db.execute(self._bump_revision_sql)
+        return self._stored_pronunciation(row)
 
     def _read_tensors(self, info: VoiceInfo) -> bytes | None:
         rows = self._query("SELECT data FROM voice_tensors WHERE uid = ?", (info.uid,))
