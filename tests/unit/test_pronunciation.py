@@ -23,7 +23,7 @@ from cosyserve.engine.request import SynthesisRequest
 from cosyserve.engine.text_feed import FeedReader, TextFeed
 from cosyserve.engine.voice_library.base import StoredPronunciation
 from cosyserve.engine.voice_library.sqlite import DB_NAME, SQLiteVoiceLibrary
-from cosyserve.errors import InvalidRequest, PronunciationLimitReached, UnknownPronunciation
+from cosyserve.errors import InvalidRequest, PronunciationLimitReached, SsmlError, UnknownPronunciation
 from cosyserve.families import FAMILIES
 from cosyserve.text.normalize import TextNormalizer
 from cosyserve.text.pronunciation import (
@@ -237,6 +237,34 @@ def test_v3_entries_reach_the_llm_as_pronunciation_tokens():
     assert _sub(
         _ids("v3-tiny", "报道[j][ǐ]予好评。"), [tokenizer.special_tokens["[j]"], tokenizer.special_tokens["[ǐ]"]]
     )
+
+
+@pytest.mark.parametrize("backend", ["none", "wetext"])
+def test_v3_ssml_phoneme_reaches_the_llm_as_pronunciation_tokens(backend):
+    tokenizer = _model("v3-tiny").frontend.tokenizer
+    ssml = (
+        '<speak>我去<phoneme alphabet="pinyin" ph="chong2 qing4">重庆</phoneme>。'
+        'Say <phoneme alphabet="cmu" ph="HH AH0 L OW1">hello</phoneme> to [j][ǐ] them.</speak>'
+    )
+    ids = _ids("v3-tiny", ssml, backend)
+    chongqing = [tokenizer.special_tokens[t] for t in ("[ch]", "[óng]", "[q]", "[ìng]")]
+    hello = [tokenizer.special_tokens[t] for t in ("[HH]", "[AH0]", "[L]", "[OW1]")]
+    pinyin = [tokenizer.special_tokens["[j]"], tokenizer.special_tokens["[ǐ]"]]
+    assert _sub(ids, chongqing) and _sub(ids, hello) and _sub(ids, pinyin)
+    assert not _sub(ids, tokenizer.encode("重庆"))
+    # The same words with lexicon entries instead of <phoneme>: the same ids.
+    entries = (Pronunciation("重庆", pinyin="chong2 qing4"), Pronunciation("hello", cmu="HH AH0 L OW1"))
+    plain = "<speak>我去重庆。Say hello to [j][ǐ] them.</speak>"
+    assert _ids("v3-tiny", plain, backend, pronunciations=entries) == ids
+    # A request's own entry does not outrank the document's <phoneme> for the same word.
+    assert _ids("v3-tiny", ssml, backend, pronunciations=(Pronunciation("重庆", respelling="崇庆"),)) == ids
+
+
+def test_ssml_phoneme_is_refused_on_a_family_without_inline_tokens_and_checked_when_parsed():
+    with pytest.raises(InvalidRequest, match=r"cosyvoice2"):
+        _ids("v2-tiny", '<speak>我去<phoneme alphabet="pinyin" ph="chong2 qing4">重庆</phoneme>。</speak>')
+    with pytest.raises(SsmlError, match=r"line 1, column 8: <phoneme>"):
+        _ids("v3-tiny", '<speak><phoneme alphabet="cmu" ph="HH AH9">hi</phoneme></speak>')
 
 
 @pytest.mark.parametrize("backend", ["none", "wetext"])
