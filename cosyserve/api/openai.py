@@ -41,7 +41,7 @@ from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
 from cosyserve.engine.client import EngineClient
 from cosyserve.engine.planning import plan_speech
 from cosyserve.engine.registry import OPENAI_MODELS
-from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions
+from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions, SynthesisRequest
 from cosyserve.errors import GenerationFailed, InvalidRequest, MalformedBody, TextError
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -234,9 +234,35 @@ async def create_speech(request: Request) -> Response:
     settings = state.settings
     req = parse_request(await read_body(request, settings.max_upload_bytes))
     engine = await state.models.get(req.model)
-    text = _text(req.input, settings.max_text_length)
     # Format and rate errors before the audio is decoded.
     output = speech_output(req.response_format, req.sample_rate, settings.pcm_sample_rate, engine.info.sample_rate)
+    synthesis, spk_id = await speech_synthesis(request, req, engine)
+    sse = req.stream_format == "sse"
+    response = await start_generation(
+        request,
+        engine,
+        f"v1/audio/speech ({synthesis.mode}{f', {spk_id}' if spk_id else ''})",
+        synthesis,
+        output,
+        buffered=False if sse else None,
+        response_class=SpeechEvents if sse else AudioResponse,
+    )
+    response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
+    if isinstance(response, SpeechEvents):
+        spoken = synthesis.ssml.text if synthesis.ssml is not None else str(synthesis.text)
+        response.usage = lambda seconds: _speech_tokens(engine, spoken, seconds)
+    else:
+        response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[output.fmt]}"'
+    return response
+
+
+async def speech_synthesis(
+    request: Request, req: SpeechRequest, engine: EngineClient
+) -> tuple[SynthesisRequest, str | None]:
+    """What a speech body asks ``engine`` for (its mode from the voice / ref_audio / instructions, the
+    request's pronunciations and the caller's lexicon scope), and the voice it names (None with ref_audio)."""
+    settings = server_state(request).settings
+    text = _text(req.input, settings.max_text_length)
     options = _options(req)
     entries = request_pronunciations(req.pronunciations)
     prompt = None
@@ -259,24 +285,7 @@ async def create_speech(request: Request) -> Response:
         prompt_audio=prompt,
         ref_text=req.ref_text or None,
     )
-    synthesis = replace(synthesis, pronunciations=entries, lexicon_owner=scope_key_id(request.scope))
-    sse = req.stream_format == "sse"
-    response = await start_generation(
-        request,
-        engine,
-        f"v1/audio/speech ({synthesis.mode}{f', {spk_id}' if spk_id else ''})",
-        synthesis,
-        output,
-        buffered=False if sse else None,
-        response_class=SpeechEvents if sse else AudioResponse,
-    )
-    response.headers["X-Accel-Buffering"] = "no"  # proxies must not hold streamed audio back
-    if isinstance(response, SpeechEvents):
-        spoken = synthesis.ssml.text if synthesis.ssml is not None else text
-        response.usage = lambda seconds: _speech_tokens(engine, spoken, seconds)
-    else:
-        response.headers["Content-Disposition"] = f'attachment; filename="speech.{_EXTENSIONS[output.fmt]}"'
-    return response
+    return replace(synthesis, pronunciations=entries, lexicon_owner=scope_key_id(request.scope)), spk_id
 
 
 @router.get("/v1/models", summary="The models /v1/audio/speech accepts (OpenAI list shape).")

@@ -26,6 +26,7 @@ from cosyserve.audio.prompt import PromptLimits
 from cosyserve.errors import GenerationFailed, UnsupportedMode
 
 from .core import EngineCore, Overrides, StepModel, Work
+from .inputs import TextPreview
 from .pronunciations import PronunciationStore
 from .request import SynthesisRequest
 from .text_feed import TextFeed
@@ -140,6 +141,8 @@ class ServedModel(StepModel, Protocol):
     @property
     def pronunciations(self) -> PronunciationStore: ...
 
+    def preview(self, request: SynthesisRequest) -> TextPreview: ...
+
     @property
     def precision(self) -> Mapping[str, str]:
         """The dtype each stage runs in (llm, flow, vocoder)."""
@@ -189,6 +192,11 @@ class EngineClient(ABC):
         caller appends fragments to ``text`` and closes it; ``request.text``, if any, comes first.
         Audio starts before the text is complete. Raises UnsupportedMode where it is not served."""
         raise UnsupportedMode("this engine does not take streamed text input", param="text")
+
+    @abstractmethod
+    async def preview(self, request: SynthesisRequest) -> TextPreview:
+        """What ``request``'s text becomes (its mode, its segments as they will be synthesised), without
+        generating; raises the 4xx the request would."""
 
     @abstractmethod
     async def abort(self, request_id: str) -> None: ...
@@ -310,6 +318,10 @@ class AsyncEngine(EngineClient):
             self.core.abort(request_id)
             raise
         return AudioStream(request_id, sink.queue, lambda: self.core.abort(request_id))
+
+    async def preview(self, request: SynthesisRequest) -> TextPreview:
+        # Off the event loop: normalisation and a stored lexicon's first read take milliseconds to seconds.
+        return await asyncio.to_thread(self.model.preview, request)
 
     async def abort(self, request_id: str) -> None:
         self.core.abort(request_id)

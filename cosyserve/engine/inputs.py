@@ -80,6 +80,29 @@ class SegmentPlan:
     pause_after: int = 0
 
 
+@dataclass(frozen=True)
+class SegmentPreview:
+    """One segment as it will be synthesised: its text after normalisation and the lexicon (what the
+    tokenizer reads, the system prompt aside), the text ids the LLM reads for it, its speed, and the exact
+    silence around it (seconds)."""
+
+    text: str
+    text_tokens: int
+    speed: float
+    pause_before_s: float
+    pause_after_s: float
+
+
+@dataclass(frozen=True)
+class TextPreview:
+    """What a request's text becomes (``POST /v1/text/preview``): its mode and segments, in order, and the
+    SSML tags it ignores."""
+
+    mode: str
+    segments: tuple[SegmentPreview, ...]
+    ssml_ignored: tuple[str, ...] = ()
+
+
 def _ids(n: int = 0) -> Tensor:
     return torch.zeros(1, n, dtype=torch.int32)
 
@@ -194,13 +217,39 @@ class InputBuilder:
         """:meth:`build`'s inputs and, for each, its :class:`SegmentPlan` (speed, pauses)."""
         if request.mode == "vc":
             return [self._typed(self._vc(request))], [SegmentPlan(request.options.speed)]
+        segments, plans = self.planned_texts(request)
+        return [self._typed(fields) for fields in self._builders[request.mode](request, segments)], plans
+
+    def planned_texts(self, request: SynthesisRequest) -> tuple[list[str], list[SegmentPlan]]:
+        """The text pass of :meth:`build_planned`: the segments (normalised, SSML planned, the lexicon
+        applied) and their plans."""
         if request.ssml is not None:
             segments, plans = self.ssml_segments(request.ssml, request.options)
         else:
             segments = self.segments(request.text, request.options.text_frontend)
             plans = [SegmentPlan(request.options.speed)] * len(segments)
-        segments = self.pronounce(request, segments)
-        return [self._typed(fields) for fields in self._builders[request.mode](request, segments)], plans
+        return self.pronounce(request, segments), plans
+
+    def preview(self, request: SynthesisRequest) -> TextPreview:
+        """What :meth:`build` makes of ``request``'s text, without its prompt audio or model inputs."""
+        if request.mode == "vc":
+            raise InvalidRequest("vc has no text to preview", param="mode")
+        segments, plans = self.planned_texts(request)
+        rate = self.frontend.sample_rate
+        return TextPreview(
+            request.mode,
+            tuple(
+                SegmentPreview(
+                    text,
+                    int(self.frontend.tokenize(self.target_text(request.mode, text)).shape[-1]),
+                    plan.speed,
+                    plan.pause_before / rate,
+                    plan.pause_after / rate,
+                )
+                for text, plan in zip(segments, plans, strict=True)
+            ),
+            request.ssml.ignored if request.ssml is not None else (),
+        )
 
     def bistream(self, request: SynthesisRequest) -> SegmentInput:
         """The input of a request whose text is streamed: the mode's prompt, and what the mode puts
@@ -307,6 +356,11 @@ class InputBuilder:
             raise TextError(f"{param} is empty", param=param)
         return self.frontend.normalize(text, split=False, text_frontend=text_frontend)
 
+    def target_text(self, mode: str, segment: str) -> str:
+        """A segment's text as the LLM reads it in ``mode``: sft and cross_lingual put the family's system
+        prompt before it (zero_shot / instruct2 carry it in the prompt text)."""
+        return self._with_system_prompt(segment) if mode in ("sft", "cross_lingual") else segment
+
     def _with_system_prompt(self, text: str) -> str:
         """Target / prompt text with the system prompt the family was trained with."""
         if self.family.system_prompt and END_OF_PROMPT not in text:
@@ -341,7 +395,7 @@ class InputBuilder:
 
     def _sft(self, r: SynthesisRequest, segments: list[str]) -> list[ModelInput]:
         speaker = self._speaker(r.spk_id)
-        return [self.frontend.sft(self._with_system_prompt(s), speaker) for s in segments]
+        return [self.frontend.sft(self.target_text("sft", s), speaker) for s in segments]
 
     def _zero_shot(self, r: SynthesisRequest, segments: list[str]) -> list[ModelInput]:
         if r.spk_id is not None and r.prompt_audio is None:
@@ -359,7 +413,7 @@ class InputBuilder:
 
     def _cross_lingual(self, r: SynthesisRequest, segments: list[str]) -> list[ModelInput]:
         voice = self._prompt_or_voice(r.prompt_audio, r.spk_id)
-        return [self.frontend.cross_lingual(self._with_system_prompt(s), voice) for s in segments]
+        return [self.frontend.cross_lingual(self.target_text("cross_lingual", s), voice) for s in segments]
 
     def _instruct(self, r: SynthesisRequest, segments: list[str]) -> list[ModelInput]:
         speaker = self._speaker(r.spk_id)

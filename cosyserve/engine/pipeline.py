@@ -25,7 +25,7 @@ from cosyserve.text.pronunciation import parse_pronunciations
 
 from . import streaming
 from .generation import GenerationLoop
-from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, SegmentPlan, unsupported_mode
+from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, SegmentPlan, TextPreview, unsupported_mode
 from .loading import EngineOptions, LoadedParts, load_parts
 from .pronunciations import PronunciationStore, lexicon_target
 from .request import GenerationOptions, SynthesisRequest
@@ -128,6 +128,12 @@ class TTSModel:
         the iterator runs (another thread appends to it; see :meth:`prepare`)."""
         sequence = self.prepare(request, draws=draws, sampler=sampler, text_feed=text_feed)
         return self.new_loop().run_alone(sequence)
+
+    def preview(self, request: SynthesisRequest) -> TextPreview:
+        """What ``request``'s text becomes, segment by segment (see :meth:`InputBuilder.preview`)."""
+        if request.mode not in self.modes:
+            raise unsupported_mode(self.family, request.mode, self.modes)
+        return self.inputs.preview(request)
 
     def prepare(
         self,

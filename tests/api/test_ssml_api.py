@@ -14,6 +14,7 @@ import pytest
 import requests
 from api_helpers import LiveServer, decode_pcm
 from golden import golden_root
+from resources import missing
 
 from cosyserve.api import create_app
 from cosyserve.settings import Settings
@@ -29,7 +30,7 @@ TEXT = f'<speak>Hello there.<break time="{BREAK_MS}ms"/>How are you today?</spea
 def _model_dir(name: str) -> Any:
     path = golden_root() / "models" / name
     if not path.is_dir():
-        pytest.skip(f"no tiny model {name}")
+        missing(f"the golden tiny model {name}")
     return path
 
 

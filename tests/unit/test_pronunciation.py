@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from golden import REPO, golden_root
+from resources import missing
 
 from cosyserve.engine.request import SynthesisRequest
 from cosyserve.engine.text_feed import FeedReader, TextFeed
@@ -48,7 +49,7 @@ PLAIN = LexiconTarget("CosyVoice2 (cosyvoice2)", False, lambda token: False)
 def _model_dir(name: str) -> Path:
     path = golden_root() / "models" / name
     if not path.is_dir():
-        pytest.skip(f"golden model {name} not available")
+        missing(f"the golden tiny model {name}")
     return path
 
 

@@ -5,32 +5,30 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from golden import golden_root
+from resources import missing
 
 from cosyserve.engine.inputs import SegmentPlan
 from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions, SynthesisRequest
 from cosyserve.errors import TextError
 from cosyserve.families import FAMILIES
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
 MODELS = ("v1-tiny", "v2-tiny", "v3-tiny")
 SEED = 5
 
 
 @cache
 def model(name: str) -> Any:
-    import os
-
     from cosyserve.engine.pipeline import load_model
 
-    root = Path(os.environ.get("COSYSERVE_GOLDEN_DIR", GOLDEN))
-    if not (root / "models" / name).is_dir():
-        pytest.skip(f"no tiny model {name}")
-    return load_model(root / "models" / name)
+    path = golden_root() / "models" / name
+    if not path.is_dir():
+        missing(f"the golden tiny model {name}")
+    return load_model(path)
 
 
 @pytest.fixture(autouse=True, scope="module")
