@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from api_helpers import LiveServer
 from golden import REPO, golden_root, manifest, model_dir
 from resources import import_or_missing, needs
@@ -123,6 +124,29 @@ def test_web_page_with_api_key(page: Any, server: LiveServer) -> None:
     played = page.evaluate("window.cosyPlayer.playedSeconds")
     assert played == pytest.approx(pcm["samples"] / 24000, rel=1e-3)
     assert page.is_visible("#download")
+
+    # The text preview shows the segments the server's preview route answers for the same body.
+    ssml = '<speak>今天天气真好。<break time="300ms"/>I have <foo>three</foo> apples.</speak>'
+    page.fill("#text", ssml)
+    page.click("#preview-text")
+    page.wait_for_function("window.cosyPreview")
+    shown = page.eval_on_selector_all("#preview li .preview-text", "items => items.map(i => i.textContent)")
+    direct = requests.post(
+        server.url + "/v1/text/preview",
+        json={"input": ssml, "voice": "中文女", "speed": 1},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    )
+    assert direct.status_code == 200, direct.text
+    assert shown == [s["text"] for s in direct.json()["segments"]] and len(shown) == 2
+    assert "pause 300 ms after" in page.inner_text("#preview")
+    summary = page.inner_text("#preview-summary")
+    assert "sft · 2 segments" in summary and "ignored SSML: foo" in summary
+    page.locator("#text-field").screenshot(path=str(artifacts_dir() / "web_page_preview.png"))
+    page.fill("#text", "<speak>broken")
+    page.click("#preview-text")
+    page.wait_for_function("document.getElementById('preview-summary').textContent.includes('line 1')")
+    assert page.is_hidden("#preview")
 
     # 2. Store a voice from an uploaded recording with its transcript (recordings belong to the cloning modes).
     page.select_option("#mode", "zero_shot")

@@ -308,6 +308,54 @@
     return form;
   }
 
+  // -- text preview (POST /v1/text/preview: the segments exactly as they will be synthesised) ----------
+
+  async function previewText() {
+    const list = $("preview");
+    const summary = $("preview-summary");
+    const text = $("text").value.trim();
+    list.replaceChildren();
+    list.hidden = true;
+    window.cosyPreview = null;
+    if (!text) { summary.textContent = "Enter some text to preview."; return; }
+    const spec = MODES[$("mode").value] || MODES.sft;
+    const body = { input: text, speed: Number($("speed").value) };
+    if ($("voice").value) body.voice = $("voice").value;
+    if (spec.instruct && $("instruct").value.trim()) body.instructions = $("instruct").value.trim();
+    summary.textContent = "Previewing…";
+    try {
+      const response = await api("v1/text/preview", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      });
+      const result = await response.json();
+      for (const segment of result.segments) list.append(previewRow(segment));
+      const count = result.segments.length;
+      let line = `${result.mode} · ${count} segment${count === 1 ? "" : "s"} · ${result.text_tokens} text tokens`;
+      if (result.ssml_ignored_tags.length) line += ` · ignored SSML: ${result.ssml_ignored_tags.join(", ")}`;
+      summary.textContent = line;
+      list.hidden = false;
+      window.cosyPreview = result;
+    } catch (error) {
+      summary.textContent = error.message;
+    }
+  }
+
+  function previewRow(segment) {
+    const item = document.createElement("li");
+    const words = document.createElement("span");
+    words.className = "preview-text";
+    words.textContent = segment.text; // the model's own text: never parsed as HTML
+    const facts = document.createElement("span");
+    facts.className = "hint";
+    const parts = [`${segment.text_tokens} tokens`];
+    if (segment.speed !== 1) parts.push(`speed ${segment.speed}×`);
+    if (segment.break_before_ms) parts.push(`pause ${segment.break_before_ms} ms before`);
+    if (segment.break_after_ms) parts.push(`pause ${segment.break_after_ms} ms after`);
+    facts.textContent = parts.join(" · ");
+    item.append(words, facts);
+    return item;
+  }
+
   function setBusy(busy) {
     $("speak").disabled = busy;
     $("speak").textContent = busy ? "Speaking…" : "Speak";
@@ -539,6 +587,7 @@
   $("save-voice").addEventListener("click", saveVoice);
   $("refresh-voices").addEventListener("click", loadVoices);
   $("synth-form").addEventListener("submit", speak);
+  $("preview-text").addEventListener("click", previewText);
   $("stop").addEventListener("click", stopPlayback);
   $("player").addEventListener("play", () => { player.elementPlays = (player.elementPlays || 0) + 1; });
   updateForm();
