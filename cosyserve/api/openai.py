@@ -27,14 +27,14 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Send
 
 from cosyserve.api.audio_response import AudioResponse, start_generation
 from cosyserve.api.auth import scope_key_id
 from cosyserve.api.deps import server_state
 from cosyserve.api.errors import error_body, error_responses
-from cosyserve.api.parsing import check_audio, read_body
+from cosyserve.api.parsing import check_audio, parse_json_body, read_body
 from cosyserve.api.pronunciations import FIELD_DOC, request_pronunciations
 from cosyserve.api.voices import resolve_voice, voice_list
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
@@ -42,7 +42,7 @@ from cosyserve.engine.client import EngineClient
 from cosyserve.engine.planning import plan_speech
 from cosyserve.engine.registry import OPENAI_MODELS
 from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions, SynthesisRequest
-from cosyserve.errors import GenerationFailed, InvalidRequest, MalformedBody, TextError
+from cosyserve.errors import GenerationFailed, InvalidRequest, TextError
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
@@ -97,16 +97,9 @@ def _model_card(name: str, owner: str) -> dict[str, Any]:
 
 
 def parse_request(body: bytes) -> SpeechRequest:
-    if not body.strip():
-        raise MalformedBody("send a JSON body (Content-Type: application/json) with at least input and voice")
-    try:
-        return SpeechRequest.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            raise MalformedBody(f"the body is not valid JSON: {first['msg']}") from exc
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from exc
+    return parse_json_body(
+        SpeechRequest, body, "send a JSON body (Content-Type: application/json) with at least input and voice"
+    )
 
 
 def _text(value: str, max_length: int) -> str:

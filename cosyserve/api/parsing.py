@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import anyio
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
@@ -44,6 +45,24 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     except ClientDisconnect as exc:
         raise MalformedBody("the client disconnected during the upload") from exc
     return bytes(body)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_json_body(model: type[Body], body: bytes, empty_hint: str) -> Body:
+    """A JSON body as ``model``: an empty body is a 400 saying ``empty_hint`` (what to send); broken JSON and
+    a field pydantic refuses are 400s naming what is wrong (the first field's path as ``param``)."""
+    if not body.strip():
+        raise MalformedBody(empty_hint)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise MalformedBody(f"the body is not valid JSON: {first['msg']}") from exc
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from exc
 
 
 async def read_fields(request: Request, max_bytes: int) -> Fields:

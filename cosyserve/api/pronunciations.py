@@ -20,17 +20,17 @@ from urllib.parse import quote
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cosyserve.api.auth import scope_key_id
 from cosyserve.api.deps import server_state
 from cosyserve.api.errors import error_responses
-from cosyserve.api.parsing import read_body
+from cosyserve.api.parsing import parse_json_body, read_body
 from cosyserve.engine.client import EngineClient
 from cosyserve.engine.pronunciations import PronunciationStore
 from cosyserve.engine.voice_library.base import StoredPronunciation
 from cosyserve.engine.voices import validate_voice_id
-from cosyserve.errors import InvalidRequest, MalformedBody, UnknownSpeaker
+from cosyserve.errors import InvalidRequest, UnknownSpeaker
 from cosyserve.text.pronunciation import (
     GLOBAL_SCOPE,
     MAX_PRONUNCIATION_LENGTH,
@@ -89,16 +89,7 @@ def request_pronunciations(value: Any, param: str = "pronunciations") -> tuple[P
 
 
 def _parse(body: bytes) -> EntryBody:
-    if not body.strip():
-        raise MalformedBody('send a JSON body: {"word": ..., "pinyin" | "cmu" | "respelling": ...}')
-    try:
-        return EntryBody.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            raise MalformedBody(f"the body is not valid JSON: {first['msg']}") from exc
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from exc
+    return parse_json_body(EntryBody, body, 'send a JSON body: {"word": ..., "pinyin" | "cmu" | "respelling": ...}')
 
 
 def _scope(request: Request, engine: EngineClient, scope: str | None, voice: str | None, *, new: bool) -> str:
