@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from functools import cache
 from typing import Any
@@ -23,6 +24,7 @@ import soundfile as sf
 from api_helpers import LiveServer, decode_wav
 from golden import golden_root
 from resources import missing
+from websockets.sync.client import connect
 
 from cosyserve.api import create_app
 from cosyserve.engine.request import MAX_SPEED
@@ -88,7 +90,8 @@ def test_caption_times_are_the_segments_sample_boundaries(name, server_for):
     assert [s["index"] for s in segments] == [0, 1, 2]
     assert segments[0]["start"] == 0 and segments[-1]["end_sample"] == audio.shape[0]
     for s in segments:
-        assert s["start"] == pytest.approx(s["start_sample"] / rate) and s["end"] == pytest.approx(s["end_sample"] / rate)
+        assert s["start"] == pytest.approx(s["start_sample"] / rate)
+        assert s["end"] == pytest.approx(s["end_sample"] / rate)
     # The break's silence lies between the first two segments; the others touch.
     assert segments[1]["start_sample"] - segments[0]["end_sample"] == round(0.25 * rate)
     assert segments[2]["start_sample"] == segments[1]["end_sample"]
@@ -156,7 +159,10 @@ def srt_of(cues: list[tuple[float, float, str]]) -> bytes:
 def dub(server: LiveServer, srt: bytes, **fields: Any) -> requests.Response:
     data = {"voice": voice("v2-tiny"), "seed": str(SEED), "report": "json", **fields}
     return requests.post(
-        f"{server.url}/v1/audio/dubbing", files={"file": ("subs.srt", srt, "application/x-subrip")}, data=data, timeout=900
+        f"{server.url}/v1/audio/dubbing",
+        files={"file": ("subs.srt", srt, "application/x-subrip")},
+        data=data,
+        timeout=900,
     )
 
 
@@ -168,7 +174,7 @@ def test_forty_cues_each_start_at_their_time_and_none_runs_into_the_next(server_
     rng = np.random.default_rng(3)
     cues, t = [], 0.5
     for i in range(40):
-        length = float(rng.uniform(0.8, 2.0))
+        length = float(rng.uniform(0.3, 1.3))  # some cues need speeding up, a few cannot fit
         cues.append((round(t, 3), round(t + length, 3), WORDS[i % len(WORDS)]))
         t += length + float(rng.uniform(0.0, 0.6))
     r = dub(server, srt_of(cues))
@@ -179,7 +185,7 @@ def test_forty_cues_each_start_at_their_time_and_none_runs_into_the_next(server_
     frame = rate // 50  # one mel frame (v2: 480 samples at 24 kHz)
     report = got["cues"]
     assert len(report) == 40 and got["unfit"] == [c["cue"] for c in report if not c["fits"]]
-    for i, (c, (start, end, _)) in enumerate(zip(report, cues, strict=True)):
+    for i, (c, (start, _, _)) in enumerate(zip(report, cues, strict=True)):
         assert abs(c["start_sample"] - start * rate) <= frame
         placed_end = c["start_sample"] + c["samples"]
         if i + 1 < len(cues):
@@ -191,14 +197,19 @@ def test_forty_cues_each_start_at_their_time_and_none_runs_into_the_next(server_
         else:
             assert c["speed"] == MAX_SPEED and c["cut_seconds"] > 0
     assert not track[: round(cues[0][0] * rate)].any()
+    faster = [i for i, c in enumerate(report) if c["speed"] > 1.0]
+    assert faster, "no cue needed speeding up: the test would not test the fitting"
+    assert any(c["fits"] for i, c in enumerate(report) if i in faster)
     # The audio at each cue's place is that cue spoken alone with the reported speed and the same seed.
-    for k in (0, 17, 39):
+    for k in (0, faster[0], faster[-1], 39):
         c = report[k]
         body = {"input": c["text"], "voice": voice("v2-tiny"), "response_format": "wav", "seed": got["seed"]}
         alone = wav_samples(
             requests.post(f"{server.url}/v1/audio/speech", json={**body, "speed": c["speed"]}, timeout=300).content
         )
-        np.testing.assert_array_equal(track[c["start_sample"] : c["start_sample"] + c["samples"]], alone[: c["samples"]])
+        np.testing.assert_array_equal(
+            track[c["start_sample"] : c["start_sample"] + c["samples"]], alone[: c["samples"]]
+        )
     # The audio-only answer: the same track, the unfit cues in a header.
     plain = dub(server, srt_of(cues), report="header")
     assert plain.status_code == 200 and plain.headers["X-Dubbing-Cues"] == "40"
@@ -284,3 +295,45 @@ def test_a_request_continues_a_finished_one_by_its_request_id(server_for):
         timeout=60,
     )
     assert official.status_code == 422 and official.json()["error"]["param"] == "continuity"
+
+
+def test_a_websocket_session_with_continuity_continues_each_segment_from_the_one_before(server_for):
+    server = server_for("v2-tiny")
+    sentences = ("The keeper walked the shore.", "He counted the boats.")
+    config = {"type": "session.config", "voice": voice("v2-tiny"), "seed": SEED, "stream": False, "continuity": True}
+    frames: dict[int, bytes] = {}
+    texts: dict[int, str] = {}
+    with connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream", open_timeout=60, max_size=None) as ws:
+        ws.send(json.dumps(config))
+        assert json.loads(ws.recv(60))["type"] == "session.ready"
+        for sentence in sentences:
+            ws.send(json.dumps({"type": "text", "text": sentence + " "}))
+        ws.send(json.dumps({"type": "close"}))
+        current = None
+        while True:
+            message = ws.recv(300)
+            if isinstance(message, bytes):
+                assert current is not None
+                frames[current] += message
+                continue
+            event = json.loads(message)
+            if event["type"] == "segment.start":
+                current = event["segment"]
+                frames[current], texts[current] = b"", event["text"]
+            elif event["type"] == "session.closed":
+                break
+    assert [texts[i] for i in sorted(texts)] == list(sentences)
+    body = {"voice": voice("v2-tiny"), "seed": SEED, "response_format": "pcm"}
+    first = requests.post(f"{server.url}/v1/audio/speech", json={**body, "input": sentences[0]}, timeout=300)
+    second = requests.post(
+        f"{server.url}/v1/audio/speech",
+        json={**body, "input": sentences[1], "previous_text": sentences[0]},
+        timeout=300,
+    )
+    alone = requests.post(f"{server.url}/v1/audio/speech", json={**body, "input": sentences[1]}, timeout=300)
+    assert frames[0] == first.content
+    assert frames[1] == second.content and frames[1] != alone.content
+    with connect(f"ws://127.0.0.1:{server.port}/v1/audio/speech/stream", open_timeout=60) as ws:
+        ws.send(json.dumps({**config, "bistream": True}))
+        error = json.loads(ws.recv(60))
+        assert error["type"] == "error" and error["error"]["param"] == "continuity"
