@@ -337,3 +337,23 @@ def test_a_websocket_session_with_continuity_continues_each_segment_from_the_one
         ws.send(json.dumps({**config, "bistream": True}))
         error = json.loads(ws.recv(60))
         assert error["type"] == "error" and error["error"]["param"] == "continuity"
+
+
+def test_only_the_same_api_key_continues_a_request():
+    keys = ("key-one-0123456789", "key-two-0123456789")
+    app = create_app(engine("v2-tiny"), Settings(data_dir="", api_keys=keys))
+    with LiveServer(app) as server:
+        body = {"input": "The keeper walked the shore.", "voice": voice("v2-tiny"), "seed": SEED, "continuity": True}
+        first = requests.post(
+            f"{server.url}/v1/audio/speech", json=body, headers={"Authorization": f"Bearer {keys[0]}"}, timeout=300
+        )
+        assert first.status_code == 200, first.text
+        nxt = {**body, "input": "Home.", "previous_request_id": first.headers["X-Request-ID"]}
+        other = requests.post(
+            f"{server.url}/v1/audio/speech", json=nxt, headers={"Authorization": f"Bearer {keys[1]}"}, timeout=60
+        )
+        assert other.status_code == 404 and other.json()["error"]["code"] == "previous_request_not_found"
+        same = requests.post(
+            f"{server.url}/v1/audio/speech", json=nxt, headers={"Authorization": f"Bearer {keys[0]}"}, timeout=300
+        )
+        assert same.status_code == 200, same.text
