@@ -78,6 +78,28 @@ class UnknownSpeaker(InvalidRequest):
     code, status = "unknown_speaker", 404
 
 
+class PreviousRequestNotFound(InvalidRequest):
+    """``previous_request_id`` names no finished request the engine still keeps for this API key."""
+
+    code, status = "previous_request_not_found", 404
+
+
+class SubtitleError(InvalidRequest):
+    """An SRT document that does not parse: the message names the cue and its ``line`` (1-based)."""
+
+    code, status = "invalid_srt", 400
+
+    def __init__(self, reason: str, line: int, cue: int | None = None, param: str | None = "file") -> None:
+        where = f"cue {cue}, line {line}" if cue is not None else f"line {line}"
+        super().__init__(f"invalid SRT at {where}: {reason}", param)
+        self.reason = reason
+        self.line = line
+        self.cue = cue
+
+    def __reduce__(self) -> tuple[type[SubtitleError], tuple[str, int, int | None, str | None]]:
+        return type(self), (self.reason, self.line, self.cue, self.param)
+
+
 class ModelNotFound(InvalidRequest):
     """A request names a model this server does not serve."""
 

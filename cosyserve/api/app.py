@@ -15,7 +15,19 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from cosyserve import __version__
-from cosyserve.api import health, metrics, official, openai, preview, pronunciations, voices, web, ws
+from cosyserve.api import (
+    captions,
+    dubbing,
+    health,
+    metrics,
+    official,
+    openai,
+    preview,
+    pronunciations,
+    voices,
+    web,
+    ws,
+)
 from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
 from cosyserve.api.deps import ServerState
 from cosyserve.api.errors import install_error_handlers
@@ -105,6 +117,8 @@ def create_app(models: Servable | Mapping[str, Servable], settings: Settings | N
     app.include_router(voices.router)
     app.include_router(pronunciations.router)
     app.include_router(preview.router)
+    app.include_router(captions.router)
+    app.include_router(dubbing.router)
     app.include_router(metrics.router)
     app.include_router(web.router)
     app.include_router(ws.router)

@@ -10,7 +10,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cosyserve.api.errors import REQUEST_ID_HEADER, error_response
 
 # Response headers a browser page may read (CORS hides non-standard headers unless exposed).
-EXPOSED_HEADERS = ("X-Sample-Rate", "X-Channels", "X-Sample-Format", "X-SSML-Ignored-Tags", REQUEST_ID_HEADER)
+EXPOSED_HEADERS = (
+    "X-Sample-Rate",
+    "X-Channels",
+    "X-Sample-Format",
+    "X-SSML-Ignored-Tags",
+    "X-Dubbing-Cues",
+    "X-Dubbing-Unfit",
+    "X-Seed",
+    REQUEST_ID_HEADER,
+)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 

@@ -25,6 +25,7 @@ from cosyserve.api.parsing import (
     audio_field,
     check_mode,
     option,
+    parse_flag,
     parse_options,
     parse_sample_rate,
     read_fields,
@@ -109,6 +110,10 @@ FIELD_DOCS = {
     "has PyAV).",
     "sample_rate": "Output sample rate in Hz (default: the model's; opus takes 8000/16000/24000/48000).",
     "pronunciations": FIELD_DOC.replace("Pronunciations", "A JSON string: pronunciations", 1),
+    "continuity": "Each sentence after the first continues the previous one (its text, speech tokens and mel join "
+    "the prompt); the request can then be continued by a later one (previous_request_id).",
+    "previous_request_id": "Continue the voice of a finished request of this API key made with continuity (its "
+    "X-Request-ID, kept for a limited time). Implies continuity.",
 }
 # Not among the documented fields (servers with one model have nothing to choose): said in each description.
 MODEL_NOTE = (
@@ -166,12 +171,17 @@ async def synthesize(request: Request, endpoint: Endpoint) -> Response:
         if spk_id is not None:
             values["spk_id"] = spk_id
         entries = request_pronunciations(option(fields, "pronunciations"))
+        continuity = parse_flag(fields, "continuity") if endpoint.texts else False
+        previous = option(fields, "previous_request_id") if endpoint.texts else None
     finally:
         for value in fields.values():
             if isinstance(value, UploadFile):
                 await value.close()
     synthesis = SynthesisRequest(endpoint.mode, options=GenerationOptions(**options), **values)
-    synthesis = replace(synthesis, pronunciations=entries, lexicon_owner=scope_key_id(request.scope))
+    owner = scope_key_id(request.scope)
+    synthesis = replace(
+        synthesis, pronunciations=entries, lexicon_owner=owner, continuity=continuity, previous_request_id=previous
+    )
     return await start_generation(request, engine, endpoint.path.lstrip("/"), synthesis, output)
 
 
@@ -188,6 +198,7 @@ def _schema(name: str) -> dict[str, Any]:
         "instruct_text": NON_BLANK_TEXT,
         "spk_id": NON_BLANK_TEXT,
         "stream": {"type": "boolean", "default": False},
+        "continuity": {"type": "boolean", "default": False},
         "speed": {"type": "number", "default": 1.0, "exclusiveMinimum": 0},
         "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
         "format": {"type": "string", "enum": list(ENCODERS)},
@@ -199,7 +210,8 @@ _OPTIONAL = ("stream", "speed", "seed", "format", "sample_rate")
 
 
 def _optional(endpoint: Endpoint) -> tuple[str, ...]:
-    optional = (*_OPTIONAL, "pronunciations") if endpoint.texts else _OPTIONAL  # the lexicon applies to text
+    # The lexicon and continuity apply to text.
+    optional = (*_OPTIONAL, "pronunciations", "continuity", "previous_request_id") if endpoint.texts else _OPTIONAL
     return ("spk_id", *optional) if endpoint.voice_replaces else optional
 
 

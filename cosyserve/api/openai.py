@@ -84,6 +84,21 @@ class SpeechRequest(BaseModel):
     seed: int | None = Field(None, description="Extension: same seed, same audio.")
     stream: bool = Field(False, description="Extension: token-level streaming (first audio sooner).")
     pronunciations: dict[str, Any] | list[dict[str, Any]] | None = Field(None, description="Extension: " + FIELD_DOC)
+    continuity: bool = Field(
+        False,
+        description="Extension: each sentence after the first continues the previous one (its text, speech "
+        "tokens and mel join the prompt), and the request can be continued by a later one (previous_request_id).",
+    )
+    previous_request_id: str | None = Field(
+        None,
+        description="Extension: continue the voice of a finished request of this API key made with continuity "
+        "(its X-Request-ID; kept for a limited time). Implies continuity.",
+    )
+    previous_text: str | None = Field(
+        None,
+        description="Extension: the text said just before this one; its last sentence is spoken first, silently, "
+        "for the first sentence to continue. Implies continuity.",
+    )
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -278,7 +293,15 @@ async def speech_synthesis(
         prompt_audio=prompt,
         ref_text=req.ref_text or None,
     )
-    return replace(synthesis, pronunciations=entries, lexicon_owner=scope_key_id(request.scope)), spk_id
+    synthesis = replace(
+        synthesis,
+        pronunciations=entries,
+        lexicon_owner=scope_key_id(request.scope),
+        continuity=req.continuity,
+        previous_request_id=req.previous_request_id,
+        previous_text=req.previous_text,
+    )
+    return synthesis, spk_id
 
 
 @router.get("/v1/models", summary="The models /v1/audio/speech accepts (OpenAI list shape).")

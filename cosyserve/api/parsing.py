@@ -168,13 +168,19 @@ def option(fields: Fields, name: str) -> str | None:
     return value.strip() if value is not None and value.strip() else None
 
 
+def parse_flag(fields: Fields, name: str) -> bool:
+    """An optional boolean field (true / false, 1 / 0, yes / no, on / off; absent: false)."""
+    raw = option(fields, name)
+    if raw is None:
+        return False
+    if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise InvalidRequest(f"{name} must be true or false, not {raw!r}", param=name)
+    return raw.lower() in ("true", "1", "yes", "on")
+
+
 def parse_options(fields: Fields, default_format: str = "wav") -> tuple[dict[str, Any], str]:
     """``({stream, speed, seed}, format)`` from the optional fields; ``default_format`` when none is named."""
-    stream = False
-    if (raw := option(fields, "stream")) is not None:
-        if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise InvalidRequest(f"stream must be true or false, not {raw!r}", param="stream")
-        stream = raw.lower() in ("true", "1", "yes", "on")
+    stream = parse_flag(fields, "stream")
     speed = 1.0
     if (raw := option(fields, "speed")) is not None:
         speed = parse_number(raw, "speed", "a positive number")

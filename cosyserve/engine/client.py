@@ -29,6 +29,7 @@ from .core import EngineCore, Overrides, StepModel, Work
 from .inputs import TextPreview
 from .pronunciations import PronunciationStore
 from .request import SynthesisRequest
+from .sequence import SegmentMark
 from .text_feed import TextFeed
 from .voice_library.base import VoiceInfo
 from .voices import VoiceCatalog
@@ -56,11 +57,24 @@ class ModelInfo:
         return Path(self.model_dir).name
 
 
+@dataclass
+class SegmentSpan:
+    """Where one segment's audio lies in its stream, in samples at the model's rate: ``start`` after the
+    silence before it, ``end`` before the silence after it (None until its last chunk came)."""
+
+    index: int
+    text: str  # as normalised (what the model read)
+    start: int
+    end: int | None = None
+
+
 class AudioStream:
     """One request's audio chunks (float32 at the model's rate), in order.
 
     Iterating raises :class:`GenerationFailed` if generation breaks midway. :meth:`aclose` (or
-    leaving an ``async with``) aborts the request if it is still running.
+    leaving an ``async with``) aborts the request if it is still running. ``segments``: where each text
+    segment's audio starts and ends among the samples read so far (the engine's segment marks; the chunks
+    are the same with or without them). ``request_id``: what ``previous_request_id`` names it by.
     """
 
     def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[], None]) -> None:
@@ -70,6 +84,7 @@ class AudioStream:
         self.samples = 0
         self.first_chunk_at: float | None = None  # perf_counter() when the first chunk arrived
         self.done = False
+        self.segments: list[SegmentSpan] = []
 
     def __aiter__(self) -> AudioStream:
         return self
@@ -78,6 +93,9 @@ class AudioStream:
         if self.done:
             raise StopAsyncIteration
         kind, value = await self._queue.get()
+        while kind == "mark":
+            self._mark(value)
+            kind, value = await self._queue.get()
         if kind == "chunk":
             if self.first_chunk_at is None:
                 self.first_chunk_at = time.perf_counter()
@@ -88,6 +106,12 @@ class AudioStream:
         if kind == "failed":
             raise GenerationFailed(f"generation failed (request {self.request_id}): {value}")
         raise StopAsyncIteration
+
+    def _mark(self, mark: SegmentMark) -> None:
+        if not mark.end:
+            self.segments.append(SegmentSpan(mark.index, mark.text, self.samples))
+        elif self.segments and self.segments[-1].index == mark.index:
+            self.segments[-1].end = self.samples
 
     async def aclose(self) -> None:
         if not self.done:
@@ -252,6 +276,9 @@ class _QueueSink:
         self._call(self._resolve, None)
         self._call(self.queue.put_nowait, ("chunk", audio))
 
+    def mark(self, mark: SegmentMark) -> None:
+        self._call(self.queue.put_nowait, ("mark", mark))
+
     def failed(self, error: BaseException) -> None:
         self._call(self._resolve, None)
         self._call(self.queue.put_nowait, ("failed", error))
@@ -310,7 +337,7 @@ class AsyncEngine(EngineClient):
     ) -> AudioStream:
         request_id = request_id or uuid.uuid4().hex
         sink = _QueueSink(asyncio.get_running_loop())
-        work = Work(request_id, sink, request=request, overrides=cast(Overrides, overrides), text_feed=text)
+        work = Work(request_id, sink, request=request, overrides=cast(Overrides, overrides), text_feed=text, marks=True)
         self.core.submit(work)
         try:
             await sink.ready  # the frontend ran; its validation error is raised here

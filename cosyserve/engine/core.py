@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypedDict
+from typing import Protocol, TypedDict, cast
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from .generation import GenerationLoop
 from .memory import HeapTrimmer
 from .request import SynthesisRequest
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import SegmentMark, Sequence
 from .streaming import Draws
 from .text_feed import TextFeed
 
@@ -59,6 +59,13 @@ class Sink(Protocol):
     def failed(self, error: BaseException) -> None: ...  # after audio started
 
     def finished(self) -> None: ...
+
+
+class MarkSink(Sink, Protocol):
+    """A sink that also takes the segment marks (:class:`SegmentMark`) of a request submitted with
+    ``marks=True``: where each segment's audio starts and ends among its chunks."""
+
+    def mark(self, mark: SegmentMark) -> None: ...
 
 
 class Overrides(TypedDict, total=False):
@@ -94,6 +101,7 @@ class Work:
     task: Callable[[], object] | None = None
     overrides: Overrides = field(default_factory=Overrides)
     text_feed: TextFeed | None = None  # the request's text arrives over time through this feed
+    marks: bool = False  # send the segment marks to the sink (a MarkSink) between the chunks
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -287,6 +295,7 @@ class EngineCore:
             work.sink.finished()
             return
         work.sink.started()
+        sequence.marks = work.marks
         self.loop.add(sequence)
         if work.text_feed is not None:
             work.text_feed.listen(self._wake)
@@ -328,7 +337,7 @@ class EngineCore:
         for sequence, chunk in events:
             self._deliver(sequence, chunk)
 
-    def _deliver(self, sequence: Sequence, chunk: np.ndarray | None) -> None:
+    def _deliver(self, sequence: Sequence, chunk: np.ndarray | SegmentMark | None) -> None:
         with self._cond:
             entry = self._running.get(sequence.request_id)
             if chunk is None:
@@ -338,7 +347,9 @@ class EngineCore:
         if entry is None:
             return
         work = entry[0]
-        if chunk is not None:
+        if isinstance(chunk, SegmentMark):
+            cast(MarkSink, work.sink).mark(chunk)
+        elif chunk is not None:
             work.sink.chunk(chunk)
         elif sequence.failed is not None:
             work.sink.failed(sequence.failed)

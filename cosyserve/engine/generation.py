@@ -70,8 +70,10 @@ class GenerationLoop:
                     sequence.text.feed.wait(timeout=1.0)  # the text's next fragment (or its end)
                     continue
                 for seq, chunk in self.step():
-                    if chunk is not None:
+                    if isinstance(chunk, np.ndarray):
                         yield chunk
+                    elif chunk is not None:
+                        continue  # a segment mark (only sequences that ask for them get them)
                     elif seq.failed is not None:
                         raise seq.failed
                     else:

@@ -215,10 +215,23 @@ class InputBuilder:
 
     def build_planned(self, request: SynthesisRequest) -> tuple[list[SegmentInput], list[SegmentPlan]]:
         """:meth:`build`'s inputs and, for each, its :class:`SegmentPlan` (speed, pauses)."""
+        inputs, plans, _ = self.build_segments(request)
+        return inputs, plans
+
+    def build_segments(self, request: SynthesisRequest) -> tuple[list[SegmentInput], list[SegmentPlan], list[str]]:
+        """:meth:`build_planned`'s inputs and plans, and each segment's text as normalised (vc: none)."""
         if request.mode == "vc":
-            return [self._typed(self._vc(request))], [SegmentPlan(request.options.speed)]
+            return [self._typed(self._vc(request))], [SegmentPlan(request.options.speed)], [""]
         segments, plans = self.planned_texts(request)
-        return [self._typed(fields) for fields in self._builders[request.mode](request, segments)], plans
+        inputs = [self._typed(fields) for fields in self._builders[request.mode](request, segments)]
+        return inputs, plans, segments
+
+    def text_lead(self, mode: str) -> int:
+        """How many ids at the head of a segment's text in ``mode`` are the family's system prompt (which
+        :meth:`target_text` puts there), not the segment's own text."""
+        if mode not in ("sft", "cross_lingual") or not self.family.system_prompt:
+            return 0
+        return int(self.frontend.tokenize(SYSTEM_PROMPT + END_OF_PROMPT).shape[-1])
 
     def planned_texts(self, request: SynthesisRequest) -> tuple[list[str], list[SegmentPlan]]:
         """The text pass of :meth:`build_planned`: the segments (normalised, SSML planned, the lexicon

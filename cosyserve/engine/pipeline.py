@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from cosyserve.nn.sampling import Sampler
 from cosyserve.text.pronunciation import parse_pronunciations
 
 from . import streaming
+from .continuity import ContinuityStore
 from .generation import GenerationLoop
 from .inputs import BISTREAM_MODES, InputBuilder, InputShapes, SegmentPlan, TextPreview, unsupported_mode
 from .loading import EngineOptions, LoadedParts, load_parts
@@ -64,6 +66,8 @@ class TTSModel:
         devices = parts.placement.devices()
         self.audio_stage = AudioStage.of(self.core, devices["flow"], devices["vocoder"], self.options.streaming())
         self.llm_device = devices["llm"]
+        # Finished requests' last segments, for requests that continue them (previous_request_id).
+        self.continuity = ContinuityStore()
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -110,7 +114,10 @@ class TTSModel:
     def new_loop(self, policy: SchedulePolicy | None = None) -> GenerationLoop:
         """A fresh scheduler with a runner of this model's networks (one per engine core)."""
         runner = ModelRunner(self.lm, self.llm_device, self.audio_stage, self._synthesizer)
-        scheduler = Scheduler(self.lm, runner.new_synthesizer, self.core.token_mel_ratio, policy)
+        max_prompt = int(self.prompt_limits.max_seconds * self.token_rate)  # continuity's prompt bound
+        scheduler = Scheduler(
+            self.lm, runner.new_synthesizer, self.core.token_mel_ratio, policy, max_prompt, self.continuity
+        )
         return GenerationLoop(scheduler, runner)
 
     def synthesize(
@@ -153,8 +160,11 @@ class TTSModel:
         options = request.options
         reader = None
         plans: list[SegmentPlan] = []
+        texts: list[str] = []
         if text_feed is None:
-            inputs, plans = self.inputs.build_planned(request)
+            inputs, plans, texts = self.inputs.build_segments(request)
+        elif request.continuity:
+            raise InvalidRequest("continuity needs the whole text: streamed text is one segment", param="continuity")
         else:
             if request.ssml is not None:
                 raise InvalidRequest("SSML needs the whole text: streamed text (bistream) is plain text", param="text")
@@ -171,7 +181,29 @@ class TTSModel:
                 reader = FeedReader(text_feed, self._text_ids, first=request.text)
         draws = draws or Draws(options.seed)
         sampler = sampler or self.lm.make_sampler(draws.sampling_generator)
-        return Sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader, plans)
+        sequence = Sequence(inputs, draws, sampler, options.stream, options.speed, request_id, reader, plans)
+        sequence.texts = texts
+        if request.continuity:
+            self._continuing(sequence, request)
+        return sequence
+
+    def _continuing(self, sequence: Sequence, request: SynthesisRequest) -> None:
+        """Continuity (engine/continuity.py): the system-prompt ids of each segment's text, and what the
+        first segment continues: the previous request's last segment, or ``previous_text``'s last segment,
+        spoken first without audio."""
+        sequence.continuity = True
+        sequence.owner = request.lexicon_owner
+        lead = self.inputs.text_lead(request.mode)
+        if request.previous_request_id is not None:
+            sequence.context = self.continuity.get(request.lexicon_owner, request.previous_request_id)
+        elif request.previous_text is not None:
+            before = replace(request, text=request.previous_text, previous_text=None, continuity=False)
+            inputs, plans, texts = self.inputs.build_segments(before)
+            sequence.inputs = inputs[-1:] + sequence.inputs
+            sequence.plans = plans[-1:] + sequence.plans
+            sequence.texts = texts[-1:] + sequence.texts
+            sequence.silent_head = 1
+        sequence.leads = [lead] * len(sequence.inputs)
 
     def _text_ids(self, text: str) -> list[int]:
         return self.frontend.tokenize(text).reshape(-1).tolist()

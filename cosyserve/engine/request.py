@@ -19,6 +19,10 @@ from cosyserve.text.ssml import SsmlDocument, is_ssml, parse_ssml
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2", "vc")
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
+# previous_request_id: what a request id may be (the HTTP layer's X-Request-ID is at most as long).
+MAX_REQUEST_ID_LENGTH = 128
+# previous_text: at most this many characters (only its last segment conditions the first one).
+MAX_PREVIOUS_TEXT_LENGTH = 2000
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,12 @@ class SynthesisRequest:
     stored ones); the engine adds
     the stored entries of the global scope, of ``spk_id``'s voice and of ``lexicon_owner`` (an API key's
     id, never the key) to every mode with a target text.
+
+    ``continuity``: each segment after the first is conditioned on the previous one (its text, speech
+    ids and mel: :mod:`cosyserve.engine.continuity`); the request's last segment is then kept for a later
+    request of the same ``lexicon_owner`` to continue with ``previous_request_id`` (the id the request was
+    submitted under). ``previous_text`` instead conditions the first segment on that text, spoken by the
+    engine first and not sent. Either implies ``continuity``; neither applies to vc.
     """
 
     mode: str
@@ -71,6 +81,9 @@ class SynthesisRequest:
     options: GenerationOptions = field(default_factory=GenerationOptions)
     pronunciations: tuple[Pronunciation, ...] = ()
     lexicon_owner: str | None = None
+    continuity: bool = False
+    previous_request_id: str | None = None
+    previous_text: str | None = None
     # The parsed document when ``text`` is SSML: derived from ``text`` (never given, so a copy made with
     # dataclasses.replace parses its own text).
     ssml: SsmlDocument | None = field(default=None, init=False, compare=False)
@@ -84,8 +97,34 @@ class SynthesisRequest:
                 f"pronunciations must be at most {MAX_REQUEST_ENTRIES} Pronunciation entries", param="pronunciations"
             )
         object.__setattr__(self, "pronunciations", entries)
+        self._check_continuity()
         if self.mode != "vc" and is_ssml(self.text):
             object.__setattr__(self, "ssml", parse_ssml(str(self.text)))
+
+    def _check_continuity(self) -> None:
+        if not isinstance(self.continuity, bool):
+            raise InvalidRequest("continuity must be true or false", param="continuity")
+        previous, text = self.previous_request_id, self.previous_text
+        if previous is not None and (
+            not isinstance(previous, str) or not previous.strip() or len(previous) > MAX_REQUEST_ID_LENGTH
+        ):
+            raise InvalidRequest(
+                f"previous_request_id must be a request id of 1 to {MAX_REQUEST_ID_LENGTH} characters",
+                param="previous_request_id",
+            )
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise InvalidRequest("previous_text must be a non-empty text", param="previous_text")
+        if text is not None and len(text) > MAX_PREVIOUS_TEXT_LENGTH:
+            raise InvalidRequest(
+                f"previous_text has {len(text)} characters; at most {MAX_PREVIOUS_TEXT_LENGTH} are accepted",
+                param="previous_text",
+            )
+        if previous is not None and text is not None:
+            raise InvalidRequest("send previous_request_id or previous_text, not both", param="previous_text")
+        if previous is not None or text is not None:
+            object.__setattr__(self, "continuity", True)
+        if self.continuity and self.mode == "vc":
+            raise InvalidRequest("continuity needs text segments: vc has none", param="continuity")
 
     @property
     def requested_pronunciations(self) -> tuple[Pronunciation, ...]:

@@ -38,16 +38,18 @@ from cosyserve.models.contracts import BistreamLM, SpeechLM
 from cosyserve.nn.flow_matching import FIXED_NOISE_FRAMES
 from cosyserve.nn.sampling import TokenRules
 
+from .continuity import ContinuityStore, SegmentContext, continued_input
 from .inputs import SegmentInput
 from .plan import AudioWork, Feed, StepOutput, StepPlan
-from .sequence import Segment, Sequence
+from .sequence import Segment, SegmentMark, Sequence
 from .streaming import Draws, PromptCondition, Synthesizer
 
 logger = logging.getLogger("cosyserve.engine")
 
 # What makes a segment's token-to-audio state: (condition, draws, speed, stream) -> Synthesizer.
 SynthesizerFactory = Callable[[PromptCondition, Draws, float, bool], Synthesizer]
-Event = tuple[Sequence, np.ndarray | None]
+# A chunk, a segment mark (sequences that ask for them), or None: the sequence finished (or failed).
+Event = tuple[Sequence, np.ndarray | SegmentMark | None]
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,14 @@ class Scheduler:
         new_synthesizer: SynthesizerFactory,
         token_mel_ratio: int = 0,
         policy: SchedulePolicy | None = None,
+        max_prompt_speech: int = 0,
+        continuity: ContinuityStore | None = None,
     ) -> None:
         self.lm = lm
+        # Continuity: the prompt speech ids a continued segment may have at most (the family's prompt
+        # limit), and where finished requests' last segments are kept.
+        self.max_prompt_speech = max_prompt_speech
+        self.continuity = continuity
         self.new_synthesizer = new_synthesizer
         self.token_mel_ratio = token_mel_ratio  # v2/v3: bounds the tokens by the flow's fixed noise
         self.policy = policy or SchedulePolicy()
@@ -182,6 +190,8 @@ class Scheduler:
     def _current_segment(self, sequence: Sequence) -> Segment | None:
         """The segment the LLM works on, starting the next one when none is (None: all decoded)."""
         segment = sequence.decoding
+        if segment is None and sequence.continuity and sequence.segments:
+            return None  # continuity: the previous segment's mel (its audio) first, the next one's flow prompt
         if segment is None and sequence.next_segment < len(sequence.inputs):
             try:
                 segment = self._start_segment(sequence)
@@ -192,13 +202,22 @@ class Scheduler:
         return segment if segment is not None and not segment.decoded else None
 
     def _start_segment(self, sequence: Sequence) -> Segment:
-        model_input = sequence.inputs[sequence.next_segment]
-        plan = sequence.plan(sequence.next_segment)
+        index = sequence.next_segment
+        model_input = sequence.inputs[index]
+        plan = sequence.plan(index)
         sequence.next_segment += 1
+        own_text = None
+        if sequence.continuity:
+            lead = sequence.leads[index] if index < len(sequence.leads) else 0
+            own_text = model_input.text[:, lead:]
+            if sequence.context is not None:
+                model_input = continued_input(model_input, lead, sequence.context, self.max_prompt_speech)
         condition = PromptCondition(model_input.flow_prompt_speech, model_input.prompt_mel, model_input.flow_embedding)
         synthesizer = self.new_synthesizer(condition, sequence.draws, plan.speed, sequence.stream)
         synthesizer.timings = self.timings
-        segment = Segment(model_input, synthesizer, plan=plan)
+        synthesizer.keep_mel = sequence.continuity
+        segment = Segment(model_input, synthesizer, plan=plan, index=index, context_text=own_text)
+        segment.silent = index < sequence.silent_head
         sequence.segments.append(segment)
         self._owner[segment] = sequence
         if model_input.source_speech is not None:  # vc: the tokens are given
@@ -339,21 +358,33 @@ class Scheduler:
             if work.sequence.failed is not None:
                 continue
             segment = work.segment
+            sequence = work.sequence
             if work.last:
                 segment.done = True
-                work.sequence.segments.remove(segment)
+                sequence.segments.remove(segment)
                 self._owner.pop(segment, None)
-            pieces: list[np.ndarray | None] = []
+                if sequence.continuity:
+                    self._continue_from(sequence, segment)
+            if segment.silent:
+                continue
+            pieces: list[np.ndarray | SegmentMark | None] = []
+            marks = sequence.marks
             if not segment.audio_started and (work.last or (chunk is not None and chunk.size)):
                 segment.audio_started = True
                 pieces.append(_silence(segment.plan.pause_before))  # exact zeros (SSML <break>)
+                if marks:
+                    pieces.append(self._mark(sequence, segment, end=False))
             pieces.append(chunk)
             if work.last:
+                if marks:
+                    pieces.append(self._mark(sequence, segment, end=True))
                 pieces.append(_silence(segment.plan.pause_after))
             for piece in pieces:
-                if piece is not None and piece.size:
-                    work.sequence.chunks_out += 1
-                    events.append((work.sequence, piece))
+                if isinstance(piece, SegmentMark):
+                    events.append((sequence, piece))
+                elif piece is not None and piece.size:
+                    sequence.chunks_out += 1
+                    events.append((sequence, piece))
         for work in plan.audio:
             if work.sequence not in finished and work.sequence.failed is None:
                 self._in_flight[work.sequence] = work
@@ -365,9 +396,33 @@ class Scheduler:
             self.credit = 0.0
         for sequence in list(self.sequences):
             if sequence.failed is not None or sequence.finished:
+                if sequence.failed is None and sequence.continuity:
+                    self._keep(sequence)
                 self.remove(sequence)
                 events.append((sequence, None))
         return events
+
+    def _keep(self, sequence: Sequence) -> None:
+        """A finished request's last segment, kept for a request that continues it (previous_request_id)."""
+        if self.continuity is not None and sequence.context is not None and sequence.request_id:
+            self.continuity.put(sequence.owner, sequence.request_id, sequence.context)
+
+    @staticmethod
+    def _continue_from(sequence: Sequence, segment: Segment) -> None:
+        """A finished segment becomes the context the next one continues (when it made speech)."""
+        if segment.context_text is None:
+            return
+        synth = segment.synthesizer
+        context = SegmentContext.of(segment.context_text, segment.tokens, synth.flow_ids(), synth.generated_mel())
+        if context is not None:
+            sequence.context = context
+        synth.mel_pieces = []
+
+    @staticmethod
+    def _mark(sequence: Sequence, segment: Segment, end: bool) -> SegmentMark:
+        index = segment.index
+        text = sequence.texts[index] if index < len(sequence.texts) else ""
+        return SegmentMark(index - sequence.silent_head, text, end)
 
     def _time(self, stage: str, seconds: float) -> None:
         if self.timings is not None and seconds:
@@ -388,6 +443,8 @@ class Scheduler:
             segment.next_input = None  # it waits for text: fed alone once 5 more text tokens are there
             return
         segment.synthesizer.add(token)
+        if sequence.continuity:
+            segment.tokens.append(token)
         sequence.tokens_out += 1
         self.llm_tokens += 1
         if state is None:

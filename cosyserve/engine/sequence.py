@@ -11,14 +11,28 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from cosyserve.models.bistream import BistreamInput
 from cosyserve.nn.sampling import Sampler, TokenRules
 
+from .continuity import SegmentContext
 from .inputs import SegmentInput, SegmentPlan
 from .streaming import Draws, Synthesizer
 from .text_feed import FeedReader
 
 _arrivals = itertools.count()
+
+
+@dataclass(frozen=True)
+class SegmentMark:
+    """Where a segment's audio starts (``end`` False: after the silence before it) or ends (``end`` True:
+    before the silence after it) in its request's stream; emitted between chunks when asked for. ``index``
+    counts the segments the request speaks, from 0; ``text`` is the segment's text as normalised."""
+
+    index: int
+    text: str
+    end: bool
 
 
 @dataclass(eq=False)  # identity: a segment is one object in a batch, not a value
@@ -36,6 +50,10 @@ class Segment:
     decoded: bool = False  # the LLM is done with this segment
     done: bool = False  # its last chunk is out
     audio_started: bool = False  # its first chunk (or the silence before it) is out
+    index: int = 0  # its place in the sequence's inputs
+    silent: bool = False  # spoken for the next segment's continuity only (previous_text): no audio out
+    context_text: Tensor | None = None  # continuity: its text ids as the next segment continues them
+    tokens: list[int] = field(default_factory=list)  # continuity: the ids the LLM picked
 
     @property
     def prefilled(self) -> bool:
@@ -66,6 +84,16 @@ class Sequence:
     chunks_out: int = 0
     tokens_out: int = 0
     failed: BaseException | None = None
+    # Continuity: each segment continues the previous one (engine/continuity.py); ``context`` is the last
+    # finished segment's (or the previous request's), ``leads`` the system-prompt ids at the head of each
+    # input's text, ``owner`` whose store entry the request's last segment becomes.
+    continuity: bool = False
+    context: SegmentContext | None = None
+    leads: list[int] = field(default_factory=list)
+    owner: str | None = None
+    silent_head: int = 0  # the first inputs spoken only for continuity (previous_text): no audio, no marks
+    texts: list[str] = field(default_factory=list)  # each input's normalised text (segment marks)
+    marks: bool = False  # emit a SegmentMark where each segment's audio starts and ends
 
     def plan(self, index: int) -> SegmentPlan:
         """The plan of ``inputs[index]``."""

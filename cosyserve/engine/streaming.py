@@ -171,6 +171,22 @@ class Synthesizer:
         self.source_cache = 0  # excitation / waveform samples carried likewise
         self.speech_window = torch.zeros(0)
         self.timings: dict[str, float] | None = None  # seconds per stage, accumulated when set (bench)
+        # Continuity: keep the mel made (before the speed change) for the next segment's flow prompt.
+        self.keep_mel = False
+        self.mel_pieces: list[torch.Tensor] = []
+
+    def keep(self, mel: torch.Tensor) -> None:
+        """A piece of this segment's mel (1, C, T), in order, kept when :attr:`keep_mel`."""
+        if self.keep_mel and mel.shape[2]:
+            self.mel_pieces.append(mel.detach().to("cpu", torch.float32))
+
+    def generated_mel(self) -> torch.Tensor | None:
+        """The mel of :meth:`flow_ids` (1, C, T), once the segment is finished (when kept)."""
+        return torch.cat(self.mel_pieces, dim=2) if self.mel_pieces else None
+
+    def flow_ids(self) -> list[int]:
+        """The speech ids the flow turned into audio (those :meth:`generated_mel` is the mel of)."""
+        raise NotImplementedError
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, its own running time (pauses between units excluded) added to
@@ -251,6 +267,10 @@ class V1Synthesizer(Synthesizer):
         self.flow_cache: torch.Tensor | None = None
         self.mel_tail: torch.Tensor | None = None
         self.pending: list[int] = []
+        self.all_ids: list[int] = []
+
+    def flow_ids(self) -> list[int]:
+        return self.all_ids
 
     def token2wav(self, tokens: list[int], finalize: bool) -> torch.Tensor:
         c = self.condition
@@ -270,10 +290,12 @@ class V1Synthesizer(Synthesizer):
         if not finalize:
             self.mel_tail = mel[:, :, -self.mel_overlap :]
             mel = mel[:, :, : -self.mel_overlap]
+        self.keep(mel)
         return self.vocode_with_cache(stretch_mel(mel, self.speed), finalize)
 
     def add(self, token: int) -> None:
         self.pending.append(token)
+        self.all_ids.append(token)
 
     def ready(self) -> bool:
         return self.stream and len(self.pending) >= self.token_hop + self.TOKEN_OVERLAP
@@ -334,7 +356,12 @@ class V2Synthesizer(Synthesizer):
                 streaming=streaming,
                 finalize=finalize,
             )
-        return mel[:, :, token_offset * self.mel_ratio :]
+        mel = mel[:, :, token_offset * self.mel_ratio :]
+        self.keep(mel)
+        return mel
+
+    def flow_ids(self) -> list[int]:
+        return self.kept
 
     def token2wav(self, tokens: list[int], token_offset: int, streaming: bool, finalize: bool) -> torch.Tensor:
         mel = stretch_mel(self.flow_mel(tokens, token_offset, streaming, finalize), self.speed)

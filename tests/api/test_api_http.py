@@ -456,7 +456,8 @@ def test_openapi_documents_every_route_and_field(client):
         prompt_fields = {"prompt_wav", "prompt_text"}
         takes_prompt = "prompt_wav" in uploads
         options = {"stream", "speed", "seed", "format", "sample_rate"} | ({"spk_id"} if takes_prompt else set())
-        options |= {"pronunciations"} if texts else set()  # the lexicon's entries for the text
+        # The lexicon's entries for the text, and continuity (sentence to sentence, request to request).
+        options |= {"pronunciations", "continuity", "previous_request_id"} if texts else set()
         assert set(schema["properties"]) == {*texts, *uploads} | options
         assert set(schema["required"]) == {*texts, *uploads} - (prompt_fields if takes_prompt else set())
         assert {p["name"] for p in ops["get"]["parameters"]} >= set(texts)

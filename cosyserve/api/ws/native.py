@@ -4,6 +4,7 @@ frames between ``segment.start`` and ``segment.done`` events."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -40,6 +41,11 @@ class SessionConfig(BaseModel):
         description="CosyVoice2/3: stream the text into the model as it arrives (no sentence buffering).",
     )
     pronunciations: dict[str, Any] | list[dict[str, Any]] | None = Field(None, description=FIELD_DOC)
+    continuity: bool = Field(
+        False,
+        description="Each segment continues the one before it (the previous text is spoken first, silently, "
+        "for its context; not with bistream).",
+    )
 
 
 class NativeSession(SpeechSession):
@@ -92,9 +98,12 @@ class NativeSession(SpeechSession):
         options = GenerationOptions(stream=config.stream, speed=config.speed, seed=config.seed)
         instructions = config.instructions if config.instructions and config.instructions.strip() else None
         entries = request_pronunciations(config.pronunciations)
-        return self.configure(
+        if config.continuity and config.bistream:
+            raise InvalidRequest("continuity needs whole segments: not with bistream", param="continuity")
+        setup = self.configure(
             engine, config.voice, options, instructions, output, TextSegmenter(), config.bistream, entries
         )
+        return replace(setup, continuity=config.continuity)
 
     async def receive_messages(self) -> None:
         if not scope_has_valid_key(self.ws.scope):

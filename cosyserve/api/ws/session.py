@@ -49,7 +49,7 @@ from cosyserve.audio.encode import AudioEncoder, OutputFormat
 from cosyserve.audio.resample import OutputResampler
 from cosyserve.engine.client import AudioStream, EngineClient
 from cosyserve.engine.planning import plan_speech
-from cosyserve.engine.request import GenerationOptions, SynthesisRequest
+from cosyserve.engine.request import MAX_PREVIOUS_TEXT_LENGTH, GenerationOptions, SynthesisRequest
 from cosyserve.engine.text_feed import TextFeed
 from cosyserve.errors import (
     CosyServeError,
@@ -121,6 +121,7 @@ class SessionSetup:
     label: str
     segmenter: TextSegmenter
     bistream: bool = False  # one request per utterance, its text streamed into it (no buffering)
+    continuity: bool = False  # each segment continues the one before (its text as previous_text)
 
 
 class SpeechSession:
@@ -137,6 +138,7 @@ class SpeechSession:
         self.send_lock = anyio.Lock()
         self.open_segments: set[Segment] = set()
         self.next_index = 0
+        self.previous_text: str | None = None  # continuity: the last segment's text
         self.close_code = 1000
         self.ended: SessionEnd | None = None
         self.epoch = 0
@@ -265,6 +267,10 @@ class SpeechSession:
                     segment.stream = await engine.synthesize_bistream(self.setup.plan(""), utterance.feed)
                 else:
                     request = self.setup.plan(text)
+                    if self.setup.continuity:
+                        previous = self.previous_text[-MAX_PREVIOUS_TEXT_LENGTH:] if self.previous_text else None
+                        request = replace(request, continuity=True, previous_text=previous)
+                        self.previous_text = text
                     segment.ssml_ignored = request.ssml.ignored if request.ssml is not None else ()
                     segment.stream = await engine.synthesize(request)
                 if epoch != self.epoch:
