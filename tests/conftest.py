@@ -37,6 +37,18 @@ def _torch_threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests, whatever a loaded engine set: up to 8 generations run at
+    once in the server tests, and one thread each keeps a shared 2-core box responsive."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Slow test files that carry no slow mark of their own (the engine's, being rewritten as this is written):
 # marked here so that `pytest -m "not slow"` stays the fast tier. Move the mark into the file with its next change.
 SLOW_FILES = frozenset({"test_e2e.py"})  # a parity file, kept as it is: its mark is given here

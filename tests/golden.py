@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from resources import missing_mark
+from resources import missing, missing_mark
 
 REPO = Path(__file__).resolve().parents[1]
 # Where the engine tests put the models: cpu here; scripts/gpu_check.sh runs them on cuda.
@@ -77,3 +77,14 @@ def assert_close(actual: Any, expected: np.ndarray, atol: float, what: str) -> f
     err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:g}"
     return err
+
+
+def load_tiny(name: str, **options: Any) -> Any:
+    """The golden set's model folder ``name`` (``v2-tiny``...) loaded with ``options`` (missing: a skip, a
+    failure in CI). Test modules cache it themselves, so each module has models of its own."""
+    from cosyserve.engine.pipeline import load_model
+
+    path = golden_root() / "models" / name
+    if not path.is_dir():
+        missing(f"the golden tiny model {name}")
+    return load_model(path, **options)

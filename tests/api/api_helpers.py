@@ -37,6 +37,28 @@ class LiveServer:
         self.sock.close()
 
 
+class ServerPool:
+    """Live servers of a module's models, one per (model, settings), started on first use, stopped by
+    :meth:`close`. ``engine(name)`` gives the loaded model to serve."""
+
+    def __init__(self, engine: Callable[[str], Any]) -> None:
+        self.engine = engine
+        self.servers: dict[str, LiveServer] = {}
+
+    def get(self, name: str, **settings: Any) -> LiveServer:
+        from cosyserve.api import create_app
+        from cosyserve.settings import Settings
+
+        key = name + repr(sorted(settings.items()))
+        if key not in self.servers:
+            self.servers[key] = LiveServer(create_app(self.engine(name), Settings(**settings))).__enter__()
+        return self.servers[key]
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.__exit__(None, None, None)
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

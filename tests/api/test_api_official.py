@@ -26,7 +26,7 @@ from cosyserve.audio.encode import to_int16
 from cosyserve.settings import Settings
 
 # Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SEED = 1234
 TEXT_FIELDS = ("tts_text", "spk_id", "prompt_text", "instruct_text")
@@ -77,17 +77,6 @@ def _first_per(key, keep) -> list[Any]:
 # The server-level tests are the costly ones: one streaming case per model version.
 STREAM_CASES = _first_per(lambda e: manifest()["models"][e["model"]]["version"], lambda e: e["meta"].get("stream"))
 ZERO_SHOT_CASES = _first_per(lambda e: e["model"], lambda e: mode_of(e["meta"]) == "zero_shot")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Up to 8 generations run at once here: one intra-op thread each keeps a shared 2-core box responsive."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @cache

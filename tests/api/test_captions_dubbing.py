@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-from api_helpers import LiveServer, decode_wav
-from golden import golden_root
-from resources import missing
+from api_helpers import LiveServer, ServerPool, decode_wav
+from golden import load_tiny
 from websockets.sync.client import connect
 
 from cosyserve.api import create_app
@@ -37,28 +36,14 @@ SEED = 11
 TEXT = "<speak><s>The keeper walked the shore.</s><break time='250ms'/><s>He counted boats.</s><s>Home.</s></speak>"
 
 
-@cache
-def engine(name: str) -> Any:
-    from cosyserve.engine.pipeline import load_model
-
-    path = golden_root() / "models" / name
-    if not path.is_dir():
-        missing(f"the golden tiny model {name}")
-    return load_model(path)
+engine = cache(load_tiny)
 
 
 @pytest.fixture(scope="module")
 def server_for():
-    servers: dict[str, LiveServer] = {}
-
-    def get(name: str) -> LiveServer:
-        if name not in servers:
-            servers[name] = LiveServer(create_app(engine(name), Settings())).__enter__()
-        return servers[name]
-
-    yield get
-    for server in servers.values():
-        server.__exit__(None, None, None)
+    pool = ServerPool(engine)
+    yield pool.get
+    pool.close()
 
 
 def voice(name: str) -> str:

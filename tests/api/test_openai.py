@@ -29,7 +29,7 @@ from cosyserve.audio.resample import OutputResampler
 from cosyserve.settings import Settings
 
 # Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SEED = 7
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
@@ -58,16 +58,6 @@ def _inputs() -> dict[str, dict[str, Any]]:
 
 INPUTS = _inputs()
 VERSIONS = sorted(INPUTS) or [pytest.param(None, marks=missing_mark("no golden e2e cases"))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @cache

@@ -13,13 +13,9 @@ from typing import Any
 
 import pytest
 import requests
-from api_helpers import LiveServer
-from golden import golden_root
-from resources import missing
+from api_helpers import LiveServer, ServerPool
+from golden import load_tiny
 from websockets.sync.client import connect
-
-from cosyserve.api import create_app
-from cosyserve.settings import Settings
 
 # Slow: end-to-end on the golden models, servers, browsers or databases (the fast tier: -m "not slow").
 pytestmark = pytest.mark.slow
@@ -30,29 +26,14 @@ TIMEOUT = 120
 KEY_A, KEY_B = "key-a", "key-b"
 
 
-@cache
-def _model(version: str) -> Any:
-    from cosyserve.engine.pipeline import load_model
-
-    path = golden_root() / "models" / version
-    if not path.is_dir():
-        missing(f"golden model {version} not available")
-    return load_model(path)
+_model = cache(load_tiny)
 
 
 @pytest.fixture(scope="module")
 def server_for():
-    servers: dict[str, LiveServer] = {}
-
-    def get(version: str, **settings: Any) -> LiveServer:
-        key = version + repr(sorted(settings.items()))
-        if key not in servers:
-            servers[key] = LiveServer(create_app(_model(version), Settings(**settings))).__enter__()
-        return servers[key]
-
-    yield get
-    for server in servers.values():
-        server.__exit__(None, None, None)
+    pool = ServerPool(_model)
+    yield pool.get
+    pool.close()
 
 
 def _speaker(version: str) -> str:

@@ -12,14 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from api_helpers import LiveServer, decode_pcm
-from golden import golden_root
-from resources import missing
+from api_helpers import ServerPool, decode_pcm
+from golden import load_tiny
 
-from cosyserve.api import create_app
-from cosyserve.settings import Settings
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MODELS = ("v1-tiny", "v2-tiny", "v3-tiny")
 SEED = 11
@@ -27,42 +23,14 @@ BREAK_MS = 500
 TEXT = f'<speak>Hello there.<break time="{BREAK_MS}ms"/>How are you today?</speak>'
 
 
-def _model_dir(name: str) -> Any:
-    path = golden_root() / "models" / name
-    if not path.is_dir():
-        missing(f"the golden tiny model {name}")
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@cache
-def engine(name: str) -> Any:
-    from cosyserve.engine.pipeline import load_model
-
-    return load_model(_model_dir(name))
+engine = cache(load_tiny)
 
 
 @pytest.fixture(scope="module")
 def server_for():
-    servers: dict[str, LiveServer] = {}
-
-    def get(name: str) -> LiveServer:
-        if name not in servers:
-            servers[name] = LiveServer(create_app(engine(name), Settings())).__enter__()
-        return servers[name]
-
-    yield get
-    for server in servers.values():
-        server.__exit__(None, None, None)
+    pool = ServerPool(engine)
+    yield pool.get
+    pool.close()
 
 
 def zero_runs(samples: np.ndarray) -> list[int]:

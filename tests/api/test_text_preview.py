@@ -9,13 +9,10 @@ from typing import Any
 
 import pytest
 import requests
-from api_helpers import LiveServer
-from golden import golden_root
-from resources import missing
+from api_helpers import LiveServer, ServerPool
+from golden import load_tiny
 
-from cosyserve.api import create_app
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
-from cosyserve.settings import Settings
 from cosyserve.text.pronunciation import parse_pronunciations
 
 pytestmark = pytest.mark.slow
@@ -23,28 +20,14 @@ pytestmark = pytest.mark.slow
 MODELS = ("v1-tiny", "v2-tiny", "v3-tiny")
 
 
-@cache
-def engine(name: str) -> Any:
-    from cosyserve.engine.pipeline import load_model
-
-    path = golden_root() / "models" / name
-    if not path.is_dir():
-        missing(f"the golden tiny model {name}")
-    return load_model(path)
+engine = cache(load_tiny)
 
 
 @pytest.fixture(scope="module")
 def server_for():
-    servers: dict[str, LiveServer] = {}
-
-    def get(name: str) -> LiveServer:
-        if name not in servers:
-            servers[name] = LiveServer(create_app(engine(name), Settings())).__enter__()
-        return servers[name]
-
-    yield get
-    for server in servers.values():
-        server.__exit__(None, None, None)
+    pool = ServerPool(engine)
+    yield pool.get
+    pool.close()
 
 
 def preview(server: LiveServer, **body: Any) -> requests.Response:

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from golden import golden_root
-from resources import missing
+from golden import load_tiny
 
 from cosyserve.engine import streaming
 from cosyserve.engine.client import AsyncEngine
@@ -24,27 +23,14 @@ from cosyserve.engine.inputs import SegmentInput
 from cosyserve.engine.request import GenerationOptions, SynthesisRequest
 from cosyserve.errors import InvalidRequest, PreviousRequestNotFound
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MODELS = ("v1-tiny", "v2-tiny", "v3-tiny")
 # Three short sentences: three segments (SSML <s>), few text ids each (the tiny models stop at 20 per id).
 TEXT = "<speak><s>The keeper walked the shore.</s><s>He counted the boats.</s><s>Then he went home.</s></speak>"
 
 
-@cache
-def model(name: str) -> Any:
-    from cosyserve.engine.pipeline import load_model
-
-    path = golden_root() / "models" / name
-    if not path.is_dir():
-        missing(f"the golden tiny model {name}")
-    return load_model(path)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+model = cache(load_tiny)
 
 
 @dataclass

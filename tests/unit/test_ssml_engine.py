@@ -9,36 +9,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from golden import golden_root
-from resources import missing
+from golden import load_tiny
 
 from cosyserve.engine.inputs import SegmentPlan
 from cosyserve.engine.request import MAX_SPEED, MIN_SPEED, GenerationOptions, SynthesisRequest
 from cosyserve.errors import TextError
 from cosyserve.families import FAMILIES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MODELS = ("v1-tiny", "v2-tiny", "v3-tiny")
 SEED = 5
 
 
-@cache
-def model(name: str) -> Any:
-    from cosyserve.engine.pipeline import load_model
-
-    path = golden_root() / "models" / name
-    if not path.is_dir():
-        missing(f"the golden tiny model {name}")
-    return load_model(path)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+model = cache(load_tiny)
 
 
 def request(name: str, text: str, **options: Any) -> SynthesisRequest:
