@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from cosyserve import __version__
-from cosyserve.api import health, metrics, official, openai, preview, pronunciations, voices, web, ws
+from cosyserve.api import health, jobs, metrics, official, openai, preview, pronunciations, voices, web, ws
 from cosyserve.api.auth import ApiKeyMiddleware, ApiKeys
 from cosyserve.api.deps import ServerState
 from cosyserve.api.errors import install_error_handlers
@@ -86,7 +86,8 @@ def create_app(models: Servable | Mapping[str, Servable], settings: Settings | N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.lazy_load:
             registry.start_loading()
-        yield
+        async with jobs.job_service(app):
+            yield
         await registry.close()
 
     app = FastAPI(
@@ -105,6 +106,7 @@ def create_app(models: Servable | Mapping[str, Servable], settings: Settings | N
     app.include_router(voices.router)
     app.include_router(pronunciations.router)
     app.include_router(preview.router)
+    app.include_router(jobs.router)
     app.include_router(metrics.router)
     app.include_router(web.router)
     app.include_router(ws.router)
