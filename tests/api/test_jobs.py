@@ -375,3 +375,35 @@ def test_a_streamed_first_chunk_does_not_wait_behind_a_job(tmp_path):
         assert busy_s <= 2.0 * idle_s + 0.05
     finally:
         live.stop()
+
+
+def _synth_file(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "cosyserve.cli", "synth-file", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_synth_file_cli_against_a_server_and_in_process(server, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    remote, local = tmp_path / "remote.pcm", tmp_path / "local.pcm"
+    voice = ["--voice", VOICE, "--seed", "21"]
+    done = _synth_file(str(book), "-o", str(remote), "--url", server.url, "--api_key", KEYS[0], *voice, "--captions")
+    assert done.returncode == 0, done.stderr
+    assert "100.0%" in done.stderr and "completed" in done.stderr and f"wrote {remote}" in done.stderr
+    assert remote.stat().st_size > 0 and not remote.with_name(remote.name + ".part").exists()
+    cues = srt_cues(remote.with_suffix(".srt").read_text(encoding="utf-8"))
+    assert [c[2] for c in cues] == cut_segments(TEXT, 5000)
+    assert cues[-1][1] == round(remote.stat().st_size / 2 * 1000 / 24000)  # the last cue ends with the audio
+
+    # In this process, on its own data directory: the same job gives the same audio.
+    args = ["--model_dir", str(model_dir(MODEL)), "--data_dir", str(tmp_path / "own"), "--text_frontend", "none"]
+    done = _synth_file(str(book), "-o", str(local), *args, *voice)
+    assert done.returncode == 0, done.stderr
+    assert local.read_bytes() == remote.read_bytes()
+
+    refused = _synth_file(str(book), "-o", str(tmp_path / "x.pcm"), "--url", server.url)  # no API key
+    assert refused.returncode == 1 and "invalid_api_key" in refused.stderr
+    assert _synth_file(str(tmp_path / "none.txt"), "-o", str(local), "--url", server.url).returncode == 1
+    assert "pass either" in _synth_file(str(book), "-o", str(local)).stderr
+    assert "format" in _synth_file(str(book), "-o", str(tmp_path / "x.xyz"), "--url", server.url).stderr
