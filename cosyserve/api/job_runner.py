@@ -39,7 +39,7 @@ from cosyserve.engine.registry import ModelRegistry
 from cosyserve.engine.request import SynthesisRequest
 from cosyserve.engine.voice_library.base import ACTIVE_JOB_STATUSES, JobRecord, VoiceBackend
 from cosyserve.errors import CosyServeError, InsufficientStorage, ModelNotReady, ServerBusy
-from cosyserve.text.segmenter import TextSegmenter
+from cosyserve.text.segmenter import MAX_SEGMENT_CHARS, TextSegmenter
 
 logger = logging.getLogger("cosyserve.jobs")
 
@@ -57,7 +57,7 @@ RequestBuilder = Callable[[JobRecord, str, int, EngineClient], Awaitable[Synthes
 def cut_segments(text: str, max_chars: int) -> list[str]:
     """``text`` cut where the model's sentence splitter would cut (:class:`TextSegmenter`), consecutive
     pieces merged while they fit in :data:`SEGMENT_CHARS`; no segment over ``max_chars``."""
-    segmenter = TextSegmenter(max_chars=min(max_chars, 300))
+    segmenter = TextSegmenter(max_chars=min(max_chars, MAX_SEGMENT_CHARS))
     pieces = segmenter.add(text) + segmenter.flush()
     segments: list[str] = []
     for piece in (p.strip() for p in pieces):

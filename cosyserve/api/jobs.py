@@ -91,31 +91,59 @@ class Jobs:
             self._tmp.cleanup()
 
 
+class JobService:
+    """Opens the jobs' store and starts the runner: at start-up when the data directory holds jobs (to resume
+    them), else on the first job request (a server that never takes a job opens nothing)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.jobs: Jobs | None = None
+        self.error: str | None = None
+        self._lock = asyncio.Lock()
+
+    def has_jobs_on_disk(self) -> bool:
+        data_dir = self.state.settings.data_dir
+        return bool(data_dir) and (Path(data_dir).expanduser() / "jobs").is_dir()
+
+    async def get(self) -> Jobs:
+        async with self._lock:
+            if self.jobs is None and self.error is None:
+                try:
+                    self.jobs = await asyncio.to_thread(Jobs, self.state)
+                    self.jobs.runner.start()
+                except Exception as exc:  # the server still serves speech; the job routes answer 503
+                    logger.warning("long-form jobs are unavailable: %s", exc)
+                    self.error = str(exc)
+        if self.jobs is None:
+            raise Unavailable(f"long-form jobs are not available on this server: {self.error}", retry_after=None)
+        return self.jobs
+
+    async def close(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.runner.close()
+            await asyncio.to_thread(self.jobs.close)
+            self.jobs = None
+
+
 @contextlib.asynccontextmanager
 async def job_service(app: FastAPI) -> AsyncIterator[None]:
-    """Opens the jobs' store and starts the runner for the app's lifetime (the app's lifespan enters it)."""
-    state: ServerState = app.state.cosyserve
-    try:
-        jobs = await asyncio.to_thread(Jobs, state)
-    except Exception as exc:  # the server still serves speech; the job routes answer 503
-        logger.warning("long-form jobs are unavailable: %s", exc)
-        yield
-        return
-    app.state.cosyserve_jobs = jobs
-    jobs.runner.start()
+    """The job service for the app's lifetime (the app's lifespan enters it)."""
+    service = JobService(app.state.cosyserve)
+    app.state.cosyserve_jobs = service
+    if service.has_jobs_on_disk():
+        with contextlib.suppress(Unavailable):
+            await service.get()
     try:
         yield
     finally:
-        await jobs.runner.close()
-        app.state.cosyserve_jobs = None
-        await asyncio.to_thread(jobs.close)
+        await service.close()
 
 
-def _jobs(request: Request) -> Jobs:
-    jobs = getattr(request.app.state, "cosyserve_jobs", None)
-    if jobs is None:
-        raise Unavailable("long-form jobs are not available on this server (see its log)", retry_after=None)
-    return jobs
+async def _jobs(request: Request) -> Jobs:
+    service: JobService | None = getattr(request.app.state, "cosyserve_jobs", None)
+    if service is None:
+        raise Unavailable("long-form jobs are not available: the server has not started up", retry_after=None)
+    return await service.get()
 
 
 def _owner(request: Request) -> str:
@@ -123,7 +151,7 @@ def _owner(request: Request) -> str:
 
 
 async def _job(request: Request, job_id: str) -> tuple[Jobs, JobRecord]:
-    jobs = _jobs(request)
+    jobs = await _jobs(request)
     job = await asyncio.to_thread(jobs.store.job, job_id, _owner(request))
     if job is None:
         raise UnknownJob(f"no job '{job_id}' (GET /v1/audio/jobs lists yours)", param="id")
@@ -155,7 +183,7 @@ def _local(jobs: Jobs, job: JobRecord) -> None:
     ),
 )
 async def create_job(request: Request) -> JSONResponse:
-    jobs = _jobs(request)
+    jobs = await _jobs(request)
     state = server_state(request)
     settings = state.settings
     req = parse_request(await read_body(request, settings.max_upload_bytes))
@@ -205,7 +233,7 @@ async def create_job(request: Request) -> JSONResponse:
 
 @router.get("/v1/audio/jobs", summary="The caller's jobs, newest first.")
 async def list_jobs(request: Request) -> dict[str, Any]:
-    jobs = _jobs(request)
+    jobs = await _jobs(request)
     found = await asyncio.to_thread(jobs.store.jobs, _owner(request))
     return {"object": "list", "data": [_shown(jobs, job) for job in reversed(found)]}
 
