@@ -350,19 +350,29 @@ def _first_chunk_seconds(url: str, text: str) -> float:
         return time.perf_counter() - start
 
 
+def _varied_text(sentences: int) -> str:
+    """Sentences of 8 to 35 characters drawn from the test sentences' characters (seeded): segments of many
+    lengths, as a book has (the engine meets new shapes all along)."""
+    rng = np.random.default_rng(3)
+    chars = sorted(set("".join(SENTENCES)) - set("。，"))
+    return "".join("".join(rng.choice(chars, rng.integers(8, 36))) + "。" for _ in range(sentences))
+
+
 def test_a_streamed_first_chunk_does_not_wait_behind_a_job(tmp_path):
-    """The first chunk of a streamed request beside a running job, against the same on the idle server
-    (measured before and after, medians). The target is 1.2x; the test asserts 2x, as this shared 2-core
-    machine is noisy (the figures print)."""
+    """The first chunk of a streamed request beside a running job (once its first segment is done: a cold
+    start-up is not measured), against the same on the idle server before and after (medians). The target
+    is 1.2x; the test asserts 2x + 50 ms, as this shared 2-core machine is noisy (the figures print)."""
     live = Server(tmp_path / "data", tmp_path / "server.log").start()
     try:
         url, text = live.url, "今天天气真好，我们一起去公园散步吧。"
         _first_chunk_seconds(url, text)  # warm-up
         idle = [_first_chunk_seconds(url, text) for _ in range(5)]
-        job = submit(url, "".join(SENTENCES * 3)).json()
-        wait_job(url, job["id"], None, lambda j: j["status"] == "running")
-        time.sleep(1.0)  # a segment is generating
-        busy = [_first_chunk_seconds(url, text) for _ in range(7)]
+        job = submit(url, _varied_text(150)).json()
+        wait_job(url, job["id"], None, lambda j: j["progress"]["segments_done"] >= 1)
+        busy = []
+        for _ in range(12):
+            busy.append(_first_chunk_seconds(url, text))
+            time.sleep(0.3)
         state = requests.get(f"{url}/v1/audio/jobs/{job['id']}", timeout=30).json()
         assert state["status"] == "running", "the job must still run while the streams are measured"
         requests.delete(f"{url}/v1/audio/jobs/{job['id']}", timeout=30).raise_for_status()
