@@ -38,7 +38,7 @@ from cosyserve.engine.client import EngineClient
 from cosyserve.engine.registry import ModelRegistry
 from cosyserve.engine.request import SynthesisRequest
 from cosyserve.engine.voice_library.base import ACTIVE_JOB_STATUSES, JobRecord, VoiceBackend
-from cosyserve.errors import CosyServeError, InsufficientStorage, ModelNotReady, ServerBusy
+from cosyserve.errors import CosyServeError, InsufficientStorage, InvalidRequest, ModelNotReady, ServerBusy
 from cosyserve.text.segmenter import MAX_SEGMENT_CHARS, TextSegmenter
 
 logger = logging.getLogger("cosyserve.jobs")
@@ -286,6 +286,11 @@ class JobRunner:
                 return
             self.notify(job_id)
             engine = await self._engine(job.model)
+            if engine.info.sample_rate != job.sample_rate:  # the server now serves another model under that name
+                raise InvalidRequest(
+                    f"the job's model '{job.model}' now runs at {engine.info.sample_rate} Hz, its audio is at "
+                    f"{job.sample_rate} Hz: it cannot be resumed on this model"
+                )
             self._runs[job_id] = run = _Run(time.monotonic())
             index = job.segments_done
             stored = await asyncio.to_thread(self.store.job_stored_bytes, job.owner)

@@ -263,6 +263,11 @@ def test_job_refusals_and_limits(tmp_path):
         assert _error(submit(url, TEXT, stream=True)) == (400, "invalid_request")
         assert _error(submit(url, TEXT, model="no-such-model")) == (404, "model_not_found")
         assert _error(submit(url, TEXT, seed=-1)) == (400, "invalid_request")
+        assert _error(submit(url, 123))[0] == 400
+        assert _error(submit(url, TEXT, speed=10))[0] == 400
+        assert _error(submit(url, TEXT, sample_rate=12345))[0] == 400
+        assert _error(submit(url, TEXT, pronunciations={"": ""}))[0] == 400
+        assert _error(submit(url, TEXT, voice=None, ref_audio="not base64!"))[0] == 400
         bad = requests.post(f"{url}/v1/audio/jobs", data=b"{", timeout=30)
         assert _error(bad) == (400, "malformed_body")
         assert _error(requests.get(f"{url}/v1/audio/jobs/job_nope", timeout=30)) == (404, "job_not_found")
@@ -315,7 +320,8 @@ def test_kill9_half_way_then_a_restarted_server_completes_the_job(tmp_path):
         job = submit(first.url, text).json()
         total = job["progress"]["segments_total"]
         assert total >= 4
-        seen = wait_job(first.url, job["id"], None, lambda j: j["progress"]["segments_done"] >= total // 2)
+        half = lambda j: j["progress"]["segments_done"] >= total // 2  # noqa: E731
+        seen = wait_job(first.url, job["id"], None, half, timeout=36_000)
         first.kill9()
     finally:
         first.stop()
