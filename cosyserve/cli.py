@@ -1,4 +1,4 @@
-"""``cosyserve serve | ray | client | bench``.
+"""``cosyserve serve | ray | client | synth-file | bench``.
 
 ``serve`` and ``client`` take the flags of the official ``runtime/python/fastapi`` scripts. The client
 uses the standard library only (no torch), so it runs anywhere Python does.
@@ -302,6 +302,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     ray_serve.add_arguments(ray_parser)
     client_parser = commands.add_parser("client", help="call a running server and write a WAV file")
     add_client_arguments(client_parser)
+    synth_parser = commands.add_parser(
+        "synth-file", help="speak a text file as a long-form job (a server, or in-process) with a progress bar"
+    )
+    from cosyserve import synth_file
+
+    synth_file.add_arguments(synth_parser)
     bench_parser = commands.add_parser("bench", help="measure per-stage speed and memory")
     if command == "bench":  # bench imports torch: only when it is the command
         from cosyserve import bench
@@ -322,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
             return ray_serve.run(settings_from_args(args), args)
         if args.command == "client":
             return run_client(args)
+        if args.command == "synth-file":
+            from cosyserve import synth_file
+
+            try:
+                return synth_file.run(args)
+            except synth_file.SynthFileError as exc:
+                raise CliError(str(exc)) from exc
         from cosyserve import bench
 
         return bench.run(args)

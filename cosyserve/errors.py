@@ -154,6 +154,31 @@ class PronunciationLimitReached(InvalidRequest):
     code, status = "pronunciation_limit_reached", 409
 
 
+class UnknownJob(InvalidRequest):
+    """No long-form job with that id (for the caller's API key)."""
+
+    code, status = "job_not_found", 404
+
+
+class JobNotReady(InvalidRequest):
+    """What a job's route asks for does not exist yet or any more (no audio before its first segment)."""
+
+    code, status = "job_not_ready", 409
+
+
+class JobLimitReached(InvalidRequest):
+    """An API key has as many long-form jobs queued or running as it may (``--max_jobs_per_key``)."""
+
+    code, status = "job_limit_reached", 429
+
+
+class InsufficientStorage(InvalidRequest):
+    """An API key's stored job audio reached ``--max_job_storage_mb``, or the data directory's disk is full:
+    HTTP 507."""
+
+    code, status = "insufficient_storage", 507
+
+
 class VoiceLibraryError(CosyServeError):
     """The library database cannot be read or written (disk full, permissions, damaged entry)."""
 

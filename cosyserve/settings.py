@@ -100,6 +100,11 @@ class Settings:
     max_voices: int = 1000  # stored voices, all model families together
     # Where voices are stored: "" the SQLite library under data_dir; a postgresql:// URL a shared database.
     voice_store: str = ""
+    # Long-form jobs (POST /v1/audio/jobs): THE job limits.
+    max_job_text_length: int = 500_000  # characters of a job's input
+    max_running_jobs: int = 1  # jobs synthesising at once (server-wide); more wait queued
+    max_jobs_per_key: int = 8  # jobs queued or running per API key; beyond: 429
+    max_job_storage_bytes: int = 2048 * 1024 * 1024  # job audio stored per API key; beyond: 507
     max_concurrency: int = 8  # requests generating at once (the decode batch); more wait in a FIFO queue
     max_queue: int = 64  # requests waiting for a slot; beyond that: 503 with Retry-After
     malloc_arenas: int = 2  # glibc malloc arenas of the server process; 0: glibc's default (8 per core)
@@ -174,6 +179,9 @@ class Settings:
             raise SettingsError("CORS credentials cannot be allowed with the wildcard origin '*': list the origins")
         if self.max_voices < 1:
             raise SettingsError(f"max_voices must be at least 1, not {self.max_voices}")
+        for name in ("max_job_text_length", "max_running_jobs", "max_jobs_per_key", "max_job_storage_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1, not {getattr(self, name)}")
         for key in self.api_keys:
             if not key or any(c.isspace() or not c.isprintable() for c in key) or not key.isascii():
                 # A header value cannot carry it intact, so no client could ever send it.
@@ -416,6 +424,34 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
         d.voice_store,
     )
     opt(
+        "max_job_text_length",
+        "longest input of a long-form job (POST /v1/audio/jobs), in characters (default %(default)s)",
+        int,
+        d.max_job_text_length,
+        type=int,
+    )
+    opt(
+        "max_running_jobs",
+        "long-form jobs synthesising at once, below interactive requests (default %(default)s)",
+        int,
+        d.max_running_jobs,
+        type=int,
+    )
+    opt(
+        "max_jobs_per_key",
+        "long-form jobs an API key may have queued or running (default %(default)s)",
+        int,
+        d.max_jobs_per_key,
+        type=int,
+    )
+    opt(
+        "max_job_storage_mb",
+        "MiB of job audio an API key may keep stored (default %(default)s)",
+        float,
+        d.max_job_storage_bytes / mb,
+        type=float,
+    )
+    opt(
         "max_concurrency",
         "generations running at once; more requests wait for a slot (default %(default)s)",
         int,
@@ -497,6 +533,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data_dir=args.data_dir,
         max_voices=int(args.max_voices),
         voice_store=args.voice_store,
+        max_job_text_length=int(args.max_job_text_length),
+        max_running_jobs=int(args.max_running_jobs),
+        max_jobs_per_key=int(args.max_jobs_per_key),
+        max_job_storage_bytes=int(float(args.max_job_storage_mb) * 1024 * 1024),
         max_concurrency=int(args.max_concurrency),
         max_queue=int(args.max_queue),
         malloc_arenas=int(args.malloc_arenas),

@@ -19,6 +19,7 @@ from cosyserve.api import (
     captions,
     dubbing,
     health,
+    jobs,
     metrics,
     official,
     openai,
@@ -98,7 +99,8 @@ def create_app(models: Servable | Mapping[str, Servable], settings: Settings | N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.lazy_load:
             registry.start_loading()
-        yield
+        async with jobs.job_service(app):
+            yield
         await registry.close()
 
     app = FastAPI(
@@ -119,6 +121,7 @@ def create_app(models: Servable | Mapping[str, Servable], settings: Settings | N
     app.include_router(preview.router)
     app.include_router(captions.router)
     app.include_router(dubbing.router)
+    app.include_router(jobs.router)
     app.include_router(metrics.router)
     app.include_router(web.router)
     app.include_router(ws.router)

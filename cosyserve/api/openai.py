@@ -36,7 +36,7 @@ from cosyserve.api.deps import server_state
 from cosyserve.api.errors import error_body, error_responses
 from cosyserve.api.parsing import check_audio, parse_json_body, read_body
 from cosyserve.api.pronunciations import FIELD_DOC, request_pronunciations
-from cosyserve.api.voices import resolve_voice, voice_list
+from cosyserve.api.voices import VoiceMap, resolve_voice, voice_list
 from cosyserve.audio.encode import ENCODERS, OUTPUT_RATES, OutputFormat
 from cosyserve.engine.client import EngineClient
 from cosyserve.engine.planning import plan_speech
@@ -270,7 +270,15 @@ async def speech_synthesis(
     """What a speech body asks ``engine`` for (its mode from the voice / ref_audio / instructions, the
     request's pronunciations and the caller's lexicon scope), and the voice it names (None with ref_audio)."""
     settings = server_state(request).settings
-    text = _text(req.input, settings.max_text_length)
+    return await body_synthesis(req, engine, settings.voice_map, settings.max_text_length, scope_key_id(request.scope))
+
+
+async def body_synthesis(
+    req: SpeechRequest, engine: EngineClient, voice_map: VoiceMap, max_text_length: int, key_id: str | None
+) -> tuple[SynthesisRequest, str | None]:
+    """:func:`speech_synthesis` without the HTTP request: ``key_id`` the caller's API key id (the lexicon
+    scope). Long-form jobs build each segment's request with it."""
+    text = _text(req.input, max_text_length)
     options = _options(req)
     entries = request_pronunciations(req.pronunciations)
     prompt = None
@@ -280,7 +288,7 @@ async def speech_synthesis(
     instructions = req.instructions if req.instructions and req.instructions.strip() else None
     spk_id = voice = None
     if prompt is None:
-        spk_id = resolve_voice(engine.voices, settings.voice_map, req.voice)
+        spk_id = resolve_voice(engine.voices, voice_map, req.voice)
         voice = engine.voices.usable_info(spk_id, param="voice")
     synthesis = plan_speech(
         engine.modes,
@@ -296,7 +304,7 @@ async def speech_synthesis(
     synthesis = replace(
         synthesis,
         pronunciations=entries,
-        lexicon_owner=scope_key_id(request.scope),
+        lexicon_owner=key_id,
         continuity=req.continuity,
         previous_request_id=req.previous_request_id,
         previous_text=req.previous_text,

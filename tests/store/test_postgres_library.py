@@ -169,7 +169,7 @@ def test_migration_from_v1(pg_url):
     _v1_library(pg_url, ["Straße", "Alice"])
     store = VoiceStore({}, PostgresVoiceLibrary(pg_url), **V2)  # opening upgrades
     with psycopg.connect(pg_url) as conn:
-        assert schema_version(conn) == SCHEMA_VERSION == 3
+        assert schema_version(conn) == SCHEMA_VERSION == 4
         assert conn.execute("SELECT to_regclass('cosyserve_voices_lower_id')").fetchone()[0] is None
     assert store.ids() == ["Straße", "Alice"]
     # Found by its case-folded key, which v1 did not have; the stored tensors and transcript come back whole.

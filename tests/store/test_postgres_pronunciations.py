@@ -69,7 +69,7 @@ def test_schema_2_is_upgraded(pg_url):
         assert conn.execute("SELECT to_regclass('cosyserve_pronunciations')").fetchone()[0] is None
     library = PostgresVoiceLibrary(pg_url)
     with psycopg.connect(pg_url) as conn:
-        assert schema_version(conn) == SCHEMA_VERSION == 3
+        assert schema_version(conn) == SCHEMA_VERSION == 4
     assert library.put_pronunciation(_stored("x"))
 
 

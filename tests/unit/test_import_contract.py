@@ -30,6 +30,7 @@ RANKS = {
     "deploy": 7,
     "bench": 7,
     "bench_mixed": 7,
+    "synth_file": 7,
     "api": 6,
     "settings": 5,
     "engine": 4,

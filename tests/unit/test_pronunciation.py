@@ -379,9 +379,12 @@ def test_sqlite_v1_library_is_upgraded(tmp_path):
     with sqlite3.connect(tmp_path / DB_NAME) as db:  # as schema 1 left it: no lexicon table
         db.execute("DROP TABLE pronunciations")
         db.execute("DROP TABLE pronunciation_revision")
+        db.execute("DROP TABLE jobs")
+        db.execute("DROP TABLE job_segments")
         db.execute("PRAGMA user_version = 1")
     library = SQLiteVoiceLibrary(tmp_path)
-    assert library._db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert library._db.execute("PRAGMA user_version").fetchone()[0] == 3  # and the jobs tables (v3)
+    assert library.jobs() == []
     assert library.put_pronunciation(_stored("x")) and library.count() == 0
 
 

@@ -567,6 +567,92 @@
 
   function kb(bytes) { return bytes < 1024 ? `${bytes} B` : `${(bytes / 1024).toFixed(1)} KB`; }
 
+  // -- long-form jobs --------------------------------------------------------------------------------
+
+  let jobTimer = null;
+
+  function jobItem(job) {
+    const li = document.createElement("li");
+    li.dataset.job = job.id;
+    li.dataset.status = job.status;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const p = job.progress;
+    const bar = document.createElement("progress");
+    bar.max = 100;
+    bar.value = p.percent;
+    bar.setAttribute("aria-label", `Progress of ${job.id}`);
+    const sub = document.createElement("div");
+    sub.className = "sub";
+    const eta = p.eta_seconds != null && job.status === "running" ? ` · ${Math.round(p.eta_seconds)} s left` : "";
+    const error = job.error ? ` · ${job.error.message}` : "";
+    sub.textContent = `${job.status} · ${p.percent.toFixed(1)} % · ${p.segments_done}/${p.segments_total} segments · ` +
+      `${p.audio_seconds.toFixed(1)} s audio · ${job.characters} characters${eta}${error}`;
+    meta.append(bar, sub);
+    li.append(meta);
+    const actions = [];
+    if (p.segments_done > 0) actions.push(["Download", () => downloadJob(job, "audio", `${job.id}.${job.response_format}`)]);
+    if (p.segments_done > 0) actions.push(["SRT", () => downloadJob(job, "captions.srt", `${job.id}.srt`)]);
+    if (job.status === "queued" || job.status === "running") {
+      actions.push(["Cancel", () => api(`v1/audio/jobs/${job.id}/cancel`, { method: "POST" }).then(loadJobs, showError)]);
+    }
+    actions.push(["Delete", () => api(`v1/audio/jobs/${job.id}`, { method: "DELETE" }).then(loadJobs, showError)]);
+    for (const [label, action] of actions) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "secondary small";
+      button.textContent = label;
+      button.addEventListener("click", action);
+      li.append(button);
+    }
+    return li;
+  }
+
+  async function downloadJob(job, what, name) {
+    try {
+      const blob = await (await api(`v1/audio/jobs/${job.id}/${what}`)).blob();
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(blob);
+      link.download = name;
+      link.click();
+    } catch (error) { showError(error); }
+  }
+
+  async function loadJobs() {
+    clearTimeout(jobTimer);
+    const list = $("job-list");
+    let jobs = [];
+    try {
+      jobs = (await (await api("v1/audio/jobs")).json()).data;
+    } catch (error) {
+      list.replaceChildren();
+      return;
+    }
+    if (!jobs.length) {
+      const li = document.createElement("li");
+      li.className = "empty";
+      li.textContent = "No jobs yet.";
+      list.replaceChildren(li);
+    } else {
+      list.replaceChildren(...jobs.map(jobItem));
+    }
+    if (jobs.some((j) => j.status === "queued" || j.status === "running")) jobTimer = setTimeout(loadJobs, 1000);
+  }
+
+  async function submitJob() {
+    showError(null);
+    const body = { input: $("text").value, response_format: $("format").value === "pcm" ? "wav" : $("format").value };
+    if ($("voice").value) body.voice = $("voice").value;
+    if ($("seed").value) body.seed = Number($("seed").value);
+    body.speed = Number($("speed").value);
+    try {
+      await api("v1/audio/jobs", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      });
+    } catch (error) { showError(error); }
+    loadJobs();
+  }
+
   // -- wiring ----------------------------------------------------------------------------------------
 
   $("api-key").value = apiKey();
@@ -575,6 +661,7 @@
     const key = $("api-key").value.trim();
     if (key) localStorage.setItem(KEY_STORAGE, key); else localStorage.removeItem(KEY_STORAGE);
     loadVoices();
+    loadJobs();
   });
   $("mode").addEventListener("change", updateForm);
   for (const radio of document.querySelectorAll('input[name="voice-source"]')) radio.addEventListener("change", updateForm);
@@ -586,10 +673,13 @@
   $("record").addEventListener("click", toggleRecording);
   $("save-voice").addEventListener("click", saveVoice);
   $("refresh-voices").addEventListener("click", loadVoices);
+  $("refresh-jobs").addEventListener("click", loadJobs);
+  $("submit-job").addEventListener("click", submitJob);
   $("synth-form").addEventListener("submit", speak);
   $("preview-text").addEventListener("click", previewText);
   $("stop").addEventListener("click", stopPlayback);
   $("player").addEventListener("play", () => { player.elementPlays = (player.elementPlays || 0) + 1; });
   updateForm();
   loadHealth();
+  loadJobs();
 })();

@@ -12,6 +12,11 @@ The same database holds the pronunciation lexicon (:mod:`cosyserve.text.pronunci
 (scope, word), the word unique regardless of case within its scope (the database's primary key), written
 by an upsert (a word stored again is replaced: two servers writing one word at once leave one entry),
 ``max_entries`` a scope under concurrent writers, durable once the write returned, as voices are.
+
+It also records the long-form jobs (:mod:`cosyserve.api.job_runner`): one row per job (its request, the
+segment texts cut once at submission, its status and counters) and one row per finished segment (its
+sample count and bytes), written in the same transaction as the job's counters once the segment's audio
+file was fsync'd; creating a job counts the owner's active jobs and stored bytes inside its transaction.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ import unicodedata
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cosyserve.errors import (
+    InsufficientStorage,
     InvalidRequest,
+    JobLimitReached,
     PronunciationLimitReached,
     UnknownPronunciation,
     UnknownSpeaker,
@@ -93,6 +102,50 @@ class StoredPronunciation:
     @property
     def kind(self) -> str:
         return scope_kind(self.scope)
+
+
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A long-form job as stored. ``body``: the speech request's fields as JSON (without ``input``);
+    ``segments``: the texts cut at submission, one engine request each; ``node``: the data directory that
+    holds its audio files (a server runs and serves only its own node's jobs)."""
+
+    id: str
+    owner: str  # the API key id ('' without keys)
+    model: str
+    body: str
+    segments: tuple[str, ...]
+    seed: int
+    sample_rate: int  # the model's: the segment files' rate
+    node: str
+    status: str = "queued"
+    segments_done: int = 0
+    samples_done: int = 0
+    bytes_stored: int = 0
+    error: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def chars_total(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_JOB_STATUSES
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one owner (API key) may hold: jobs queued or running, bytes of stored job audio."""
+
+    max_active: int
+    max_bytes: int
 
 
 class VoiceBackend(ABC):
@@ -331,3 +384,150 @@ class VoiceBackend(ABC):
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return voice
+
+    # -- long-form jobs ---------------------------------------------------------------------------
+    _JOBS = "jobs"
+    _JOB_SEGMENTS = "job_segments"
+    _JOB_COLUMNS = (
+        "id, owner, model, body, segments, seed, sample_rate, node, status, segments_done, samples_done, "
+        "bytes_stored, error, created_at, started_at, finished_at"
+    )
+
+    @abstractmethod
+    def _job_transaction(self, what: str) -> AbstractContextManager[Any]:
+        """One write transaction (a connection with ``execute``), jobs serialised across processes."""
+
+    @staticmethod
+    def _job(row: tuple) -> JobRecord:
+        (job_id, owner, model, body, segments, seed, rate, node, status, done, samples, stored, error) = row[:13]
+        segments = json.loads(segments) if isinstance(segments, str) else segments
+        created, started, finished = row[13:]
+        return JobRecord(
+            job_id, owner, model, body, tuple(segments), int(seed), int(rate), node, status, int(done),
+            int(samples), int(stored), error, float(created), started, finished,
+        )  # fmt: skip
+
+    def create_job(self, job: JobRecord, limits: JobLimits) -> None:
+        """Store a new job in one transaction, after counting the owner's active jobs and stored bytes in
+        it: JobLimitReached (429) / InsufficientStorage (507) when the owner is at a limit."""
+        p = self._PARAM
+        with self._job_transaction("the job could not be stored") as db:
+            active = db.execute(
+                f"SELECT count(*) FROM {self._JOBS} WHERE owner = {p} AND status IN ({p}, {p})",
+                (job.owner, *ACTIVE_JOB_STATUSES),
+            ).fetchone()[0]
+            if active >= limits.max_active:
+                raise JobLimitReached(
+                    f"this API key has {active} jobs queued or running, the most it may ({limits.max_active}): "
+                    "wait for one to finish or cancel one (DELETE /v1/audio/jobs/{id})"
+                )
+            stored = db.execute(
+                f"SELECT coalesce(sum(bytes_stored), 0) FROM {self._JOBS} WHERE owner = {p}", (job.owner,)
+            ).fetchone()[0]
+            if stored >= limits.max_bytes:
+                raise InsufficientStorage(
+                    f"this API key's jobs hold {stored} bytes of audio, the most it may ({limits.max_bytes}): "
+                    "delete finished jobs (DELETE /v1/audio/jobs/{id})"
+                )
+            marks = ", ".join([p] * 16)
+            db.execute(
+                f"INSERT INTO {self._JOBS} ({self._JOB_COLUMNS}) VALUES ({marks})",
+                (
+                    job.id, job.owner, job.model, job.body, json.dumps(list(job.segments), ensure_ascii=False),
+                    job.seed, job.sample_rate, job.node, job.status, 0, 0, 0, None, job.created_at, None, None,
+                ),
+            )  # fmt: skip
+
+    def job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job ``job_id`` (of ``owner`` when given), if any."""
+        p = self._PARAM
+        sql = f"SELECT {self._JOB_COLUMNS} FROM {self._JOBS} WHERE id = {p}"
+        args: tuple = (job_id,)
+        if owner is not None:
+            sql, args = sql + f" AND owner = {p}", (job_id, owner)
+        rows = self._query(sql, args)
+        return self._job(rows[0]) if rows else None
+
+    def jobs(
+        self, owner: str | None = None, statuses: tuple[str, ...] = (), node: str | None = None
+    ) -> builtins.list[JobRecord]:
+        """Jobs, oldest first: those of ``owner`` / with one of ``statuses`` / of ``node`` when given."""
+        p = self._PARAM
+        where, args = [], []
+        if owner is not None:
+            where.append(f"owner = {p}")
+            args.append(owner)
+        if statuses:
+            where.append(f"status IN ({', '.join([p] * len(statuses))})")
+            args += statuses
+        if node is not None:
+            where.append(f"node = {p}")
+            args.append(node)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {self._JOB_COLUMNS} FROM {self._JOBS}{clause} ORDER BY created_at, id"
+        return [self._job(r) for r in self._query(sql, tuple(args))]
+
+    def job_segments(self, job_id: str) -> builtins.list[tuple[int, int]]:
+        """(samples, bytes) of each recorded segment of a job, in order."""
+        p = self._PARAM
+        sql = f"SELECT samples, bytes FROM {self._JOB_SEGMENTS} WHERE job_id = {p} ORDER BY idx"
+        return [(int(a), int(b)) for a, b in self._query(sql, (job_id,))]
+
+    def job_stored_bytes(self, owner: str) -> int:
+        p = self._PARAM
+        rows = self._query(f"SELECT coalesce(sum(bytes_stored), 0) FROM {self._JOBS} WHERE owner = {p}", (owner,))
+        return int(rows[0][0])
+
+    def record_job_segment(self, job_id: str, index: int, samples: int, nbytes: int) -> bool:
+        """Record segment ``index`` of a running job (its file is already durable) and advance the job's
+        counters, in one transaction; False if the job is no longer running (cancelled or deleted)."""
+        p = self._PARAM
+        with self._job_transaction("the job's segment could not be recorded") as db:
+            row = db.execute(f"SELECT status, segments_done FROM {self._JOBS} WHERE id = {p}", (job_id,)).fetchone()
+            if row is None or row[0] != "running" or int(row[1]) != index:
+                return False
+            db.execute(
+                f"INSERT INTO {self._JOB_SEGMENTS} (job_id, idx, samples, bytes) VALUES ({p}, {p}, {p}, {p})",
+                (job_id, index, samples, nbytes),
+            )
+            db.execute(
+                f"UPDATE {self._JOBS} SET segments_done = segments_done + 1, samples_done = samples_done + {p}, "
+                f"bytes_stored = bytes_stored + {p} WHERE id = {p}",
+                (samples, nbytes, job_id),
+            )
+        return True
+
+    def set_job_status(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        error: str | None = None,
+        at: float | None = None,
+        only_from: tuple[str, ...] = ACTIVE_JOB_STATUSES,
+    ) -> bool:
+        """Move a job to ``status`` if it is in one of ``only_from``; True if it moved. ``at``: the start
+        time (running) or the end time (a final status)."""
+        if status not in JOB_STATUSES:
+            raise ValueError(f"unknown job status {status!r}")
+        p = self._PARAM
+        column = "started_at" if status == "running" else "finished_at"
+        with self._job_transaction("the job's status could not be stored") as db:
+            marks = ", ".join([p] * len(only_from))
+            cursor = db.execute(
+                f"UPDATE {self._JOBS} SET status = {p}, error = {p}, {column} = coalesce({p}, {column}) "
+                f"WHERE id = {p} AND status IN ({marks})",
+                (status, error, at, job_id, *only_from),
+            )
+            return bool(cursor.rowcount)
+
+    def delete_job(self, job_id: str) -> JobRecord | None:
+        """Delete a job and its segment rows in one transaction; the deleted job, None if there was none."""
+        p = self._PARAM
+        with self._job_transaction("the job could not be deleted") as db:
+            row = db.execute(f"SELECT {self._JOB_COLUMNS} FROM {self._JOBS} WHERE id = {p}", (job_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute(f"DELETE FROM {self._JOB_SEGMENTS} WHERE job_id = {p}", (job_id,))
+            db.execute(f"DELETE FROM {self._JOBS} WHERE id = {p}", (job_id,))
+        return self._job(row)

@@ -41,6 +41,7 @@ logger = logging.getLogger("cosyserve.voices")
 MIGRATION_LOCK = 0x636F_7379_766F_6901
 CREATE_LOCK = 0x636F_7379_766F_6902
 PRONUNCIATION_LOCK = 0x636F_7379_766F_6903  # serialises lexicon writes (the per-scope cap)
+JOB_LOCK = 0x636F_7379_766F_6904  # serialises job writes (the per-key limits)
 CONNECT_TIMEOUT_S = 10
 # A create waits this long for another replica's create before failing (a stuck peer never hangs us).
 LOCK_TIMEOUT_MS = 10_000
@@ -151,8 +152,42 @@ def _pronunciations(cur: psycopg.Cursor) -> None:
     cur.execute("INSERT INTO cosyserve_pronunciation_revision (revision) VALUES (0)")
 
 
+def _jobs(cur: psycopg.Cursor) -> None:
+    """v3 -> v4: the long-form jobs (see the SQLite library's schema for what each column holds)."""
+    cur.execute(
+        """CREATE TABLE cosyserve_jobs (
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        model text NOT NULL,
+        body text NOT NULL,
+        segments jsonb NOT NULL,
+        seed bigint NOT NULL,
+        sample_rate integer NOT NULL,
+        node text NOT NULL,
+        status text NOT NULL,
+        segments_done integer NOT NULL,
+        samples_done bigint NOT NULL,
+        bytes_stored bigint NOT NULL,
+        error text,
+        created_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision
+        )"""
+    )
+    cur.execute("CREATE INDEX cosyserve_jobs_owner ON cosyserve_jobs (owner, status)")
+    cur.execute(
+        """CREATE TABLE cosyserve_job_segments (
+        job_id text NOT NULL REFERENCES cosyserve_jobs (id) ON DELETE CASCADE,
+        idx integer NOT NULL,
+        samples bigint NOT NULL,
+        bytes bigint NOT NULL,
+        PRIMARY KEY (job_id, idx)
+        )"""
+    )
+
+
 # MIGRATIONS[n] upgrades a library at version n to n + 1; version 0 is an empty database.
-MIGRATIONS: tuple[Callable[[psycopg.Cursor], None], ...] = (_create_v1, _case_folded_keys, _pronunciations)
+MIGRATIONS: tuple[Callable[[psycopg.Cursor], None], ...] = (_create_v1, _case_folded_keys, _pronunciations, _jobs)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -212,6 +247,8 @@ class PostgresVoiceLibrary(VoiceBackend):
     _PRONUNCIATION_REVISION = "cosyserve_pronunciation_revision"
     _STORED_ORDER = "created_at, seq"
     _PARAM = "%s"
+    _JOBS = "cosyserve_jobs"
+    _JOB_SEGMENTS = "cosyserve_job_segments"
 
     def __init__(self, url: str, max_voices: int = DEFAULT_MAX_VOICES) -> None:
         super().__init__(max_voices)
@@ -288,6 +325,12 @@ class PostgresVoiceLibrary(VoiceBackend):
                         raise self._error("the voice library cannot be read", exc) from exc
                     logger.warning("voice library connection lost (%s); reconnecting", exc)
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def _job_transaction(self, what: str) -> Iterator[psycopg.Connection]:
+        with self._writing(what) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (JOB_LOCK,))  # the per-key counts stay exact
+            yield conn
 
     def _insert(self, info: VoiceInfo, blob: bytes) -> None:
         key = voice_key(info.id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins  # the back-ends have a method named list: their annotations name the type through this
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
@@ -17,8 +17,8 @@ from cosyserve.errors import ModelLoadError, UnknownSpeaker, VoiceLibraryError
 from .base import DEFAULT_MAX_VOICES, StoredPronunciation, VoiceBackend, VoiceInfo, voice_key
 
 DB_NAME = "voices.sqlite3"
-# 1: voices; 2: + the pronunciation lexicon.
-SCHEMA_VERSION = 2
+# 1: voices; 2: + the pronunciation lexicon; 3: + the long-form jobs.
+SCHEMA_VERSION = 3
 # How long a write waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 10.0
 
@@ -58,6 +58,36 @@ _SCHEMA_V2 = (
     revision INTEGER NOT NULL     -- one more with every lexicon write
     )""",
     "INSERT INTO pronunciation_revision (one, revision) VALUES (1, 0)",
+)
+
+# Version 2 -> 3: the long-form jobs.
+_SCHEMA_V3 = (
+    """CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,          -- the API key id ('' without keys)
+    model TEXT NOT NULL,
+    body TEXT NOT NULL,           -- the speech request's fields (JSON, without input)
+    segments TEXT NOT NULL,       -- JSON list of the segment texts, cut once at submission
+    seed INTEGER NOT NULL,
+    sample_rate INTEGER NOT NULL, -- of the segment files (the model's)
+    node TEXT NOT NULL,           -- the data directory holding the audio files
+    status TEXT NOT NULL,         -- queued | running | completed | failed | cancelled
+    segments_done INTEGER NOT NULL,
+    samples_done INTEGER NOT NULL,
+    bytes_stored INTEGER NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+    )""",
+    "CREATE INDEX jobs_owner ON jobs (owner, status)",
+    """CREATE TABLE job_segments (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    samples INTEGER NOT NULL,     -- at the job's sample_rate
+    bytes INTEGER NOT NULL,       -- of its file
+    PRIMARY KEY (job_id, idx)
+    )""",
 )
 
 
@@ -105,7 +135,8 @@ class SQLiteVoiceLibrary(VoiceBackend):
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version < SCHEMA_VERSION:
                 # not executescript: it would commit the open transaction
-                for statement in (_SCHEMA if version == 0 else ()) + (_SCHEMA_V2 if version < 2 else ()):
+                steps = (_SCHEMA if version == 0 else ()) + (_SCHEMA_V2 if version < 2 else ())
+                for statement in steps + (_SCHEMA_V3 if version < 3 else ()):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version > SCHEMA_VERSION:
@@ -143,6 +174,9 @@ class SQLiteVoiceLibrary(VoiceBackend):
                     raise
             except sqlite3.Error as exc:
                 raise VoiceLibraryError(f"{failure} ({self.path}): {exc}") from exc
+
+    def _job_transaction(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        return self._transaction(what)  # BEGIN IMMEDIATE: writers are serialised across processes
 
     def _stored(self, db: sqlite3.Connection, voice_id: str) -> VoiceInfo | None:
         row = db.execute(f"SELECT {self._COLUMNS} FROM voices WHERE key = ?", (voice_key(voice_id),)).fetchone()
