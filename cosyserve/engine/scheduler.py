@@ -20,7 +20,8 @@ flow's Euler steps and estimator blocks, the vocoder's stages; :mod:`cosyserve.w
 at most :attr:`SchedulePolicy.background_share` seconds per second of foreground work, so a stream's
 gaps between chunks stretch by about that share and a unit, whatever else runs. Live work runs first,
 in full; a request with no audio yet goes first (its first chunk is what its listener waits for),
-then arrival order. With no live request, every request's work runs as soon as it is due, audio in
+then arrival order. Until a live request's first chunk is out no background work runs at all, and none
+is saved up meanwhile (a long-form job's segments do not delay an interactive request's first audio). With no live request, every request's work runs as soon as it is due, audio in
 slices so that a stream that arrives meanwhile waits at most one slice.
 """
 
@@ -61,7 +62,7 @@ class SchedulePolicy:
     audio_jobs_per_step: int = 1  # live audio jobs per step while rows decode (all when none do)
     background_share: float = 0.15  # background seconds per foreground second while a live request runs
     idle_slice_s: float = 0.05  # background time per step when no foreground work is due
-    offline_slice_s: float = 0.5  # an audio job's slice per step when no live request runs
+    offline_slice_s: float = 0.1  # an audio job's slice per step when no live request runs
     max_credit_s: float = 2.0  # the background budget saved up (or owed) at most
 
 
@@ -303,9 +304,16 @@ class Scheduler:
         slice_s = None if live else self.policy.offline_slice_s
         return [AudioWork(w.sequence, w.segment, w.last, budget_s=slice_s) for w in due[:limit]]
 
+    @property
+    def _first_chunk_due(self) -> bool:
+        """A live request has no audio out yet: what its listener waits for before anything else."""
+        return any(s.live and s.failed is None and s.chunks_out == 0 for s in self.sequences)
+
     def _background_budget(self, foreground: bool) -> float:
         if not foreground:
             return self.policy.idle_slice_s
+        if self._first_chunk_due:
+            return 0.0
         return max(self.credit, 0.0)
 
     def _background_work(self, offline: list[Sequence], budget: float) -> Feed | AudioWork | None:
@@ -389,7 +397,7 @@ class Scheduler:
             if work.sequence not in finished and work.sequence.failed is None:
                 self._in_flight[work.sequence] = work
         if self.live:
-            if out.foreground_s > 0:
+            if out.foreground_s > 0 and not self._first_chunk_due:  # nothing saved up while it waits
                 credit = self.credit + self.policy.background_share * out.foreground_s - out.background_s
                 self.credit = min(max(credit, -self.policy.max_credit_s), self.policy.max_credit_s)
         else:

@@ -62,7 +62,8 @@ def test_offline_audio_runs_in_units_beside_a_stream_and_equals_its_audio_alone(
     alone = np.concatenate(list(model.synthesize(_sft(model, LONG_TEXT, seed=5), sampler=sampler)))
     loop = model.new_loop()
     offline = model.prepare(_sft(model, LONG_TEXT, seed=5), sampler=sampler.replay())
-    stream = model.prepare(_sft(model, STREAM_TEXT, seed=6, stream=True))
+    # Long enough to stay live well after its first chunk (until which no background work runs).
+    stream = model.prepare(_sft(model, STREAM_TEXT * 3, seed=6, stream=True))
     loop.add(offline)
     loop.add(stream)
     chunks: dict[str, list[np.ndarray]] = {"offline": [], "stream": []}

@@ -124,6 +124,7 @@ def _running(scheduler: Scheduler, *sequences: Sequence) -> None:
 def test_a_live_streams_chunk_runs_whole_and_an_offline_request_waits_for_its_budget():
     scheduler = _scheduler(background_share=0.15)
     offline, stream = _sequence(name="offline"), _sequence(stream=True, name="stream")
+    stream.chunks_out = 1  # its first chunk is out (until then no background work runs: see below)
     _running(scheduler, offline, stream)
     # The offline request's decoding ends: its whole audio is due, as background work.
     plan = scheduler.schedule()
@@ -155,6 +156,7 @@ def test_a_live_streams_chunk_runs_whole_and_an_offline_request_waits_for_its_bu
 def test_offline_work_already_started_goes_on_first_and_a_finished_chunk_reaches_its_request():
     scheduler = _scheduler(background_share=1.0)
     first, second, stream = _sequence(name="first"), _sequence(name="second"), _sequence(stream=True, name="s")
+    stream.chunks_out = 1
     _running(scheduler, first, second, stream)
     plan = scheduler.schedule()
     out = _decoded(plan)
@@ -175,6 +177,26 @@ def test_offline_work_already_started_goes_on_first_and_a_finished_chunk_reaches
     assert first not in scheduler.sequences and first.chunks_out == 1
     plan = scheduler.schedule()
     assert [w.sequence for w in plan.audio if w.background] == [second]
+
+
+def test_no_background_work_runs_or_is_saved_up_while_a_stream_waits_for_its_first_chunk():
+    scheduler = _scheduler(background_share=1.0)
+    offline, stream = _sequence(name="offline"), _sequence(stream=True, name="stream")
+    _running(scheduler, offline, stream)
+    plan = scheduler.schedule()
+    out = _decoded(plan)
+    out.picked[offline.segments[0]] = None  # the offline audio is due
+    scheduler.update(plan, out)
+    for _ in range(3):
+        plan = scheduler.schedule()
+        assert not [w for w in plan.audio if w.background] and list(plan.decode) == [stream.segments[0]]
+        scheduler.update(plan, _decoded(plan, seconds=0.1))
+    assert scheduler.credit == 0.0
+    stream.chunks_out = 1  # its first chunk is out: the background earns its share again
+    scheduler.update(plan, _decoded(plan, seconds=0.1))
+    plan = scheduler.schedule()
+    (work,) = [w for w in plan.audio if w.background]
+    assert work.sequence is offline and work.budget_s == pytest.approx(0.1)
 
 
 def test_with_no_foreground_work_the_background_gets_an_idle_slice():
