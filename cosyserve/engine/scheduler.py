@@ -21,8 +21,9 @@ at most :attr:`SchedulePolicy.background_share` seconds per second of foreground
 gaps between chunks stretch by about that share and a unit, whatever else runs. Live work runs first,
 in full; a request with no audio yet goes first (its first chunk is what its listener waits for),
 then arrival order. Until a live request's first chunk is out no background work runs at all, and none
-is saved up meanwhile (a long-form job's segments do not delay an interactive request's first audio). With no live request, every request's work runs as soon as it is due, audio in
-slices so that a stream that arrives meanwhile waits at most one slice.
+is saved up meanwhile (a long-form job's segments do not delay an interactive request's first audio).
+With no live request, every request's work runs as soon as it is due, audio in slices so that a stream
+that arrives meanwhile waits at most one slice.
 """
 
 from __future__ import annotations
