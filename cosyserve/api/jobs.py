@@ -46,6 +46,7 @@ from cosyserve.engine.voice_library import open_voice_library
 from cosyserve.engine.voice_library.base import JobLimits, JobRecord, VoiceBackend
 from cosyserve.errors import InsufficientStorage, InvalidRequest, JobNotReady, TextError, Unavailable, UnknownJob
 from cosyserve.text.ssml import is_ssml
+from cosyserve.text.subtitles import Caption, format_srt, format_vtt
 
 logger = logging.getLogger("cosyserve.jobs")
 
@@ -347,24 +348,14 @@ async def job_audio(job_id: str, request: Request) -> Response:
     return StreamingResponse(chunks(), media_type=encoder.media_type, headers=headers)
 
 
-def _timestamp(sample: int, rate: int, sep: str) -> str:
-    ms = round(sample * 1000 / rate)
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds, millis = divmod(rest, 1000)
-    return f"{hours:02d}:{minutes:02d}:{seconds:02d}{sep}{millis:03d}"
-
-
 def captions(job: JobRecord, recorded: list[tuple[int, int]], kind: str) -> str:
     """SRT or WebVTT: one cue per recorded segment, from its first sample to its last (milliseconds,
     rounded from the exact sample boundaries of ``.../segments``)."""
-    sep = "," if kind == "srt" else "."
-    lines = [] if kind == "srt" else ["WEBVTT", ""]
-    for cue in _boundaries(job, recorded):
-        start = _timestamp(cue["start_sample"], job.sample_rate, sep)
-        end = _timestamp(cue["end_sample"], job.sample_rate, sep)
-        lines += [str(cue["index"] + 1), f"{start} --> {end}", cue["text"], ""]
-    return "\n".join(lines)
+    rate = job.sample_rate
+    cues = [
+        Caption(cue["text"], cue["start_sample"] / rate, cue["end_sample"] / rate) for cue in _boundaries(job, recorded)
+    ]
+    return format_srt(cues) if kind == "srt" else format_vtt(cues)
 
 
 @router.get(

@@ -38,4 +38,4 @@ def test_captions_at_the_sample_boundaries():
     assert srt.split("\n")[:3] == ["1", "00:00:00,000 --> 01:00:00,001", "一。"]
     assert "2\n01:00:00,001 --> 01:00:00,003\n二。" in srt and "三" not in srt
     vtt = captions(job, recorded, "vtt")
-    assert vtt.startswith("WEBVTT\n\n1\n00:00:00.000 --> 01:00:00.001\n")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 01:00:00.001\n一。\n")
