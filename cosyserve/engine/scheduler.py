@@ -20,8 +20,9 @@ flow's Euler steps and estimator blocks, the vocoder's stages; :mod:`cosyserve.w
 at most :attr:`SchedulePolicy.background_share` seconds per second of foreground work, so a stream's
 gaps between chunks stretch by about that share and a unit, whatever else runs. Live work runs first,
 in full; a request with no audio yet goes first (its first chunk is what its listener waits for),
-then arrival order. Until a live request's first chunk is out no background work runs at all, and none
-is saved up meanwhile (a long-form job's segments do not delay an interactive request's first audio).
+then arrival order. Until a live request's first chunk is out no background work runs at all, none is
+saved up meanwhile, and offline rows sit the decode steps out (a long-form job's segments do not delay an
+interactive request's first audio).
 With no live request, every request's work runs as soon as it is due, audio in slices so that a stream
 that arrives meanwhile waits at most one slice.
 """
@@ -172,10 +173,13 @@ class Scheduler:
                     feeds.append(feed)
                     positions -= feed.positions or len(feed.items)
         fed = {feed.segment for feed in feeds}
+        # While a live request waits for its first chunk, offline rows sit the decode steps out (their KV
+        # rows stay): the step is the live rows' alone.
+        offline_waits = live and self._first_chunk_due
         decode = tuple(
             segment
             for sequence in self.sequences
-            if sequence.failed is None
+            if sequence.failed is None and (sequence.live or not offline_waits)
             for segment in sequence.segments
             if segment.decoding and segment not in fed
         )

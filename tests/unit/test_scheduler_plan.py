@@ -199,6 +199,19 @@ def test_no_background_work_runs_or_is_saved_up_while_a_stream_waits_for_its_fir
     assert work.sequence is offline and work.budget_s == pytest.approx(0.1)
 
 
+def test_offline_rows_sit_the_decode_steps_out_until_a_streams_first_chunk():
+    scheduler = _scheduler()
+    offline, stream = _sequence(name="offline"), _sequence(stream=True, name="stream")
+    _running(scheduler, offline)  # decoding before the stream arrives
+    _running(scheduler, stream)
+    assert offline.segments[0].decoding and stream.segments[0].decoding
+    plan = scheduler.schedule()
+    assert list(plan.decode) == [stream.segments[0]]
+    stream.chunks_out = 1
+    plan = scheduler.schedule()
+    assert set(plan.decode) == {offline.segments[0], stream.segments[0]}
+
+
 def test_with_no_foreground_work_the_background_gets_an_idle_slice():
     scheduler = _scheduler(idle_slice_s=0.05)
     offline, stream = _sequence(name="offline"), _sequence(stream=True, name="stream")
