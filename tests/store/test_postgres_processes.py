@@ -106,11 +106,12 @@ CAP, RACE_NAMES = 42, 30  # 60 creates per worker, 90 distinct names, 40 places
 class Worker:
     """A ``python`` process holding its own PostgresVoiceLibrary, driven line by line over stdin."""
 
-    def __init__(self, script: Path, url: str, role: str, max_voices: int, marker: float) -> None:
-        self.role, self.marker = role, marker
+    def __init__(self, script: Path, url: str, role: str, *args: object) -> None:
+        """``args``: the script's further arguments (here the voice cap and the marker)."""
+        self.role = role
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), url, role, str(max_voices), str(marker)],
+            [sys.executable, str(script), url, role, *map(str, args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

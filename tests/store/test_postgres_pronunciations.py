@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 import requests
-from golden import REPO, manifest
-from test_postgres_processes import _models, _serve
+from golden import manifest
+from test_postgres_processes import Worker, _models, _serve
 
 from cosyserve.engine.voice_library.base import StoredPronunciation
 from cosyserve.engine.voice_library.postgres import SCHEMA_VERSION, PostgresVoiceLibrary, migrate, schema_version
@@ -97,34 +93,6 @@ WORKER = textwrap.dedent(
             print("stored", flush=True)
     """
 )
-
-
-class Worker:
-    def __init__(self, script, url: str, role: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), url, role], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout], daemon=True).start()
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self) -> str:
-        try:
-            return self.lines.get(timeout=TIMEOUT_S)
-        except queue.Empty:
-            self.proc.kill()
-            pytest.fail("a worker said nothing")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(TIMEOUT_S)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            pipe.close()
 
 
 @pytest.fixture
